@@ -1,0 +1,66 @@
+# Two commands on a fresh machine with Python 3.11 and pip:
+#   make demo   create .venv, install lipnorm with what the demo needs, run `lipnorm demo`
+#   make test   create .venv, install every backend and test tool, run the suite, build the docs
+# Installs are recorded in stamp files inside .venv, so a repeated command installs nothing
+# unless pyproject.toml or this Makefile changed.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+# pip without this pin takes the newest torch, a CUDA build of several GB.
+TORCH_PIN := torch==2.13.0
+
+# Extras the demo needs; a demo section that needs a framework adds its extra here
+# (and $(TORCH_PIN) to the install line when that framework is torch).
+DEMO_EXTRAS := cli
+# tensorflow-cpu rather than tensorflow: CI has no GPU. cupy needs CUDA and is not installed.
+TEST_EXTRAS := test,torch,tensorflow-cpu,keras,jax,dask,onnx,cli,docs
+
+# Parallel test workers (pytest-xdist); PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?=
+
+# In CI every backend must be there: conftest turns a backend named here but missing into an error.
+ifeq ($(CI),true)
+export LIPNORM_TEST_BACKENDS ?= numpy,array_api_strict,torch,tensorflow,jax,dask
+export HYPOTHESIS_PROFILE ?= ci
+endif
+
+.PHONY: demo test test-only docs docs-serve bench clean
+
+demo: $(VENV)/.demo-installed
+	$(VENV)/bin/lipnorm demo
+
+test: $(VENV)/.test-installed
+	$(MAKE) test-only
+
+# The suite and the docs build, without the install check.
+test-only:
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m mkdocs build --strict
+
+docs: $(VENV)/.test-installed
+	$(PY) -m mkdocs build --strict
+
+docs-serve: $(VENV)/.test-installed
+	$(PY) -m mkdocs serve
+
+bench: $(VENV)/.test-installed
+	$(PY) benchmarks/bench_sigma.py
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.demo-installed: pyproject.toml Makefile | $(PY)
+	$(PIP) install --progress-bar off -e '.[$(DEMO_EXTRAS)]'
+	touch $@
+
+# The test install includes everything the demo needs.
+$(VENV)/.test-installed: pyproject.toml Makefile | $(PY)
+	$(PIP) install --progress-bar off -e '.[$(TEST_EXTRAS)]' '$(TORCH_PIN)'
+	touch $(VENV)/.demo-installed $@
+
+clean:
+	rm -rf $(VENV) site .pytest_cache .hypothesis
