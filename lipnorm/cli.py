@@ -144,7 +144,7 @@ def _measure(name: str, tensor: Any, method: str, rtol: float) -> SigmaRow:
     try:
         with warnings.catch_warnings():
             # Non-convergence is reported in the row through state.converged.
-            warnings.simplefilter("ignore", RuntimeWarning)
+            warnings.simplefilter("ignore", lipnorm.ConvergenceWarning)
             start = time.perf_counter()
             sigma, state = lipnorm.estimate_sigma(tensor, method=method, rtol=rtol, return_state=True)
             sigma = float(sigma)
@@ -195,7 +195,11 @@ def _rich() -> tuple[Any, Any]:
         raise CommandError(
             "the table output needs rich: pip install 'lipnorm[cli]' (or pass --json)"
         ) from None
-    return Console(), Table
+    console = Console()
+    if not console.is_terminal:
+        # Piped or captured output (CI logs, files) has no width; don't squeeze to 80 columns.
+        console = Console(width=120)
+    return console, Table
 
 
 def _run_demo(args: argparse.Namespace) -> int:

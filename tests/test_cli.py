@@ -1,0 +1,240 @@
+"""The `lipnorm` command: `lipnorm sigma FILE` on every format and bad file, and `lipnorm demo`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+import lipnorm
+from lipnorm.cli import main
+
+RNG = np.random.default_rng(1)
+FC1 = RNG.standard_normal((40, 30))
+FC2 = RNG.standard_normal((10, 40)).astype(np.float32)
+BIAS = RNG.standard_normal(10)
+CONV = RNG.standard_normal((8, 3, 3, 3))
+
+
+def sigma_max(matrix) -> float:
+    return float(scipy.linalg.svdvals(np.asarray(matrix, dtype=np.float64))[0])
+
+
+def run_json(capsys, *args: str) -> list[dict]:
+    assert main(["sigma", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def run_failing(capsys, *args: str, code: int = 2) -> str:
+    """Run the command expecting exit ``code``; return stderr, checked to be one line."""
+    assert main(list(args)) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lipnorm: error: "), err
+    return err
+
+
+@pytest.fixture
+def npz_file(tmp_path: Path) -> Path:
+    path = tmp_path / "weights.npz"
+    np.savez(path, fc1=FC1, bias=BIAS, conv=CONV, fc2=FC2)
+    return path
+
+
+def test_every_2d_tensor_gets_a_row_with_sigma_and_a_certified_interval(capsys, npz_file):
+    rows = run_json(capsys, str(npz_file))
+    assert [row["name"] for row in rows] == ["fc1", "fc2"]
+    for row, matrix in zip(rows, (FC1, FC2)):
+        exact = sigma_max(matrix)
+        np.testing.assert_allclose(row["sigma"], exact, rtol=1e-5)
+        assert row["lower"] <= exact <= row["upper"]
+        assert row["upper"] / row["lower"] <= 1 + 1e-3
+        assert row["shape"] == list(matrix.shape)
+        assert row["dtype"] == str(matrix.dtype)
+        assert row["method"] in ("svd", "lanczos", "power")
+        assert isinstance(row["bounds_method"], str) and row["bounds_method"]
+        assert row["converged"] is True
+        assert row["sigma_seconds"] >= 0 and row["bounds_seconds"] >= 0
+        assert row["error"] is None
+
+
+def test_key_picks_one_tensor_and_method_is_honoured(capsys, npz_file):
+    (row,) = run_json(capsys, str(npz_file), "--key", "fc1", "--method", "power", "--rtol", "1e-8")
+    assert row["name"] == "fc1" and row["method"] == "power"
+    np.testing.assert_allclose(row["sigma"], sigma_max(FC1), rtol=1e-6)
+    (row,) = run_json(capsys, str(npz_file), "--key", "bias")
+    np.testing.assert_allclose(row["sigma"], np.linalg.norm(BIAS), rtol=1e-6)
+    assert row["lower"] <= np.linalg.norm(BIAS) <= row["upper"]
+
+
+def test_table_output(capsys, npz_file):
+    assert main(["sigma", str(npz_file)]) == 0
+    out = capsys.readouterr().out
+    assert "fc1" in out and "fc2" in out and "conv" not in out and "bias" not in out
+    assert "40×30" in out
+    assert f"{sigma_max(FC1):.5f}"[:6] in out
+    assert "certified interval" in out
+
+
+def test_table_without_rich_names_the_fix_and_json_still_works(capsys, npz_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rich", None)
+    monkeypatch.setitem(sys.modules, "rich.console", None)
+    monkeypatch.setitem(sys.modules, "rich.table", None)
+    err = run_failing(capsys, "sigma", str(npz_file))
+    assert "pip install 'lipnorm[cli]' (or pass --json)" in err
+    assert len(run_json(capsys, str(npz_file))) == 2
+
+
+def test_pt_state_dict(capsys, tmp_path):
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    path = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(), "step": 7}, path)
+    rows = run_json(capsys, str(path))
+    assert [row["name"] for row in rows] == ["model.0.weight", "model.2.weight"]
+    for row, layer in zip(rows, (model[0], model[2])):
+        exact = sigma_max(layer.weight.detach().numpy())
+        np.testing.assert_allclose(row["sigma"], exact, rtol=1e-5)
+        assert row["lower"] <= exact <= row["upper"]
+        assert row["dtype"] == "float32"
+
+
+def test_safetensors_bfloat16(capsys, tmp_path):
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    weight = torch.randn(16, 12, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    path = tmp_path / "w.safetensors"
+    safetensors_torch.save_file({"proj.weight": weight}, str(path))
+    (row,) = run_json(capsys, str(path))
+    exact = sigma_max(weight.float().numpy())
+    np.testing.assert_allclose(row["sigma"], exact, rtol=1e-5)
+    assert row["lower"] <= exact <= row["upper"]
+
+
+def test_npy_file(capsys, tmp_path):
+    path = tmp_path / "w.npy"
+    np.save(path, FC2)
+    (row,) = run_json(capsys, str(path))
+    assert row["name"] == "w"
+    np.testing.assert_allclose(row["sigma"], sigma_max(FC2), rtol=1e-5)
+
+
+def test_pickled_pt_is_refused_without_running_code(capsys, tmp_path):
+    torch = pytest.importorskip("torch")
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(3, 3), "payload": RunsCode()}, path)
+    err = run_failing(capsys, "sigma", str(path))
+    assert "refused: loading it would run code from the file" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "extra", "message"),
+    [
+        ("absent.npz", None, [], "no such file"),
+        ("w.npz", b"PK\x03\x04 cut short", [], "not a readable NumPy file"),
+        ("w.txt", b"1 2 3", [], "unsupported file type '.txt'"),
+        ("w.safetensors", b"\x05\x00", [], "not a .safetensors file"),
+        ("weights.npz", "npz", ["--key", "fc3"], "no tensor named 'fc3'; its tensors are 'fc1', 'bias'"),
+        ("weights.npz", "npz", ["--key", "conv"], "has shape (8, 3, 3, 3); `lipnorm sigma` takes 1-D and 2-D"),
+        ("vectors.npz", "vectors", [], "no 2-D tensors; pick a 1-D one with --key"),
+        ("weights.npz", "npz", ["--rtol", "0"], "--rtol must be positive"),
+    ],
+    ids=["missing", "truncated", "wrong-format", "bad-safetensors", "key-not-found", "4-d-key",
+         "no-2d", "bad-rtol"],
+)
+def test_bad_files_give_one_line_and_exit_2(capsys, tmp_path, name, content, extra, message):
+    path = tmp_path / name
+    if content == "npz":
+        np.savez(path, fc1=FC1, bias=BIAS, conv=CONV)
+    elif content == "vectors":
+        np.savez(path, a=BIAS)
+    elif content is not None:
+        path.write_bytes(content)
+    err = run_failing(capsys, "sigma", str(path), *extra)
+    assert message in err
+
+
+def test_bad_file_from_the_console_has_no_traceback(tmp_path):
+    path = tmp_path / "w.npy"
+    np.save(path, FC1)
+    path.write_bytes(path.read_bytes()[:100])
+    result = subprocess.run(
+        [sys.executable, "-m", "lipnorm.cli", "sigma", str(path)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("lipnorm: error: ") and result.stderr.count("\n") == 1
+    assert "not a readable NumPy file" in result.stderr
+
+
+def test_tensor_lipnorm_rejects_gets_an_error_row_and_exit_1(capsys, tmp_path):
+    bad = FC1.copy()
+    bad[0, 0] = np.nan
+    path = tmp_path / "w.npz"
+    np.savez(path, good=FC2, bad=bad)
+    assert main(["sigma", str(path), "--json"]) == 1
+    good, failed = json.loads(capsys.readouterr().out)
+    assert good["error"] is None and good["sigma"] > 0
+    assert failed["name"] == "bad" and failed["sigma"] is None
+    assert "NaN" in failed["error"]
+    assert main(["sigma", str(path)]) == 1
+    assert "error:" in capsys.readouterr().out
+
+
+def test_unknown_method_and_missing_command_are_usage_errors(capsys, npz_file):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sigma", str(npz_file), "--method", "qr"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'qr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lipnorm {lipnorm.__version__}"
+
+
+def test_demo_sections_agree_with_the_svd(monkeypatch):
+    """The demo on small matrices: every interval holds the SVD value, every section runs."""
+    from rich.console import Console
+
+    import lipnorm.demo
+
+    small = {
+        "gaussian": np.random.default_rng(0).standard_normal((60, 50), dtype=np.float32),
+        "diagonal": np.diag(np.linspace(1.0, 2.0, 40)),
+    }
+    monkeypatch.setattr(lipnorm.demo, "sigma_matrices", lambda seed=0: small)
+    console = Console(record=True, width=150)
+    lipnorm.demo.run_demo(console)
+    text = console.export_text()
+    for section in lipnorm.demo.SECTIONS:
+        assert section.title in text
+    assert text.count("yes") == len(small) and "NO" not in text
+    assert f"{sigma_max(small['gaussian']):.8g}" in text
+
+
+def test_demo_command_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "lipnorm.cli", "demo"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("yes") == 4 and " NO" not in result.stdout
