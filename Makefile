@@ -39,13 +39,13 @@ test: $(VENV)/.test-installed
 # The suite and the docs build, without the install check.
 test-only:
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
-	$(PY) -m mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 docs: $(VENV)/.test-installed
-	$(PY) -m mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 docs-serve: $(VENV)/.test-installed
-	$(PY) -m mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 bench: $(VENV)/.test-installed
 	$(PY) benchmarks/bench_sigma.py
