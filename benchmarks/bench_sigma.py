@@ -1,0 +1,313 @@
+"""σ_max of dense matrices: lipnorm next to ARPACK, the full SVD and plain power iteration.
+
+Every method runs in this one process on the same float32 matrices, medians over repeats:
+
+- ``lipnorm.estimate_sigma(W, rtol=1e-6)`` (matrix-vector products from ``state.matvecs``);
+- ``scipy.sparse.linalg.svds(W, k=1)`` (ARPACK), default ``tol`` and ``tol=1e-6``; its
+  products are counted in a separate run through a counting ``LinearOperator``;
+- ``np.linalg.norm(W, 2)`` and ``torch.linalg.matrix_norm(W, 2)`` (full SVDs);
+- plain power iteration stopping when σ changes by less than 1e-6 relative;
+- ``lipnorm.sigma_bounds(W)``: time and upper/lower.
+
+Errors are relative to ``scipy.linalg.svdvals`` of the same matrix in float64. "Krylov
+minimum" is the fewest products with W and Wᵀ after which the best estimate in the Krylov
+space of the start vector (the exact-arithmetic Lanczos Ritz value, computed here in
+float64 with full reorthogonalization) is within 1e-6 of σ: no method that builds on
+products from one start vector can need fewer (it does not pay for verifying convergence).
+
+Run ``python benchmarks/bench_sigma.py`` (or ``make bench``); it writes
+``benchmarks/results/bench_sigma.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse.linalg
+
+import lipnorm
+
+RTOL = 1e-6
+RESULTS = Path(__file__).parent / "results" / "bench_sigma.md"
+
+
+@dataclass
+class Measurement:
+    """One method on one matrix."""
+
+    method: str
+    sigma: float
+    seconds: float  # median over repeats
+    matvecs: int | None = None  # products with W or Wᵀ
+    note: str = ""
+
+
+def benchmark_matrices(seed: int = 0) -> dict[str, np.ndarray]:
+    """The benchmark's float32 matrices by name."""
+    rng = np.random.default_rng(seed)
+    n = 2048
+    left, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    right, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    decaying = ((left * 0.99 ** np.arange(n)) @ right.T).astype(np.float32)
+    return {
+        "Gaussian 4096×4096": rng.standard_normal((4096, 4096), dtype=np.float32),
+        "Gaussian 4096×512": rng.standard_normal((4096, 512), dtype=np.float32),
+        "Gaussian 1024×1024": rng.standard_normal((1024, 1024), dtype=np.float32),
+        "decaying σᵢ = 0.99ⁱ, 2048×2048": decaying,
+    }
+
+
+def median_time(run: Callable[[int], float], repeats: int) -> tuple[float, float]:
+    """Median seconds of ``run(repeat_index)`` and the value it returned the first time."""
+    seconds, first = [], None
+    for repeat in range(repeats):
+        start = time.perf_counter()
+        value = run(repeat)
+        seconds.append(time.perf_counter() - start)
+        first = value if first is None else first
+    return statistics.median(seconds), float(first)
+
+
+class CountingOperator(scipy.sparse.linalg.LinearOperator):
+    """``W`` as a LinearOperator that counts its products with W and Wᵀ."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        super().__init__(dtype=matrix.dtype, shape=matrix.shape)
+        self.matrix = matrix
+        self.count = 0
+
+    def _matvec(self, x):
+        self.count += 1
+        return self.matrix @ x
+
+    def _rmatvec(self, x):
+        self.count += 1
+        return self.matrix.T @ x
+
+    def _matmat(self, x):
+        self.count += x.shape[1]
+        return self.matrix @ x
+
+    def _rmatmat(self, x):
+        self.count += x.shape[1]
+        return self.matrix.T @ x
+
+
+def arpack(matrix: np.ndarray, tol: float, seed: int) -> float:
+    return float(
+        scipy.sparse.linalg.svds(
+            matrix, k=1, tol=tol, return_singular_vectors=False, random_state=seed
+        )[0]
+    )
+
+
+def arpack_matvecs(matrix: np.ndarray, tol: float) -> int:
+    operator = CountingOperator(matrix)
+    scipy.sparse.linalg.svds(operator, k=1, tol=tol, return_singular_vectors=False, random_state=0)
+    return operator.count
+
+
+def power_iteration(matrix: np.ndarray, seed: int, change: float = RTOL) -> tuple[float, int]:
+    """Plain power iteration; stops when σ changes by at most ``change`` relative."""
+    v = np.random.default_rng(seed).standard_normal(matrix.shape[1]).astype(matrix.dtype)
+    v /= np.linalg.norm(v)
+    sigma = 0.0
+    for iteration in range(1, 100_001):
+        u = matrix @ v
+        u /= np.linalg.norm(u)
+        w = matrix.T @ u
+        previous, sigma = sigma, float(np.linalg.norm(w))
+        v = w / sigma
+        if abs(sigma - previous) <= change * sigma:
+            return sigma, 2 * iteration
+    return sigma, 2 * iteration
+
+
+def krylov_minimum(matrix: np.ndarray, exact: float, rtol: float = RTOL, limit: int = 2000) -> int:
+    """Products after which the Krylov space's best estimate is within ``rtol`` of ``exact``.
+
+    Golub–Kahan bidiagonalization in float64 with full reorthogonalization; the largest
+    singular value of the bidiagonal matrix after k steps (2k products) is the best estimate
+    any method has from those products.
+    """
+    a = matrix.astype(np.float64)
+    m, n = a.shape
+    v = np.random.default_rng(0).standard_normal(n)
+    v /= np.linalg.norm(v)
+    us, vs, alphas, betas = [], [v], [], []
+    u = np.zeros(m)
+    for k in range(1, min(limit, m, n) + 1):
+        u = a @ vs[-1] - (betas[-1] * u if betas else 0.0)
+        for basis in (us, us):  # twice: full reorthogonalization
+            if basis:
+                stacked = np.array(basis)
+                u -= stacked.T @ (stacked @ u)
+        alpha = np.linalg.norm(u)
+        u /= alpha
+        us.append(u)
+        alphas.append(alpha)
+        bidiagonal = np.diag(alphas) + np.diag(betas, 1)
+        if abs(exact - scipy.linalg.svdvals(bidiagonal)[0]) <= rtol * exact:
+            return 2 * k - 1
+        w = a.T @ u - alpha * vs[-1]
+        for basis in (vs, vs):
+            stacked = np.array(basis)
+            w -= stacked.T @ (stacked @ w)
+        beta = np.linalg.norm(w)
+        betas.append(beta)
+        vs.append(w / beta)
+    return -1
+
+
+def measure(
+    matrix: np.ndarray, repeats: int, slow_repeats: int
+) -> tuple[list[Measurement], lipnorm.SigmaInterval, float]:
+    """Every method on ``matrix``; also the certified interval and its median time."""
+    import torch
+
+    results = []
+    seconds, sigma = median_time(lambda r: lipnorm.estimate_sigma(matrix, rtol=RTOL, seed=r), repeats)
+    _, state = lipnorm.estimate_sigma(matrix, rtol=RTOL, seed=0, return_state=True)
+    results.append(Measurement("lipnorm estimate_sigma (rtol 1e-6)", sigma, seconds, state.matvecs, state.method))
+
+    for tol, label in ((0, "default tol"), (RTOL, "tol=1e-6")):
+        seconds, sigma = median_time(lambda r: arpack(matrix, tol, r), repeats)
+        results.append(Measurement(f"scipy svds k=1, ARPACK, {label}", sigma, seconds, arpack_matvecs(matrix, tol)))
+
+    power_counts = []
+
+    def run_power(seed: int) -> float:
+        sigma, count = power_iteration(matrix, seed)
+        power_counts.append(count)
+        return sigma
+
+    seconds, sigma = median_time(run_power, repeats)
+    results.append(Measurement("power iteration, stop on Δσ ≤ 1e-6 σ", sigma, seconds, power_counts[0]))
+
+    seconds, sigma = median_time(lambda r: np.linalg.norm(matrix, 2), slow_repeats)
+    results.append(Measurement("np.linalg.norm(W, 2) (full SVD)", sigma, seconds))
+    tensor = torch.from_numpy(matrix)
+    seconds, sigma = median_time(lambda r: torch.linalg.matrix_norm(tensor, 2).item(), slow_repeats)
+    results.append(Measurement("torch.linalg.matrix_norm(W, 2) (full SVD)", sigma, seconds))
+
+    bounds_seconds, _ = median_time(lambda r: lipnorm.sigma_bounds(matrix).upper, slow_repeats)
+    interval = lipnorm.sigma_bounds(matrix)
+    return results, interval, bounds_seconds
+
+
+def versions() -> str:
+    names = ["lipnorm", "numpy", "scipy", "torch", "array-api-compat"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} {lipnorm.__version__ if name == 'lipnorm' else '?'}")
+    return ", ".join(found)
+
+
+def blas_info() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown"
+    pools = threadpool_info()
+    return "; ".join(f"{p['internal_api']} {p.get('version') or ''} ({p['num_threads']} threads)" for p in pools)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of the fast methods")
+    parser.add_argument("--slow-repeats", type=int, default=3, help="repeats of full SVDs and bounds")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    lines = [
+        "# σ_max of dense float32 matrices: lipnorm vs ARPACK, full SVD, power iteration",
+        "",
+        f"Written by `benchmarks/bench_sigma.py` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}.",
+        f"Versions: {versions()}. BLAS: {blas_info()}.",
+        f"Times are medians over {args.repeats} runs ({args.slow_repeats} for full SVDs and bounds), "
+        "all methods in one process, one after the other on the same matrix. Error: relative to "
+        "scipy.linalg.svdvals of the same matrix in float64. Speed-up: time of the method / time "
+        "of lipnorm estimate_sigma. Matvecs: products with W or Wᵀ (for ARPACK counted through a "
+        "LinearOperator in a separate run).",
+        "",
+    ]
+    summary = []
+    for name, matrix in benchmark_matrices().items():
+        print(f"{name}: reference SVD...", file=sys.stderr, flush=True)
+        exact = float(scipy.linalg.svdvals(matrix.astype(np.float64))[0])
+        minimum = krylov_minimum(matrix, exact)
+        print(f"{name}: measuring...", file=sys.stderr, flush=True)
+        results, interval, bounds_seconds = measure(matrix, args.repeats, args.slow_repeats)
+        lipnorm_result = results[0]
+        lines += [
+            f"## {name}",
+            "",
+            f"σ (float64 SVD) = {exact:.9g}. Krylov minimum for 1e-6: {minimum} matvecs.",
+            "",
+            "| method | σ | rel. error | time | speed-up of lipnorm | matvecs |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for result in results:
+            error = abs(result.sigma - exact) / exact
+            speedup = result.seconds / lipnorm_result.seconds
+            method = result.method + (f" ({result.note})" if result.note else "")
+            lines.append(
+                f"| {method} | {result.sigma:.9g} | {error:.1e} | {_seconds(result.seconds)} | "
+                f"{speedup:.1f}× | {result.matvecs if result.matvecs is not None else '—'} |"
+            )
+        contains = interval.lower <= exact <= interval.upper
+        lines += [
+            "",
+            f"`lipnorm.sigma_bounds`: [{interval.lower:.9g}, {interval.upper:.9g}] "
+            f"({interval.method}), upper/lower = 1 + {interval.upper / interval.lower - 1:.1e}, "
+            f"{_seconds(bounds_seconds)}, contains the SVD value: {'yes' if contains else 'NO'}.",
+            "",
+        ]
+        by_name = {r.method: r for r in results}
+        arpack_default = by_name["scipy svds k=1, ARPACK, default tol"]
+        svd = by_name["np.linalg.norm(W, 2) (full SVD)"]
+        summary.append(
+            f"| {name} | {abs(lipnorm_result.sigma - exact) / exact:.1e} | "
+            f"{abs(arpack_default.sigma - exact) / exact:.1e} | "
+            f"{arpack_default.seconds / lipnorm_result.seconds:.1f}× | "
+            f"{svd.seconds / lipnorm_result.seconds:.0f}× | "
+            f"{lipnorm_result.matvecs} / {arpack_default.matvecs} / {minimum} |"
+        )
+        print("\n".join(lines[-12:]), file=sys.stderr, flush=True)
+    lines[7:7] = [
+        "## Summary",
+        "",
+        "| matrix | lipnorm error | ARPACK error | lipnorm vs ARPACK | lipnorm vs full SVD | matvecs: lipnorm / ARPACK / Krylov minimum |",
+        "|---|---:|---:|---:|---:|---:|",
+        *summary,
+        "",
+    ]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
