@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "LinearOperator in a separate run).",
         "",
     ]
+    load_before = os.getloadavg()
     summary = []
     for name, matrix in benchmark_matrices().items():
         print(f"{name}: reference SVD...", file=sys.stderr, flush=True)
@@ -291,7 +292,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{lipnorm_result.matvecs} / {arpack_default.matvecs} / {minimum} |"
         )
         print("\n".join(lines[-12:]), file=sys.stderr, flush=True)
-    lines[7:7] = [
+    load_after = os.getloadavg()
+    lines[6:6] = [
+        f"Load average (1 min) of the machine, which other jobs shared: {load_before[0]:.1f} at the "
+        f"start, {load_after[0]:.1f} at the end; ratios between methods are more reliable than "
+        "absolute times.",
+    ]
+    lines[8:8] = [
         "## Summary",
         "",
         "| matrix | lipnorm error | ARPACK error | lipnorm vs ARPACK | lipnorm vs full SVD | matvecs: lipnorm / ARPACK / Krylov minimum |",

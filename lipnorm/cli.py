@@ -156,8 +156,7 @@ def _measure(name: str, tensor: Any, method: str, rtol: float) -> SigmaRow:
         return SigmaRow(name, shape, dtype, error=str(exc))
     return SigmaRow(
         name, shape, dtype, sigma=sigma, lower=interval.lower, upper=interval.upper,
-        method=getattr(state, "method", method), bounds_method=interval.method,
-        converged=bool(getattr(state, "converged", True)),
+        method=state.method, bounds_method=interval.method, converged=bool(state.converged),
         sigma_seconds=sigma_seconds, bounds_seconds=bounds_seconds,
     )
 
