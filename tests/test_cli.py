@@ -238,3 +238,18 @@ def test_demo_command_runs():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("yes") == 4 and " NO" not in result.stdout
+
+
+def test_installed_console_script_and_single_sourced_version():
+    """pyproject's entry point and version: checked where lipnorm is installed (make test)."""
+    from importlib import metadata
+
+    try:
+        installed = metadata.version("lipnorm")
+    except metadata.PackageNotFoundError:
+        pytest.skip("lipnorm is not installed (run through make test)")
+    assert installed == lipnorm.__version__
+    script = Path(sys.executable).parent / "lipnorm"
+    assert script.exists(), f"console script missing next to {sys.executable}"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"lipnorm {lipnorm.__version__}"
