@@ -74,7 +74,8 @@ def vector_norm(xp: Any, x: Any) -> float:
     digits below ~1e-19 in float32; in that case the vector is scaled by its
     largest magnitude first.
     """
-    norm = float(xp.linalg.vector_norm(x))
+    with np.errstate(over="ignore", under="ignore"):  # handled below (NumPy warns otherwise)
+        norm = float(xp.linalg.vector_norm(x))
     if math.isfinite(norm) and norm > 1e-15:
         return norm
     largest = float(xp.max(xp.abs(x)))
