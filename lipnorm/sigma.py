@@ -13,7 +13,7 @@ import warnings
 from typing import Any
 
 from lipnorm import krylov
-from lipnorm._xp import to_numpy
+from lipnorm._xp import array_namespace, library_name, to_numpy
 from lipnorm.certificates import SigmaInterval, certified_stack_bounds, gram_iteration_bounds
 from lipnorm.operators import DaskOperator, DenseOperator, LinearOperator, as_operator
 
@@ -102,6 +102,11 @@ def _start_vector(operator: LinearOperator, state: SigmaState | None, seed: Any)
         return krylov.random_vector(operator, n, seed)
     if not isinstance(state, SigmaState):
         raise TypeError(f"state must be a SigmaState from estimate_sigma, got {type(state).__name__}")
+    if array_namespace(state.v) is not operator.xp:
+        raise TypeError(
+            f"the state holds {library_name(state.v)} arrays but the weight needs "
+            f"{operator.xp.__name__} vectors; mixed array libraries in one call"
+        )
     if tuple(state.v.shape) != (n,):
         raise ValueError(
             f"the state's v has shape {tuple(state.v.shape)} but the operator needs ({n},); "
