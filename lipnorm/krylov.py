@@ -101,10 +101,7 @@ def random_vector(operator: LinearOperator, length: int, seed: Any) -> Any:
     if xp.isdtype(operator.dtype, "complex floating"):
         values = values + 1j * rng.standard_normal(length)
     values /= np.linalg.norm(values)
-    host = xp.asarray(values, device=operator.device) if operator.device is not None else None
-    if host is None:
-        host = xp.asarray(values)
-    return xp.astype(host, operator.dtype)
+    return xp.astype(xp.asarray(values, device=operator.device), operator.dtype)
 
 
 def _epsilon(xp: Any, dtype: Any) -> float:
