@@ -37,7 +37,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from lipnorm._xp import to_numpy
+from lipnorm._xp import array_namespace, to_numpy
+from lipnorm.krylov import lanczos, random_vector
+from lipnorm.operators import DenseOperator
 
 __all__ = ["SigmaInterval", "certified_stack_bounds", "gram_iteration_bounds"]
 
@@ -169,10 +171,6 @@ def _top_estimates(
     gram: np.ndarray, stack: _HostStack
 ) -> tuple[np.ndarray, int, np.ndarray]:
     """Per-block estimates of ``sigma_max^2`` and the top eigenvector of the largest block."""
-    from lipnorm.krylov import lanczos, random_vector
-    from lipnorm.operators import DenseOperator
-    from lipnorm._xp import array_namespace
-
     dimension = gram.shape[-1]
     if dimension <= _DENSE_ESTIMATE_LIMIT:
         values = np.linalg.eigvalsh(gram)[..., -1]

@@ -74,7 +74,8 @@ def vector_norm(xp: Any, x: Any) -> float:
     digits below ~1e-19 in float32; in that case the vector is scaled by its
     largest magnitude first.
     """
-    norm = float(xp.linalg.vector_norm(x))
+    with np.errstate(over="ignore", under="ignore"):  # handled below (NumPy warns otherwise)
+        norm = float(xp.linalg.vector_norm(x))
     if math.isfinite(norm) and norm > 1e-15:
         return norm
     largest = float(xp.max(xp.abs(x)))
@@ -100,10 +101,7 @@ def random_vector(operator: LinearOperator, length: int, seed: Any) -> Any:
     if xp.isdtype(operator.dtype, "complex floating"):
         values = values + 1j * rng.standard_normal(length)
     values /= np.linalg.norm(values)
-    host = xp.asarray(values, device=operator.device) if operator.device is not None else None
-    if host is None:
-        host = xp.asarray(values)
-    return xp.astype(host, operator.dtype)
+    return xp.astype(xp.asarray(values, device=operator.device), operator.dtype)
 
 
 def _epsilon(xp: Any, dtype: Any) -> float:

@@ -12,8 +12,10 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
+
 from lipnorm import krylov
-from lipnorm._xp import to_numpy
+from lipnorm._xp import array_namespace, library_name, to_numpy
 from lipnorm.certificates import SigmaInterval, certified_stack_bounds, gram_iteration_bounds
 from lipnorm.operators import DaskOperator, DenseOperator, LinearOperator, as_operator
 
@@ -102,6 +104,11 @@ def _start_vector(operator: LinearOperator, state: SigmaState | None, seed: Any)
         return krylov.random_vector(operator, n, seed)
     if not isinstance(state, SigmaState):
         raise TypeError(f"state must be a SigmaState from estimate_sigma, got {type(state).__name__}")
+    if array_namespace(state.v) is not operator.xp:
+        raise TypeError(
+            f"the state holds {library_name(state.v)} arrays but the weight needs "
+            f"{operator.xp.__name__} vectors; mixed array libraries in one call"
+        )
     if tuple(state.v.shape) != (n,):
         raise ValueError(
             f"the state's v has shape {tuple(state.v.shape)} but the operator needs ({n},); "
@@ -121,10 +128,17 @@ def _svd_state(operator: LinearOperator) -> SigmaState:
     if svdvals is not None:
         sigma = float(xp.max(svdvals(dense)))
     else:
-        import numpy as np
-
         sigma = float(np.linalg.svd(to_numpy(dense), compute_uv=False)[0])
     return SigmaState(None, None, sigma, 0.0, True, 0, 0, "svd")
+
+
+def _auto_method(operator: LinearOperator, rtol: float, state: SigmaState | None) -> str:
+    """``"svd"`` where it is cheap or where ``rtol`` asks for near machine precision."""
+    side = min(operator.shape)
+    dense = isinstance(operator, DenseOperator) and not isinstance(operator, DaskOperator)
+    if dense and state is None and (side <= AUTO_SVD_LIMIT or (rtol < 1e-10 and side <= 1024)):
+        return "svd"
+    return "lanczos"
 
 
 def estimate_sigma(
@@ -153,7 +167,7 @@ def estimate_sigma(
         reorthogonalization (few products even on clustered spectra);
         ``"power"``: power iteration; ``"svd"``: exact singular values (small
         matrices; a reference); ``"auto"``: ``"svd"`` for dense matrices whose
-        smaller side is at most 32, else ``"lanczos"``.
+        smaller side is at most 32 (or 1024 when ``rtol < 1e-10``), else ``"lanczos"``.
     rtol : float
         Relative accuracy: the iteration stops when the residual of its
         singular triplet is at most ``rtol * sigma``, which bounds the error
@@ -201,9 +215,7 @@ def estimate_sigma(
     _check_options(method, rtol, max_iter)
     operator = as_operator(weight, dim=dim)
     if method == "auto":
-        small = min(operator.shape) <= AUTO_SVD_LIMIT and state is None
-        dense = isinstance(operator, DenseOperator)
-        method = "svd" if small and dense else "lanczos"
+        method = _auto_method(operator, rtol, state)
     if method == "svd":
         result = _svd_state(operator)
     else:

@@ -1,0 +1,75 @@
+"""Test configuration: the ``xp`` backend fixture and Hypothesis profiles.
+
+Backends: numpy, array_api_strict, torch, tensorflow, jax, dask. A backend that
+is not installed is skipped, unless it is named in the comma-separated
+environment variable ``LIPNORM_TEST_BACKENDS`` (CI names all of them): then its
+absence is an error. Hypothesis: ``HYPOTHESIS_PROFILE=ci`` (set by ``make test``
+when ``CI=true``) runs the numeric properties with 500 examples each.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+BACKEND_NAMES = ("numpy", "array_api_strict", "torch", "tensorflow", "jax", "dask")
+
+
+def required_backends() -> set[str]:
+    """Backends whose absence must fail the run (``LIPNORM_TEST_BACKENDS``)."""
+    names = os.environ.get("LIPNORM_TEST_BACKENDS", "")
+    return {name.strip() for name in names.split(",") if name.strip()}
+
+
+def import_backend(name: str):
+    """Import a backend's module, skipping (or failing, if required) when missing."""
+    module_name = {"dask": "dask.array", "jax": "jax.numpy"}.get(name, name)
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as error:
+        if name in required_backends():
+            pytest.fail(f"backend {name!r} is required by LIPNORM_TEST_BACKENDS but: {error}")
+        pytest.skip(f"{name} is not installed")
+
+
+class Backend:
+    """One array library under test: converts NumPy test data into its arrays."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.module = import_backend(name)
+        if name == "jax":
+            import jax  # the module under test is jax.numpy
+
+            jax.config.update("jax_enable_x64", True)
+
+    def asarray(self, values: np.ndarray):
+        """``values`` as an array of this library, with the same dtype."""
+        values = np.asarray(values)
+        if self.name == "torch":
+            return self.module.asarray(values.copy())
+        if self.name == "tensorflow":
+            return self.module.constant(values)
+        if self.name == "dask":
+            chunks = tuple(max(1, (s + 1) // 2) for s in values.shape)
+            return self.module.from_array(values, chunks=chunks)
+        return self.module.asarray(values)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request) -> Backend:
+    """Each array library in turn (test ids: numpy, array_api_strict, torch, ...)."""
+    return Backend(request.param)

@@ -1,0 +1,59 @@
+"""Assertions shared by the tests. Every helper raises on failure."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import scipy.linalg
+
+from lipnorm._xp import library_name, to_numpy
+
+#: Examples per numeric Hypothesis property: 500 in CI, fewer while developing.
+NUMERIC_EXAMPLES = 500 if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else 60
+
+#: Relative slack granted to scipy's float64 SVD reference itself (LAPACK's own rounding).
+REFERENCE_SLACK = 1e-13
+
+
+def true_sigma(matrix) -> float:
+    """sigma_max of the matrix exactly as stored, by scipy's float64/complex128 SVD."""
+    host = to_numpy(matrix)
+    host = host.astype(np.complex128 if np.iscomplexobj(host) else np.float64)
+    if host.ndim == 1:
+        return float(np.linalg.norm(host))
+    return float(scipy.linalg.svdvals(host)[0]) if host.size else 0.0
+
+
+def assert_relative_close(actual: float, expected: float, rtol: float, what: str = "") -> None:
+    """Raise unless ``|actual - expected| <= rtol * |expected|`` (exact when expected is 0)."""
+    if expected == 0.0:
+        assert actual == 0.0, f"{what}: expected exactly 0, got {actual}"
+        return
+    error = abs(actual - expected) / abs(expected)
+    assert error <= rtol, f"{what}: relative error {error:.3e} > {rtol:.1e} ({actual} vs {expected})"
+
+
+def assert_contains(interval, value: float) -> None:
+    """Raise unless the certified interval contains ``value`` (up to the reference's slack)."""
+    lower, upper = interval
+    assert lower <= value * (1 + REFERENCE_SLACK), f"lower {lower!r} above the truth {value!r}"
+    assert upper >= value * (1 - REFERENCE_SLACK), f"upper {upper!r} below the truth {value!r}"
+    assert 0.0 <= lower <= upper, f"malformed interval {interval}"
+
+
+def dtype_name(dtype) -> str:
+    """``"float32"`` etc. for a dtype of any library."""
+    name = getattr(dtype, "name", None)
+    return name if isinstance(name, str) else str(dtype).split(".")[-1]
+
+
+def assert_scalar_of(result, backend, expected_dtype: str) -> None:
+    """Raise unless ``result`` is a 0-d array of ``backend``'s library with that dtype."""
+    assert library_name(result) == backend.name, (
+        f"result is a {type(result).__module__}.{type(result).__name__}, not a {backend.name} array"
+    )
+    assert tuple(result.shape) == (), f"result has shape {tuple(result.shape)}, expected ()"
+    assert dtype_name(result.dtype) == expected_dtype, (
+        f"result dtype {result.dtype} is not {expected_dtype}"
+    )

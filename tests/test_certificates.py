@@ -1,0 +1,64 @@
+"""Certified bounds on stacks of matrices (e.g. a convolution's Fourier blocks)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lipnorm.certificates import certified_stack_bounds, gram_iteration_bounds
+from tests.helpers import NUMERIC_EXAMPLES, assert_contains
+
+
+@st.composite
+def stacks(draw) -> np.ndarray:
+    batch = draw(st.integers(1, 40))
+    p = draw(st.integers(1, 24))
+    q = draw(st.integers(1, 24))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    blocks = rng.standard_normal((batch, p, q))
+    if draw(st.booleans()):
+        blocks = blocks + 1j * rng.standard_normal((batch, p, q))
+    blocks *= 10.0 ** draw(st.floats(-150, 150))
+    return blocks
+
+
+def _stack_truth(blocks: np.ndarray) -> float:
+    return float(np.max(np.linalg.svd(blocks, compute_uv=False)[..., 0]))
+
+
+@settings(max_examples=NUMERIC_EXAMPLES)
+@given(blocks=stacks())
+def test_cholesky_certificate_contains_the_max_over_the_stack(blocks):
+    interval = certified_stack_bounds(blocks)
+    assert_contains(interval, _stack_truth(blocks))
+    assert interval.upper / interval.lower <= 1 + 1e-5
+
+
+@settings(max_examples=NUMERIC_EXAMPLES)
+@given(blocks=stacks(), steps=st.integers(1, 12))
+def test_gram_iteration_contains_the_max_over_the_stack(blocks, steps):
+    assert_contains(gram_iteration_bounds(blocks, steps=steps), _stack_truth(blocks))
+
+
+def test_gram_iteration_tightens_with_steps():
+    blocks = np.random.default_rng(0).standard_normal((8, 32, 32))
+    truth = _stack_truth(blocks)
+    ratios = [gram_iteration_bounds(blocks, steps=s).upper / truth for s in (2, 4, 6, 8)]
+    assert all(a >= b for a, b in zip(ratios, ratios[1:])), ratios
+    assert ratios[-1] < 1.01
+
+
+def test_a_wrong_estimate_never_breaks_soundness():
+    blocks = np.random.default_rng(1).standard_normal((5, 20, 30))
+    truth = _stack_truth(blocks)
+    for estimate in (0.0, 0.5 * truth, truth, 2.0 * truth):
+        interval = certified_stack_bounds(blocks, estimate=estimate)
+        assert_contains(interval, truth)
+
+
+def test_large_single_matrix_uses_lanczos_estimate():
+    matrix = np.random.default_rng(2).standard_normal((700, 600))
+    interval = certified_stack_bounds(matrix)
+    assert_contains(interval, _stack_truth(matrix[None]))
+    assert interval.upper / interval.lower <= 1 + 1e-5

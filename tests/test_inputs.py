@@ -1,0 +1,118 @@
+"""Bad input gets a specific error; odd-but-valid input gets the right answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lipnorm
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_entries_are_refused(backend, bad):
+    values = np.ones((4, 5))
+    values[2, 3] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lipnorm.estimate_sigma(backend.asarray(values))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lipnorm.sigma_bounds(backend.asarray(values))
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0), (2, 0, 4)])
+def test_empty_arrays_are_refused(backend, shape):
+    with pytest.raises(ValueError, match="empty"):
+        lipnorm.estimate_sigma(backend.asarray(np.zeros(shape)), dim=0 if len(shape) > 2 else None)
+
+
+def test_zero_dimensional_input_is_refused(backend):
+    with pytest.raises(ValueError, match="0-d"):
+        lipnorm.estimate_sigma(backend.asarray(np.float64(3.0)))
+
+
+def test_boolean_dtype_is_refused(backend):
+    with pytest.raises(TypeError, match="numeric"):
+        lipnorm.estimate_sigma(backend.asarray(np.ones((3, 3), dtype=bool)))
+
+
+def test_string_and_object_arrays_are_refused():
+    with pytest.raises(TypeError, match="numeric"):
+        lipnorm.estimate_sigma(np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(TypeError, match="numeric"):
+        lipnorm.estimate_sigma(np.array([[1, None]], dtype=object))
+
+
+def test_non_arrays_are_refused():
+    with pytest.raises(TypeError, match="numpy.asarray"):
+        lipnorm.estimate_sigma([[1.0, 2.0], [3.0, 4.0]])
+    with pytest.raises(TypeError, match="got str"):
+        lipnorm.sigma_bounds("weights.npy")
+
+
+def test_nd_without_dim_names_the_options(backend):
+    with pytest.raises(ValueError, match=r"dim=0 .*conv_operator"):
+        lipnorm.estimate_sigma(backend.asarray(np.ones((2, 3, 4))))
+
+
+def test_dim_out_of_range(backend):
+    with pytest.raises(ValueError, match="dim=3 is out of range"):
+        lipnorm.estimate_sigma(backend.asarray(np.ones((2, 3, 4))), dim=3)
+
+
+def test_mixed_libraries_in_one_call():
+    torch = pytest.importorskip("torch")
+    _, state = lipnorm.estimate_sigma(torch.ones((4, 5), dtype=torch.float64), return_state=True, method="lanczos")
+    with pytest.raises(TypeError, match="mixed array libraries"):
+        lipnorm.estimate_sigma(np.ones((4, 5)), state=state, method="lanczos")
+
+
+def test_state_of_another_shape_is_refused():
+    _, state = lipnorm.estimate_sigma(np.ones((4, 5)), return_state=True, method="lanczos")
+    with pytest.raises(ValueError, match="made for another weight"):
+        lipnorm.estimate_sigma(np.ones((4, 6)), state=state, method="lanczos")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"method": "qr"}, "unknown method 'qr'"),
+        ({"rtol": 0}, "rtol must be a positive"),
+        ({"rtol": float("nan")}, "rtol must be a positive"),
+        ({"max_iter": 0}, "max_iter must be a positive integer"),
+        ({"max_iter": 2.5}, "max_iter must be a positive integer"),
+    ],
+)
+def test_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        lipnorm.estimate_sigma(np.ones((3, 3)), **options)
+
+
+def test_bad_bounds_method():
+    with pytest.raises(ValueError, match="choose 'cholesky' or 'gram'"):
+        lipnorm.sigma_bounds(np.ones((3, 3)), method="svd")
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        lipnorm.sigma_bounds(np.ones((3, 3)), method="gram", steps=0)
+
+
+def test_non_convergence_is_said_not_silent():
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((200, 200))
+    with pytest.warns(lipnorm.ConvergenceWarning, match="raise max_iter"):
+        _, state = lipnorm.estimate_sigma(matrix, method="power", max_iter=3, return_state=True)
+    assert not state.converged
+    assert state.iterations == 3
+
+
+def test_extreme_scales_keep_full_accuracy():
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((30, 20))
+    truth = np.linalg.norm(base, 2)
+    for scale in (1e-300, 1e-20, 1e20, 1e300):
+        for dtype in (np.float32, np.float64):
+            if dtype == np.float32 and scale in (1e-300, 1e300):
+                continue
+            matrix = (base * scale).astype(dtype)
+            sigma = float(lipnorm.estimate_sigma(matrix, method="lanczos"))
+            assert abs(sigma / (truth * scale) - 1) < 1e-5, (scale, dtype, sigma)
+            lower, upper = lipnorm.sigma_bounds(matrix)
+            exact = np.linalg.norm(matrix.astype(np.float64), 2)
+            assert lower <= exact <= upper, (scale, dtype, lower, exact, upper)

@@ -1,0 +1,91 @@
+"""Linear operators as input: SciPy sparse, SciPy LinearOperator, duck-typed objects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+import scipy.sparse.linalg
+
+import lipnorm
+from lipnorm.operators import LinearOperator
+from tests.helpers import assert_contains, assert_relative_close, true_sigma
+
+RNG = np.random.default_rng(7)
+DENSE = RNG.standard_normal((60, 45)) * (RNG.random((60, 45)) < 0.2)
+
+
+class DuckOperator:
+    """An operator known only through its products, as a user might write one."""
+
+    def __init__(self, matrix):
+        self.matrix = matrix
+        self.shape = matrix.shape
+        self.dtype = matrix.dtype
+
+    def matvec(self, x):
+        return self.matrix @ x
+
+    def rmatvec(self, y):
+        return self.matrix.conj().T @ y
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        scipy.sparse.csr_matrix,
+        scipy.sparse.csc_array,
+        scipy.sparse.linalg.aslinearoperator,
+        DuckOperator,
+    ],
+    ids=["csr_matrix", "csc_array", "LinearOperator", "duck"],
+)
+@pytest.mark.parametrize("dtype", [np.float64, np.complex128])
+def test_operator_inputs(make, dtype):
+    values = (DENSE + 1j * DENSE[::-1] if dtype == np.complex128 else DENSE).astype(dtype)
+    operator = make(values)
+    truth = true_sigma(values)
+    for method in ("lanczos", "power"):
+        sigma = lipnorm.estimate_sigma(operator, method=method, seed=3)
+        assert_relative_close(float(sigma), truth, 1e-6, f"{method} on {type(operator).__name__}")
+    assert_contains(lipnorm.sigma_bounds(operator), truth)
+
+
+def test_operator_without_products_of_the_right_size_is_caught():
+    class Broken(DuckOperator):
+        def matvec(self, x):
+            return np.full(self.shape[0], np.nan)
+
+    with pytest.raises(ValueError, match="NaN or Inf in a matrix-vector product"):
+        lipnorm.estimate_sigma(Broken(DENSE))
+
+
+def test_sparse_with_nan_is_refused():
+    bad = scipy.sparse.csr_matrix(np.array([[1.0, np.nan], [0.0, 2.0]]))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lipnorm.estimate_sigma(bad)
+
+
+def test_empty_operator_is_refused():
+    with pytest.raises(ValueError, match="empty"):
+        lipnorm.estimate_sigma(scipy.sparse.csr_matrix((0, 4)))
+
+
+def test_operator_with_its_own_certificate_is_asked_for_it():
+    class Certified(LinearOperator):
+        shape = (2, 2)
+        dtype = np.float64
+
+        def sigma_bounds(self):
+            return lipnorm.SigmaInterval(1.0, 2.0, "own")
+
+    assert lipnorm.sigma_bounds(Certified()).method == "own"
+
+
+def test_large_operator_without_dense_form_is_refused():
+    class Huge(LinearOperator):
+        shape = (10_000, 10_000)
+        dtype = np.float64
+
+    with pytest.raises(ValueError, match="too large to densify"):
+        lipnorm.sigma_bounds(Huge())
