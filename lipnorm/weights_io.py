@@ -10,8 +10,8 @@ Supported formats, chosen by the file's suffix:
     A PyTorch checkpoint (a state dict, possibly nested in dicts and lists), read with
     ``torch.load(weights_only=True, map_location="cpu")``. Tensors keep their torch dtype.
 ``.safetensors``
-    Parsed here as data: an 8-byte header length, a JSON header, raw little-endian
-    buffers. bfloat16 tensors are widened to float32, which is exact.
+    Read as data with the ``safetensors`` package (NumPy arrays); bfloat16 tensors, which
+    NumPy cannot hold, are read through torch and widened to float32, which is exact.
 
 A file that would need code to load (a pickled object in a ``.npy``/``.npz``, a class or
 function in a ``.pt`` pickle) is refused with a :class:`WeightFileError` that says why.
@@ -19,8 +19,6 @@ function in a ``.pt`` pickle) is refused with a :class:`WeightFileError` that sa
 
 from __future__ import annotations
 
-import json
-import math
 import pickle
 import re
 import zipfile
@@ -32,27 +30,6 @@ import numpy as np
 __all__ = ["SUFFIXES", "WeightFileError", "load_weights"]
 
 SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
-
-# safetensors dtype names -> little-endian NumPy dtypes. BF16 is handled on its own.
-_SAFETENSORS_DTYPES = {
-    "F64": "<f8",
-    "F32": "<f4",
-    "F16": "<f2",
-    "C64": "<c8",
-    "C128": "<c16",
-    "I64": "<i8",
-    "I32": "<i4",
-    "I16": "<i2",
-    "I8": "i1",
-    "U64": "<u8",
-    "U32": "<u4",
-    "U16": "<u2",
-    "U8": "u1",
-    "BOOL": "?",
-}
-# The same cap as the reference implementation: a longer header is a corrupt file.
-_SAFETENSORS_MAX_HEADER = 100_000_000
-
 
 class WeightFileError(ValueError):
     """A weight file that cannot be read: missing, corrupt, unsafe, or without the key asked for.
@@ -216,73 +193,44 @@ def _collect_tensors(obj: Any, prefix: str, out: dict[str, Any], tensor_type: ty
 
 
 def _read_safetensors(path: Path, key: str | None) -> dict[str, np.ndarray]:
-    size = path.stat().st_size
-    with path.open("rb") as file:
-        head = file.read(8)
-        if len(head) < 8:
-            raise WeightFileError(f"{path}: not a .safetensors file (shorter than its header)")
-        header_len = int.from_bytes(head, "little")
-        if header_len > min(_SAFETENSORS_MAX_HEADER, size - 8):
-            raise WeightFileError(
-                f"{path}: not a .safetensors file, or truncated (header of {header_len} bytes "
-                f"in a file of {size} bytes)"
-            )
-        try:
-            header = json.loads(file.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WeightFileError(f"{path}: corrupt .safetensors header ({exc})") from None
-        if not isinstance(header, dict):
-            raise WeightFileError(f"{path}: corrupt .safetensors header (not a JSON object)")
-        header.pop("__metadata__", None)
-        data_start = 8 + header_len
-        tensors: dict[str, np.ndarray] = {}
-        if key is not None:
-            if key not in header:
-                raise _missing_key(path, key, list(header))
-            header = {key: header[key]}
-        for name, entry in header.items():
-            dtype, shape, begin, end = _safetensors_entry(path, name, entry)
-            if data_start + end > size:
-                raise WeightFileError(
-                    f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} "
-                    f"of a {size}-byte file"
-                )
-            file.seek(data_start + begin)
-            raw = file.read(end - begin)
-            if dtype == "BF16":
-                widened = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-                array = widened.view(np.float32)
-            else:
-                array = np.frombuffer(raw, dtype=_SAFETENSORS_DTYPES[dtype]).copy()
-            tensors[name] = array.reshape(shape)
-    return tensors
-
-
-def _safetensors_entry(path: Path, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
-    """Validate one header entry; return (dtype name, shape, begin, end) of its buffer."""
     try:
-        dtype = entry["dtype"]
-        shape = tuple(int(n) for n in entry["shape"])
-        begin, end = (int(n) for n in entry["data_offsets"])
-    except (TypeError, KeyError, ValueError):
+        import safetensors
+    except ImportError:
         raise WeightFileError(
-            f"{path}: corrupt .safetensors header entry for {name!r}"
+            f"{path}: reading .safetensors needs the safetensors package: "
+            "pip install 'lipnorm[cli]'"
         ) from None
-    if dtype == "BF16":
-        itemsize = 2
-    elif dtype in _SAFETENSORS_DTYPES:
-        itemsize = np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
-    else:
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as file:
+            names = list(file.keys())
+            if key is not None and key not in names:
+                raise _missing_key(path, key, names)
+            return {
+                name: _safetensors_tensor(path, file, name)
+                for name in (names if key is None else [key])
+            }
+    except safetensors.SafetensorError as exc:
         raise WeightFileError(
-            f"{path}: tensor {name!r} has dtype {dtype}, which lipnorm does not read; "
-            f"supported: BF16, {', '.join(_SAFETENSORS_DTYPES)}"
-        )
-    if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != math.prod(shape) * itemsize:
+            f"{path}: not a valid .safetensors file, or truncated ({_first_line(exc)})"
+        ) from None
+
+
+def _safetensors_tensor(path: Path, file: Any, name: str) -> np.ndarray:
+    """One tensor as NumPy; bfloat16 (which NumPy lacks) is read through torch, widened to float32."""
+    try:
+        return file.get_tensor(name)
+    except TypeError:
+        pass
+    try:
+        import safetensors
+        import torch  # noqa: F401  (safetensors' torch framework needs it)
+    except ImportError:
         raise WeightFileError(
-            f"{path}: corrupt .safetensors header: tensor {name!r} of shape {shape} and "
-            f"dtype {dtype} does not fit its byte range [{begin}, {end})"
-        )
-    return dtype, shape, begin, end
+            f"{path}: tensor {name!r} is bfloat16, which NumPy cannot hold; reading it needs "
+            "torch: pip install 'lipnorm[torch]'"
+        ) from None
+    with safetensors.safe_open(str(path), framework="pt") as torch_file:
+        return torch_file.get_tensor(name).float().numpy()
 
 
 def _first_line(exc: Exception) -> str:

@@ -145,7 +145,7 @@ def test_pickled_pt_is_refused_without_running_code(capsys, tmp_path):
         ("absent.npz", None, [], "no such file"),
         ("w.npz", b"PK\x03\x04 cut short", [], "not a readable NumPy file"),
         ("w.txt", b"1 2 3", [], "unsupported file type '.txt'"),
-        ("w.safetensors", b"\x05\x00", [], "not a .safetensors file"),
+        ("w.safetensors", b"\x05\x00", [], "not a valid .safetensors file"),
         ("weights.npz", "npz", ["--key", "fc3"], "no tensor named 'fc3'; its tensors are 'fc1', 'bias'"),
         ("weights.npz", "npz", ["--key", "conv"], "has shape (8, 3, 3, 3); `lipnorm sigma` takes 1-D and 2-D"),
         ("vectors.npz", "vectors", [], "no 2-D tensors; pick a 1-D one with --key"),

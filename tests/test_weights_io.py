@@ -121,7 +121,7 @@ def test_missing_key_list_is_shortened(tmp_path):
         load_weights(path, key="nope")
 
 
-# --- safetensors: files written by the reference library, read by lipnorm's own parser ---
+# --- safetensors: files written by the safetensors library, read back through it ---
 
 
 def test_safetensors_all_dtypes_match_the_reference_writer(tmp_path):
@@ -161,34 +161,24 @@ def _safetensors_bytes(header: bytes, data: bytes = b"") -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("content", "message"),
+    "content",
     [
-        (b"\x01\x02", "shorter than its header"),
-        (_safetensors_bytes(b'{"w": {}}')[:-3], "truncated"),
-        ((10**9).to_bytes(8, "little") + b"{}", "truncated"),
-        (_safetensors_bytes(b"[1, 2]"), "not a JSON object"),
-        (_safetensors_bytes(b"{not json"), "corrupt .safetensors header"),
-        (_safetensors_bytes(b'{"w": {"dtype": "F32"}}'), "corrupt .safetensors header entry for 'w'"),
-        (
-            _safetensors_bytes(b'{"w": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}', b"\0"),
-            "dtype F8_E4M3, which lipnorm does not read",
-        ),
-        (
-            _safetensors_bytes(b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}', bytes(12)),
-            "does not fit its byte range",
-        ),
-        (
-            _safetensors_bytes(b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}', bytes(12)),
-            "truncated: tensor 'w' ends at byte",
-        ),
+        b"\x01\x02",
+        _safetensors_bytes(b'{"w": {}}')[:-3],
+        (10**9).to_bytes(8, "little") + b"{}",
+        _safetensors_bytes(b"[1, 2]"),
+        _safetensors_bytes(b"{not json"),
+        _safetensors_bytes(b'{"w": {"dtype": "F32"}}'),
+        _safetensors_bytes(b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}', bytes(12)),
+        _safetensors_bytes(b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}', bytes(12)),
     ],
-    ids=["tiny", "short-header", "huge-header", "json-list", "bad-json", "entry-fields", "f8",
+    ids=["tiny", "short-header", "huge-header", "json-list", "bad-json", "entry-fields",
          "offsets-vs-shape", "short-data"],
 )
-def test_corrupt_safetensors(tmp_path, content, message):
+def test_corrupt_safetensors(tmp_path, content):
     path = tmp_path / "w.safetensors"
     path.write_bytes(content)
-    with pytest.raises(WeightFileError, match=message):
+    with pytest.raises(WeightFileError, match="not a valid .safetensors file, or truncated"):
         load_weights(path)
 
 
