@@ -86,7 +86,15 @@ def vector_norm(xp: Any, x: Any) -> float:
             "the operator produced NaN or Inf in a matrix-vector product; "
             "check the weights or the operator's matvec"
         )
-    return largest * float(xp.linalg.vector_norm(x / largest))
+    # Scale the largest entry into [0.5, 1) by exact powers of two. Multiplying (not dividing
+    # by ``largest``) keeps denormal inputs finite: 1 / largest can overflow, 2**-60 cannot.
+    exponent = math.frexp(largest)[1]
+    shift = -exponent
+    while shift:
+        step = max(-60, min(60, shift))
+        x = x * 2.0**step
+        shift -= step
+    return math.ldexp(float(xp.linalg.vector_norm(x)), exponent)
 
 
 def random_vector(operator: LinearOperator, length: int, seed: Any) -> Any:

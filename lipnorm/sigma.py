@@ -171,7 +171,9 @@ def estimate_sigma(
     rtol : float
         Relative accuracy: the iteration stops when the residual of its
         singular triplet is at most ``rtol * sigma``, which bounds the error
-        by ``rtol * sigma`` (see :mod:`lipnorm.krylov`).
+        by ``rtol * sigma`` with respect to a singular value of ``W``: sigma_max,
+        unless the top singular values agree to within a few ``rtol`` (then one
+        of them, see :mod:`lipnorm.krylov`); :func:`sigma_bounds` certifies.
     max_iter : int, optional
         Iterations allowed (one iteration is one product with ``A`` and one
         with ``A^H``). Default: 10000 for power iteration, 2000 for Lanczos.

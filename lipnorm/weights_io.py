@@ -216,11 +216,19 @@ def _read_safetensors(path: Path, key: str | None) -> dict[str, np.ndarray]:
 
 
 def _safetensors_tensor(path: Path, file: Any, name: str) -> np.ndarray:
-    """One tensor as NumPy; bfloat16 (which NumPy lacks) is read through torch, widened to float32."""
+    """One tensor as NumPy; bfloat16 is widened to float32, which is exact.
+
+    NumPy reads bfloat16 only where ``ml_dtypes`` is installed (JAX and TensorFlow bring
+    it); without it the tensor is read through torch.
+    """
     try:
-        return file.get_tensor(name)
+        array = file.get_tensor(name)
     except TypeError:
-        pass
+        return _bfloat16_through_torch(path, name)
+    return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
+
+
+def _bfloat16_through_torch(path: Path, name: str) -> np.ndarray:
     try:
         import safetensors
         import torch  # noqa: F401  (safetensors' torch framework needs it)

@@ -25,6 +25,34 @@ def true_sigma(matrix) -> float:
     return float(scipy.linalg.svdvals(host)[0]) if host.size else 0.0
 
 
+def singular_values(matrix) -> np.ndarray:
+    """All singular values, descending, by scipy's float64/complex128 SVD of the matrix as stored."""
+    host = to_numpy(matrix)
+    return scipy.linalg.svdvals(host.astype(np.complex128 if np.iscomplexobj(host) else np.float64))
+
+
+#: Relative gap (sigma_1 - sigma_2) / sigma_1 from which the top singular value counts as isolated.
+ISOLATED_GAP = 1e-3
+
+
+def assert_converged_estimate(estimate: float, values: np.ndarray, rtol: float) -> None:
+    """Raise unless a converged estimate keeps lipnorm's documented accuracy promise.
+
+    ``values`` are the matrix's singular values, descending. The residual test certifies
+    that the estimate is within ``rtol`` of *a* singular value and interlacing that it is not
+    above sigma_max; when sigma_max is isolated (relative gap ``>= ISOLATED_GAP``), the
+    estimate is within ``rtol`` of sigma_max itself.
+    """
+    top = float(values[0])
+    nearest = float(np.min(np.abs(values - estimate)))
+    assert nearest <= rtol * top, f"no singular value within {rtol:.1e}: nearest {nearest / top:.2e}"
+    assert estimate <= top * (1 + rtol), f"estimate {estimate!r} above sigma_max {top!r}"
+    gap = (top - float(values[1])) / top if len(values) > 1 else 1.0
+    if gap >= ISOLATED_GAP:
+        error = abs(estimate - top) / top
+        assert error <= rtol, f"isolated sigma_max (gap {gap:.1e}) missed by {error:.2e} > {rtol:.1e}"
+
+
 def assert_relative_close(actual: float, expected: float, rtol: float, what: str = "") -> None:
     """Raise unless ``|actual - expected| <= rtol * |expected|`` (exact when expected is 0)."""
     if expected == 0.0:
