@@ -144,10 +144,11 @@ class ConvOperator(LinearOperator):
 
 def _to_forward_torch_kernel(xp, kernel, ndim: int, layout: str, depthwise: bool):
     """Permute a kernel to torch's forward layout (cout_f, cin_f / groups, *k)."""
-    if layout == "keras":
+    if layout == "keras" and depthwise:  # (*k, cin, dm) -> (cin * dm, 1, *k), out channel c * dm + j
+        kernel = xp.permute_dims(kernel, (ndim, ndim + 1) + tuple(range(ndim)))
+        kernel = xp.reshape(kernel, (kernel.shape[0] * kernel.shape[1], 1) + tuple(kernel.shape[2:]))
+    elif layout == "keras":  # (*k, cin/groups, cout) -> (cout, cin/groups, *k)
         kernel = xp.permute_dims(kernel, (ndim + 1, ndim) + tuple(range(ndim)))
-        if depthwise:  # (cin, depth_multiplier, *k) -> (cin * depth_multiplier, 1, *k)
-            kernel = xp.reshape(kernel, (kernel.shape[0] * kernel.shape[1], 1) + tuple(kernel.shape[2:]))
     return kernel
 
 
