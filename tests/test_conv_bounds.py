@@ -135,3 +135,9 @@ def test_keras_conv2d_layer_matches_operator():
     ref = np.asarray(keras.ops.convert_to_numpy(layer(x[None])))[0]
     op = conv_operator(kernel, (7, 7, 3), stride=2, padding="same", layout="keras")
     np.testing.assert_allclose(op.matvec(x.ravel()), ref.ravel(), atol=1e-12)
+
+
+def test_zero_kernel_has_norm_zero():
+    for padding in (1, "circular"):
+        lower, upper = conv_operator(np.zeros((2, 2, 3, 3)), (2, 6, 6), padding=padding).sigma_bounds()
+        assert lower == 0.0 and 0.0 <= upper < 1e-300

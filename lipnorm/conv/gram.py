@@ -59,13 +59,13 @@ def gram_iteration_bounds(blocks: np.ndarray, steps: int = 10) -> tuple[np.ndarr
     """
     g = np.asarray(blocks)
     if g.shape[-2] < g.shape[-1]:  # sigma_1(B) = sigma_1(B^H): work on the taller side
-        g = np.conj(np.swapaxes(g, -1, -2))
+        g = np.ascontiguousarray(np.conj(np.swapaxes(g, -1, -2)))
     rank = min(g.shape[-2:])
     scales, errors = [], []
     for _ in range(steps):
         k = g.shape[-2]
         _, frob_hi = _frobenius_bounds(g)
-        product = np.conj(np.swapaxes(g, -1, -2)) @ g
+        product = np.ascontiguousarray(np.conj(np.swapaxes(g, -1, -2))) @ g
         errors.append(2 * gamma(k + 2) * frob_hi**2 * (1 + 4 * _U))
         _, scale_ref = _frobenius_bounds(product)
         exponent = np.where(scale_ref > 0, np.round(np.log2(np.where(scale_ref > 0, scale_ref, 1.0))), 0.0)
