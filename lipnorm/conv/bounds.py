@@ -213,7 +213,7 @@ def circular_sigma(op) -> float:
     return best / math.sqrt(alias_count(geom.stride))
 
 
-def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, power_steps: int = 8) -> SigmaInterval:
+def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, power_steps: int = 16) -> SigmaInterval:
     """Certified interval for the spectral norm of a :class:`~lipnorm.conv.ConvOperator`.
 
     Parameters
