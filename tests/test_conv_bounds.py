@@ -141,3 +141,19 @@ def test_zero_kernel_has_norm_zero():
     for padding in (1, "circular"):
         lower, upper = conv_operator(np.zeros((2, 2, 3, 3)), (2, 6, 6), padding=padding).sigma_bounds()
         assert lower == 0.0 and 0.0 <= upper < 1e-300
+
+
+@pytest.mark.parametrize(("padding", "kernel_size"), [("same", 3), ("valid", 3), ("valid", 1)])
+def test_keras_conv2d_transpose_layer_matches_operator(padding, kernel_size):
+    keras = pytest.importorskip("keras")
+    rng = np.random.default_rng(3)
+    layer = keras.layers.Conv2DTranspose(2, kernel_size, strides=2, padding=padding, use_bias=False, dtype="float64")
+    layer.build((None, 4, 5, 3))
+    kernel = rng.standard_normal(tuple(layer.kernel.shape))  # (kh, kw, filters, in_channels)
+    layer.kernel.assign(kernel)
+    x = rng.standard_normal((4, 5, 3))
+    ref = np.asarray(keras.ops.convert_to_numpy(layer(x[None])))[0]
+    op = conv_operator(kernel, (4, 5, 3), stride=2, padding=padding, layout="keras", transposed=True)
+    y = op.matvec(x.ravel())
+    assert y.shape == (ref.size,)
+    np.testing.assert_allclose(y, ref.ravel(), atol=1e-12)
