@@ -11,7 +11,14 @@ import math
 from dataclasses import dataclass
 from itertools import product
 
-__all__ = ["ConvGeometry", "expand_per_axis", "resolve_padding"]
+__all__ = [
+    "ConvGeometry",
+    "ceil_to_multiple",
+    "check_output_nonempty",
+    "check_positive",
+    "expand_per_axis",
+    "resolve_padding",
+]
 
 
 @dataclass(frozen=True)
