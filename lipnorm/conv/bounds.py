@@ -100,13 +100,19 @@ def _circular_interval(kernel, geom: ConvGeometry, grid, method: str, gram_steps
     -------
     lower, upper : float
         Bounds on the operator norm (rounding of the blocks and the scaling included).
-    top : tuple (group, frequency, block)
-        The block with the largest upper bound (a start vector for the lower bound).
+    top : dict
+        Per group, ``(cheap bound, frequency, block)`` of its block with the largest cheap
+        bound (start vectors for the lower bound); empty if the kernel is zero.
     """
-    lower, upper, top = 0.0, 0.0, None
+    lower, upper, top = 0.0, 0.0, {}
     for freqs, blocks in _frequency_chunks(kernel, geom, grid):
         stack = blocks.reshape((-1,) + blocks.shape[2:])
         _, screen = gram_iteration_bounds(stack, _SCREEN_STEPS)
+        per_group = screen.reshape(blocks.shape[:2])
+        for group, freq in enumerate(np.argmax(per_group, axis=1)):
+            value = per_group[group, freq]
+            if value > 0 and value > top.get(group, (0.0,))[0]:
+                top[group] = (value, freqs[freq], blocks[group, freq])
         order = np.argsort(-screen)
         batch = max(4, len(order) // 16)
         for begin in range(0, len(order), batch):
@@ -114,9 +120,6 @@ def _circular_interval(kernel, geom: ConvGeometry, grid, method: str, gram_steps
             if screen[chosen[0]] <= upper:
                 break
             lo, hi = _certify_blocks(stack[chosen], method, gram_steps)
-            if hi > upper:
-                group, freq = divmod(int(chosen[0]), blocks.shape[1])
-                top = (group, freqs[freq], stack[chosen[0]])
             lower, upper = max(lower, lo), max(upper, hi)
     err = block_error_bound(kernel, geom.stride)
     root_s = math.sqrt(alias_count(geom.stride))
@@ -126,26 +129,28 @@ def _circular_interval(kernel, geom: ConvGeometry, grid, method: str, gram_steps
 
 
 def _top_plane_wave(geom: ConvGeometry, grid, top) -> np.ndarray:
-    """A start vector for the real operator: the circular embedding's top singular vector.
+    """A start vector for the real operator: the circular embedding's top singular vectors.
 
-    Takes the right singular vector of the top block, turns it into the real plane wave
-    it stands for on the torus and crops it to the input window. Only a start vector:
-    nothing certified rests on it.
+    For each group, takes the right singular vector of its top block, turns it into the
+    real plane wave it stands for on the torus, crops it to the input window and scales
+    it to unit norm (power iteration then picks the group with the largest norm). Only a
+    start vector: nothing certified rests on it.
     """
-    group, freq, block = top
-    vector = np.linalg.svd(block)[2][0].conj()
     cin_g = geom.in_channels // geom.groups
     out_grid = np.array([n // s for n, s in zip(grid, geom.stride)])
     coords = np.meshgrid(*(np.arange(n) for n in grid), indexing="ij")
-    wave = np.zeros((cin_g,) + tuple(grid), dtype=np.complex128)
-    for a, alias in enumerate(np.ndindex(*geom.stride)):
-        xi = freq + np.array(alias) * out_grid
-        angle = sum(2 * np.pi * x * c / n for x, c, n in zip(xi, coords, grid))
-        amplitude = vector[a * cin_g : (a + 1) * cin_g]
-        wave += amplitude.reshape((cin_g,) + (1,) * len(grid)) * np.exp(1j * angle)[None]
     window = tuple(slice(lo, lo + n) for lo, n in zip(geom.pad_lo, geom.input_size))
     start = np.zeros((geom.groups, cin_g) + tuple(geom.input_size))
-    start[group] = np.real(wave[(slice(None),) + window])
+    for group, (_, freq, block) in top.items():
+        vector = np.linalg.svd(block)[2][0].conj()
+        wave = np.zeros((cin_g,) + tuple(grid), dtype=np.complex128)
+        for a, alias in enumerate(np.ndindex(*geom.stride)):
+            xi = freq + np.array(alias) * out_grid
+            angle = sum(2 * np.pi * x * c / n for x, c, n in zip(xi, coords, grid))
+            amplitude = vector[a * cin_g : (a + 1) * cin_g]
+            wave += amplitude.reshape((cin_g,) + (1,) * len(grid)) * np.exp(1j * angle)[None]
+        cropped = np.real(wave[(slice(None),) + window])
+        start[group] = cropped / max(float(np.linalg.norm(cropped)), np.finfo(np.float64).tiny)
     return start.reshape((geom.in_channels,) + tuple(geom.input_size))
 
 
@@ -249,7 +254,7 @@ def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, power_st
         return SigmaInterval(lower=lower, upper=upper, method=f"conv-circular-{method}")
     grid = embedding_grid(geom)
     _, upper, top = _circular_interval(kernel, geom, grid, method, gram_steps)
-    if top is None:  # every block is zero: so is the kernel
+    if not top:  # every block is zero: so is the kernel
         return SigmaInterval(lower=0.0, upper=upper, method=f"conv-embedding-{method}")
     x = _power_refine(kernel, geom, _top_plane_wave(geom, grid, top), power_steps)
     lower = certified_rayleigh_lower(kernel, geom, x)
