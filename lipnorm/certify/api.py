@@ -9,7 +9,10 @@ __all__ = ["certify", "model_format"]
 
 
 def model_format(model) -> str:
-    """``"torch"``, ``"keras"`` or ``"onnx"``, from the model's type (nothing is imported).
+    """``"torch"``, ``"keras"`` or ``"onnx"``, from the modules of the model's classes.
+
+    Nothing is imported: a user's subclass of ``torch.nn.Module`` has ``torch.nn...`` in
+    its method resolution order.
 
     Parameters
     ----------
@@ -24,18 +27,16 @@ def model_format(model) -> str:
     TypeError
         For any other object.
     """
-    module = type(model).__module__
+    modules = [cls.__module__ or "" for cls in type(model).__mro__]
     if isinstance(model, str) or hasattr(model, "__fspath__"):
         if str(model).endswith(".onnx"):
             return "onnx"
         raise TypeError(f"certify() reads model files ending in .onnx only, got {str(model)!r}; "
                         "load other formats first (lipnorm.certify.cli.load_model)")
-    if module.startswith("torch"):
-        return "torch"
-    if module.startswith(("keras", "tf_keras", "tensorflow")):
-        return "keras"
-    if module.startswith("onnx"):
-        return "onnx"
+    for prefix, kind in (("torch", "torch"), ("keras", "keras"), ("tf_keras", "keras"),
+                         ("onnx", "onnx")):
+        if any(module == prefix or module.startswith(prefix + ".") for module in modules):
+            return kind
     raise TypeError(
         f"certify() takes a torch.nn.Module, a keras.Model or an ONNX model, got {type(model)!r}"
     )
