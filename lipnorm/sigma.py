@@ -1,0 +1,304 @@
+"""``estimate_sigma`` and ``sigma_bounds``: the largest singular value of any weight.
+
+``estimate_sigma`` is fast and stays in the input's library, dtype and device;
+``sigma_bounds`` is certified: it returns an interval that provably contains
+sigma_max, float rounding included (see :mod:`lipnorm.certificates`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any
+
+from lipnorm import krylov
+from lipnorm._xp import to_numpy
+from lipnorm.certificates import SigmaInterval, certified_stack_bounds, gram_iteration_bounds
+from lipnorm.operators import DaskOperator, DenseOperator, LinearOperator, as_operator
+
+__all__ = [
+    "ConvergenceWarning",
+    "SigmaInterval",
+    "SigmaState",
+    "certified_stack_bounds",
+    "estimate_sigma",
+    "sigma_bounds",
+]
+
+METHODS = ("auto", "power", "lanczos", "svd")
+#: ``method="auto"`` uses an exact SVD when the smaller side is at most this.
+AUTO_SVD_LIMIT = 32
+#: Largest operator (smaller side) ``sigma_bounds`` densifies through matvecs.
+DENSIFY_LIMIT = 4096
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative estimate stopped at ``max_iter`` before reaching ``rtol``."""
+
+
+@dataclasses.dataclass
+class SigmaState:
+    """Warm-start state of :func:`estimate_sigma`, in the weight's own namespace.
+
+    Pass it back as ``state=`` to start the next call from the last singular
+    vectors (as spectral normalization does between training steps).
+
+    Attributes
+    ----------
+    u : array, shape (m,)
+        Unit left singular vector estimate.
+    v : array, shape (n,)
+        Unit right singular vector estimate.
+    sigma : float
+        The estimate.
+    residual : float
+        ``||A^H u - sigma v||``; the estimate is within ``residual / sqrt(2)``
+        of a singular value.
+    converged : bool
+        Whether ``residual <= rtol * sigma`` was reached. ``False`` comes with a
+        :class:`ConvergenceWarning`.
+    iterations : int
+        Iterations of the method (each one ``matvec`` and one ``rmatvec``).
+    matvecs : int
+        Matrix-vector products used.
+    method : str
+        The method that ran (``"power"``, ``"lanczos"`` or ``"svd"``).
+    """
+
+    u: Any
+    v: Any
+    sigma: float
+    residual: float
+    converged: bool
+    iterations: int
+    matvecs: int
+    method: str
+
+
+def _output_dtype(xp: Any, dtype: Any, working: Any) -> Any:
+    """The real dtype sigma is returned in: the input's float dtype, or the working one."""
+    if xp.isdtype(dtype, "real floating"):
+        return dtype
+    if dtype == xp.complex64:
+        return xp.float32
+    if dtype == xp.complex128:
+        return xp.float64
+    return working
+
+
+def _check_options(method: str, rtol: float, max_iter: int | None) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol > 0):
+        raise ValueError(f"rtol must be a positive finite number, got {rtol!r}")
+    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
+        raise ValueError(f"max_iter must be a positive integer or None, got {max_iter!r}")
+
+
+def _start_vector(operator: LinearOperator, state: SigmaState | None, seed: Any) -> Any:
+    n = operator.shape[1]
+    if state is None:
+        return krylov.random_vector(operator, n, seed)
+    if not isinstance(state, SigmaState):
+        raise TypeError(f"state must be a SigmaState from estimate_sigma, got {type(state).__name__}")
+    if tuple(state.v.shape) != (n,):
+        raise ValueError(
+            f"the state's v has shape {tuple(state.v.shape)} but the operator needs ({n},); "
+            "was the state made for another weight?"
+        )
+    v = operator.xp.astype(state.v, operator.dtype)
+    norm = krylov.vector_norm(operator.xp, v)
+    if norm == 0.0:
+        return krylov.random_vector(operator, n, seed)
+    return v / norm
+
+
+def _svd_state(operator: LinearOperator) -> SigmaState:
+    dense = operator.to_dense()
+    xp = operator.xp
+    svdvals = getattr(getattr(xp, "linalg", None), "svdvals", None)
+    if svdvals is not None:
+        sigma = float(xp.max(svdvals(dense)))
+    else:
+        import numpy as np
+
+        sigma = float(np.linalg.svd(to_numpy(dense), compute_uv=False)[0])
+    return SigmaState(None, None, sigma, 0.0, True, 0, 0, "svd")
+
+
+def estimate_sigma(
+    weight: Any,
+    *,
+    method: str = "auto",
+    rtol: float = 1e-6,
+    max_iter: int | None = None,
+    dim: int | None = None,
+    state: SigmaState | None = None,
+    return_state: bool = False,
+    seed: Any = None,
+) -> Any:
+    """Estimate the largest singular value (spectral norm) of ``weight``.
+
+    Parameters
+    ----------
+    weight : array or linear operator
+        A NumPy, CuPy, PyTorch, TensorFlow, JAX, Dask or any array-API array;
+        1-D (its 2-norm), 2-D, or N-D with ``dim``. Or a linear operator: a
+        lipnorm operator (e.g. :func:`lipnorm.conv_operator`), a SciPy sparse
+        matrix or ``LinearOperator``, or any object with ``shape``, ``dtype``,
+        ``matvec`` and ``rmatvec``.
+    method : {"auto", "power", "lanczos", "svd"}
+        ``"lanczos"``: Golub-Kahan-Lanczos bidiagonalization with full
+        reorthogonalization (few products even on clustered spectra);
+        ``"power"``: power iteration; ``"svd"``: exact singular values (small
+        matrices; a reference); ``"auto"``: ``"svd"`` for dense matrices whose
+        smaller side is at most 32, else ``"lanczos"``.
+    rtol : float
+        Relative accuracy: the iteration stops when the residual of its
+        singular triplet is at most ``rtol * sigma``, which bounds the error
+        by ``rtol * sigma`` (see :mod:`lipnorm.krylov`).
+    max_iter : int, optional
+        Iterations allowed (one iteration is one product with ``A`` and one
+        with ``A^H``). Default: 10000 for power iteration, 2000 for Lanczos.
+    dim : int, optional
+        For N-D arrays, the axis kept as rows (the rest is flattened), as in
+        ``torch.nn.utils.spectral_norm``.
+    state : SigmaState, optional
+        Warm start from an earlier call on the same (or a slowly changing) weight.
+    return_state : bool
+        Also return the :class:`SigmaState`.
+    seed : int or numpy.random.Generator, optional
+        Seed of the random start vector (drawn with NumPy, moved to the weight's device).
+
+    Returns
+    -------
+    sigma : array, shape ()
+        0-d array of the weight's library, real dtype (float16/bfloat16 inputs
+        are computed in float32 and returned in their own dtype) and device.
+    state : SigmaState
+        Only with ``return_state=True``.
+
+    Raises
+    ------
+    TypeError
+        Non-numeric or boolean dtype, arrays of different libraries, not an array.
+    ValueError
+        NaN/Inf entries, an empty or 0-d array, N-D without ``dim``, bad options.
+
+    Warns
+    -----
+    ConvergenceWarning
+        When ``max_iter`` is reached before ``rtol`` (``state.converged`` is then False).
+
+    Examples
+    --------
+    >>> import numpy as np, lipnorm
+    >>> W = np.diag([3.0, 2.0, 1.0])
+    >>> float(lipnorm.estimate_sigma(W))
+    3.0
+    """
+    _check_options(method, rtol, max_iter)
+    operator = as_operator(weight, dim=dim)
+    if method == "auto":
+        small = min(operator.shape) <= AUTO_SVD_LIMIT and state is None
+        dense = isinstance(operator, DenseOperator)
+        method = "svd" if small and dense else "lanczos"
+    if method == "svd":
+        result = _svd_state(operator)
+    else:
+        start = _start_vector(operator, state, seed)
+        run = krylov.lanczos if method == "lanczos" else krylov.power_iteration
+        limit = max_iter if max_iter is not None else (2000 if method == "lanczos" else 10000)
+        found = run(operator, start, rtol=rtol, max_iter=limit)
+        result = SigmaState(
+            found.u,
+            found.v,
+            found.sigma,
+            found.residual,
+            found.converged,
+            found.iterations,
+            found.matvecs,
+            method,
+        )
+        if not found.converged:
+            warnings.warn(
+                f"{method} stopped after {found.iterations} iterations with relative residual "
+                f"{found.residual / max(found.sigma, 1e-300):.2e} > rtol={rtol:g}; "
+                "raise max_iter, use method='lanczos', or loosen rtol",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+    sigma = _as_output(operator, weight, result.sigma)
+    return (sigma, result) if return_state else sigma
+
+
+def _as_output(operator: LinearOperator, weight: Any, value: float) -> Any:
+    """``value`` as a 0-d array in the weight's namespace, real dtype and device."""
+    xp = operator.xp
+    input_dtype = weight.dtype if isinstance(operator, DenseOperator) else operator.dtype
+    sigma = xp.asarray(value, dtype=_output_dtype(xp, input_dtype, operator.dtype), device=operator.device)
+    if isinstance(operator, DaskOperator):
+        import dask.array
+
+        return dask.array.from_array(sigma)
+    return sigma
+
+
+def sigma_bounds(
+    weight: Any, *, dim: int | None = None, method: str = "cholesky", steps: int = 8
+) -> SigmaInterval:
+    """Certified bounds ``lower <= sigma_max(weight) <= upper``, float rounding included.
+
+    Parameters
+    ----------
+    weight : array or linear operator
+        As for :func:`estimate_sigma`. An operator that defines its own
+        ``sigma_bounds()`` (e.g. :func:`lipnorm.conv_operator`) is asked for it.
+        Other operators are made dense through ``to_dense()`` or, for at most
+        4096 columns, by applying them to the basis vectors.
+    dim : int, optional
+        As for :func:`estimate_sigma`.
+    method : {"cholesky", "gram"}
+        ``"cholesky"``: the Cholesky certificate (tight: the interval is ~1e-6
+        wide relative to sigma); ``"gram"``: Gram iteration with ``steps`` steps.
+    steps : int
+        Gram-iteration steps (``method="gram"`` only).
+
+    Returns
+    -------
+    SigmaInterval
+        ``(lower, upper)`` as Python floats, unpackable as ``lo, hi = ...``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for :func:`estimate_sigma`; also for an operator that has no dense
+        form and is too large to densify.
+
+    Examples
+    --------
+    >>> import numpy as np, lipnorm
+    >>> lo, hi = lipnorm.sigma_bounds(np.diag([3.0, 2.0, 1.0]))
+    >>> lo <= 3.0 <= hi and hi / lo < 1 + 1e-3
+    True
+    """
+    if method not in ("cholesky", "gram"):
+        raise ValueError(f"unknown method {method!r}; choose 'cholesky' or 'gram'")
+    own_bounds = getattr(weight, "sigma_bounds", None)
+    if callable(own_bounds):
+        return own_bounds()
+    operator = as_operator(weight, dim=dim)
+    try:
+        dense = operator.to_dense()
+    except NotImplementedError:
+        if min(operator.shape) > DENSIFY_LIMIT:
+            raise ValueError(
+                f"cannot certify sigma of a {type(weight).__name__} operator of shape "
+                f"{operator.shape}: it has no dense form (to_dense) and is too large to densify; "
+                "give it a to_dense() or sigma_bounds() method"
+            ) from None
+        raise
+    if method == "gram":
+        return gram_iteration_bounds(dense, steps=steps)
+    return certified_stack_bounds(dense)
