@@ -146,9 +146,10 @@ def windows_covering(kernel: int, stride: int, dilation: int = 1) -> int:
     """Most pooling windows along one axis that contain one input position.
 
     A window starting at ``j·stride`` covers ``j·stride + t·dilation`` for
-    ``t < kernel``. For each ``t`` at most one ``j`` reaches a given position, so at most
-    ``kernel`` windows; and the starts lie in an interval of length
-    ``(kernel − 1)·dilation``, so at most ``⌊(kernel − 1)·dilation / stride⌋ + 1``.
+    ``t < kernel``. Position x is reached through tap t only if t·dilation ≡ x (mod
+    stride), which holds for one residue of t modulo stride/gcd(stride, dilation): at most
+    ``⌈kernel / (stride/gcd)⌉`` windows. The starts also lie in an interval of length
+    ``(kernel − 1)·dilation``: at most ``⌊(kernel − 1)·dilation / stride⌋ + 1``.
 
     Parameters
     ----------
@@ -174,7 +175,8 @@ def windows_covering(kernel: int, stride: int, dilation: int = 1) -> int:
         raise ValueError(
             f"pooling kernel, stride and dilation must be >= 1, got {kernel}, {stride}, {dilation}"
         )
-    return min(kernel, (kernel - 1) * dilation // stride + 1)
+    period = stride // math.gcd(stride, dilation)
+    return min(-(-kernel // period), (kernel - 1) * dilation // stride + 1)
 
 
 def max_pool_lipschitz(
