@@ -137,41 +137,25 @@ def conv_sigma_upper(conv: ConvMap) -> tuple[float, str]:
     Returns
     -------
     (float, str)
-        From ``lipnorm.conv_operator(...).sigma_bounds()``.
+        From :meth:`lipnorm.conv.ConvOperator.sigma_bounds` (the exact norm of a circular
+        convolution on a grid where the zero-padded one is a sub-block, certified).
     """
-    import lipnorm
+    from lipnorm.conv import conv_operator
 
-    if not hasattr(lipnorm, "conv_operator"):
-        return _tap_sum_upper(conv), "Σ over kernel taps of σ(tap)"
-    operator = lipnorm.conv_operator(
+    in_channels = conv.kernel.shape[0] if conv.transposed else conv.kernel.shape[1] * conv.groups
+    operator = conv_operator(
         conv.kernel,
-        conv.input_spatial,
+        (in_channels, *conv.input_spatial),
         stride=conv.stride,
         padding=conv.padding,
         dilation=conv.dilation,
         groups=conv.groups,
-        layout="channels_first",
+        layout="torch",
         transposed=conv.transposed,
-        output_padding=conv.output_padding or None,
+        output_padding=conv.output_padding or 0,
     )
     interval = operator.sigma_bounds()
     return float(interval.upper), interval.method
-
-
-def _tap_sum_upper(conv: ConvMap) -> float:
-    """Max over groups of Σ_taps σ(K[:, :, tap]): a convolution is a sum of shifted
-    (norm ≤ 1, also after striding, padding and cropping) channel-mixing matrices."""
-    kernel = conv.kernel
-    rows_per_group = kernel.shape[0] // conv.groups
-    taps = kernel.reshape(kernel.shape[0], kernel.shape[1], -1)
-    best = 0.0
-    for g in range(conv.groups):
-        block = taps[g * rows_per_group:(g + 1) * rows_per_group]
-        total = 0.0
-        for t in range(block.shape[2]):
-            total = round_up(total + dense_sigma_upper(block[:, :, t])[0])
-        best = max(best, total)
-    return best
 
 
 def certified_norm(linear_map: LinearMap) -> tuple[float, str]:
