@@ -92,6 +92,8 @@ def _build(model: nn.Module, input_shape: tuple[int, ...], rules) -> GraphBuilde
     example = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0),
                           dtype=_parameter_dtype(model))
     tracer = _Tracer(rules)
+    if tracer.is_leaf_module(model, ""):
+        model = nn.Sequential(model)  # keep a lone layer as one module call
     try:
         traced = fx.GraphModule(model, tracer.trace(model))
     except Exception as error:  # tracing raises many exception types on control flow
