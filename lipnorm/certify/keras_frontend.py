@@ -88,7 +88,7 @@ class _Walker:
     def __init__(self, builder: GraphBuilder):
         self.builder = builder
 
-    def walk(self, functional, sources: list[str]) -> list[str]:
+    def walk(self, functional, sources: list[str], prefix: str = "") -> list[str]:
         """Add the nodes of ``functional`` reading ``sources``; returns its output nodes."""
         tensors: dict[int, str] = {id(t): s for t, s in zip(functional.inputs, sources)}
         depths = sorted(functional._nodes_by_depth, reverse=True)
@@ -100,21 +100,20 @@ class _Walker:
                 inputs = [tensors[id(t)] for t in node.input_tensors if id(t) in tensors]
                 if not inputs:
                     continue  # a constant branch
-                outputs = self.layer(layer, node, inputs)
+                outputs = self.layer(layer, node, inputs, prefix)
                 for tensor, name in zip(node.output_tensors, outputs):
                     tensors[id(tensor)] = name
         return [tensors[id(t)] for t in functional.outputs]
 
-    def layer(self, layer, node, sources: list[str]) -> list[str]:
+    def layer(self, layer, node, sources: list[str], prefix: str) -> list[str]:
         b = self.builder
-        name, kind = layer.name, type(layer).__name__
-        if isinstance(layer, keras.Model):
-            return self.walk(_functional(layer, None), sources)
-        in_shape = tuple(node.input_tensors[0].shape)
-        out_shape = tuple(node.output_tensors[0].shape)
+        name, kind = prefix + layer.name, type(layer).__name__
         rule = b.user_rule(name, kind, layer, sources[0])
         if rule is not None:
             return [rule]
+        if isinstance(layer, keras.Model):
+            return self.walk(_functional(layer, None), sources, f"{name}/")
+        in_shape = tuple(node.input_tensors[0].shape)
         if isinstance(layer, (L.Add, L.Subtract)) or (kind in {"Add", "Subtract"} and len(sources) > 1):
             return [b.add_sum(name, kind, sources)]
         if kind in {"Add", "Subtract"}:  # keras.ops with a constant operand
@@ -231,12 +230,14 @@ class _Walker:
         strides = tuple(layer.strides)
         dilation = tuple(getattr(layer, "dilation_rate", (1,) * d))
         if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D, L.SeparableConv1D, L.SeparableConv2D)):
-            depthwise = _numpy(layer.depthwise_kernel)  # (*k, channels, multiplier)
+            is_separable = hasattr(layer, "pointwise_kernel")
+            # (*k, channels, multiplier); DepthwiseConv calls it ``kernel``
+            depthwise = _numpy(layer.depthwise_kernel if is_separable else layer.kernel)
             channels, multiplier = depthwise.shape[-2:]
             by_channel = np.moveaxis(depthwise, (-2, -1), (0, 1))  # (channels, multiplier, *k)
             kernel = by_channel.reshape(channels * multiplier, 1, *depthwise.shape[:-2])
             groups = channels
-            if hasattr(layer, "pointwise_kernel"):
+            if is_separable:
                 # a 1×1 convolution after the depthwise one is one convolution:
                 # K[o, c] = Σ_m P[o, c, m] D[c, m]
                 pointwise = _numpy(layer.pointwise_kernel).reshape(channels * multiplier, -1).T
