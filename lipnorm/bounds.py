@@ -1,8 +1,9 @@
 """Lipschitz-bound algebra: composition, residual sums, concatenation, activation constants.
 
 Every function here returns a float that is a true upper bound *after rounding*: each
-floating-point operation is followed by a step to the next representable float above,
-so the computed bound never falls below the exact value of the formula.
+floating-point result is compared exactly (with :class:`fractions.Fraction`) against the
+exact value of the operation and stepped to the next float above when it fell short, so
+the computed bound never falls below the exact value of the formula.
 
 All bounds are Lipschitz constants for the Euclidean (L2) norm on inputs and outputs.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from fractions import Fraction
 
 __all__ = [
     "ACTIVATION_LIPSCHITZ",
@@ -83,7 +85,8 @@ def compose(bounds: Iterable[float]) -> float:
     """
     total = 1.0
     for bound in bounds:
-        total = round_up(total * _checked(bound))
+        bound = _checked(bound)
+        total = _at_least(total * bound, Fraction(total) * Fraction(bound))
     return total
 
 
@@ -110,7 +113,8 @@ def residual_sum(bounds: Iterable[float]) -> float:
     """
     total = 0.0
     for bound in bounds:
-        total = round_up(total + _checked(bound))
+        bound = _checked(bound)
+        total = _at_least(total + bound, Fraction(total) + Fraction(bound))
     return total
 
 
@@ -135,11 +139,14 @@ def concatenation(bounds: Iterable[float]) -> float:
     >>> concatenation([3.0, 4.0]) >= 5.0
     True
     """
-    total = 0.0
+    total = Fraction(0)
     for bound in bounds:
-        checked = _checked(bound)
-        total = round_up(total + round_up(checked * checked))
-    return round_up(math.sqrt(total))
+        checked = Fraction(_checked(bound))
+        total += checked * checked
+    root = math.sqrt(float(total))
+    while Fraction(root) ** 2 < total:
+        root = round_up(root)
+    return root
 
 
 def windows_covering(kernel: int, stride: int, dilation: int = 1) -> int:
@@ -305,6 +312,13 @@ def activation_lipschitz(name: str, **parameters: float) -> float:
     raise KeyError(
         f"no Lipschitz constant is known for activation {name!r}; known: {', '.join(known)}"
     )
+
+
+def _at_least(value: float, exact: Fraction) -> float:
+    """``value``, or the next float above it if it is below ``exact``."""
+    while Fraction(value) < exact:
+        value = round_up(value)
+    return value
 
 
 def _parameter(parameters: dict[str, float], name: str) -> float:
