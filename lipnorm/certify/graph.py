@@ -153,6 +153,7 @@ def certify_graph(graph: Graph, *, model_name: str, input_shape: tuple[int, ...]
     outputs = [graph.resolve(o) for o in graph.outputs]
     if not outputs:
         raise ValueError("the graph has no outputs")
+    _prune_unused(graph, outputs)
     _merge_linear_chains(graph, outputs)
     total_start = time.perf_counter()
     lipschitz: dict[str, float] = {}
@@ -205,6 +206,18 @@ def certify_graph(graph: Graph, *, model_name: str, input_shape: tuple[int, ...]
         layers=rows,
         seconds=time.perf_counter() - total_start,
     )
+
+
+def _prune_unused(graph: Graph, outputs: list[str]) -> None:
+    """Drop nodes that no output depends on (e.g. a gate folded into an activation)."""
+    needed, stack = set(), list(outputs)
+    while stack:
+        name = stack.pop()
+        if name not in needed:
+            needed.add(name)
+            stack.extend(graph.nodes[name].inputs)
+    for name in [n for n in graph.nodes if n not in needed and n != graph.input_name]:
+        del graph.nodes[name]
 
 
 def _merge_linear_chains(graph: Graph, outputs: list[str]) -> None:

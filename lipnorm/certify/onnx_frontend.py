@@ -133,6 +133,7 @@ class _Translator:
         self.constants: dict[str, np.ndarray] = dict(initializers)
         self.evaluated = evaluated
         self.values: dict[str, str] = {}  # input-dependent tensor name -> graph node
+        self.producers: dict[str, object] = {}  # tensor name -> ONNX node that makes it
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.evaluated[name].shape)
@@ -145,6 +146,8 @@ class _Translator:
                             f"has an input-dependent {what}; only constant {what}s are supported")
 
     def node(self, node) -> None:
+        for output in node.output:
+            self.producers[output] = node
         dynamic = [i for i in node.input if i in self.values]
         if not dynamic or node.op_type in {"Shape", "Size"}:
             for output in node.output:  # does not depend on the input's values
@@ -172,6 +175,14 @@ class _Translator:
             return [b.concat(name, op, sources)]
         if op in {"Max", "Min"} and len(sources) > 1:
             return [b.concat(name, op, sources)]  # |max(a,b)−max(c,d)| ≤ ‖(a−c, b−d)‖
+        if op == "Mul" and len(sources) > 1:
+            activation = self._gated_activation(node)
+            if activation is not None:
+                source, name_of, scale = activation
+                added = b.activation(name, f"Mul ({name_of})", self.values[source], name_of)
+                if scale == 1:
+                    return [added]
+                return [b.linear(f"{name}.scale", "Mul", added, ScaleMap(np.asarray(scale), None))]
         if len(sources) > 1:
             if op == "MatMul":
                 b.refuse(name, op, "multiplies two input-dependent tensors (" + ATTENTION_REASON[3:] + ")")
@@ -184,8 +195,9 @@ class _Translator:
                 b.refuse(name, op, "transposes its input or has a non-constant weight")
             weight = self.constant(node, 1, "weight")
             weight = weight if a.get("transB", 0) else weight.T
-            return [b.linear(name, op, source, DenseMap(a.get("alpha", 1.0) * weight, 1,
-                                                        error=2.0**-52 * _norm(weight) * abs(a.get("alpha", 1.0))))]
+            alpha = float(a.get("alpha", 1.0))
+            error = 0.0 if alpha == 1.0 else 2.0**-52 * _norm(weight) * abs(alpha)  # rounding of α·W
+            return [b.linear(name, op, source, DenseMap(alpha * weight, 1, error=error))]
         if op == "MatMul":
             if node.input[0] in self.values:
                 weight = self.constant(node, 1, "weight")
@@ -276,6 +288,31 @@ class _Translator:
         if op == "Attention":
             b.refuse(name, op, ATTENTION_REASON)
         b.refuse(name, op, "is an ONNX operator with no known Lipschitz rule")
+
+    def _gated_activation(self, node):
+        """Recognize x·g(x) exported from SiLU, Mish or GELU: (x, activation, scale)."""
+        for x, gate in (node.input, reversed(node.input)):
+            chain, tensor = [], gate
+            while tensor != x and tensor in self.producers and len(chain) < 4:
+                producer = self.producers[tensor]
+                dynamic = [i for i in producer.input if i in self.values]
+                if len(dynamic) != 1:
+                    break
+                others = [self.constants.get(i) for i in producer.input if i not in self.values]
+                chain.append((producer.op_type, *[float(np.asarray(c).ravel()[0]) for c in others
+                                                  if c is not None and np.asarray(c).size == 1]))
+                tensor = dynamic[0]
+            if tensor != x:
+                continue
+            chain.reverse()  # from x to the gate
+            if chain == [("Sigmoid",)]:
+                return x, "silu", 1.0
+            if chain == [("Softplus",), ("Tanh",)]:
+                return x, "mish", 1.0
+            if (len(chain) == 3 and chain[0][0] == "Div" and abs(chain[0][1] - math.sqrt(2)) < 1e-6
+                    and chain[1] == ("Erf",) and chain[2] == ("Add", 1.0)):
+                return x, "gelu", 2.0  # x·(1 + erf(x/√2)) = 2·GELU(x)
+        return None
 
     def _conv(self, node, a, in_shape) -> ConvMap:
         kernel = self.constant(node, 1, "weight")
