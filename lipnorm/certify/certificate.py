@@ -31,6 +31,9 @@ class LayerBound:
         Layers whose linear maps were merged into this one before bounding.
     composition : str
         For sums and concatenations, the branch bounds that were composed.
+    lower : float or None
+        A certified lower bound of this linear layer's own norm (from the same
+        computation), so ``bound / lower`` bounds how far ``bound`` can be from the truth.
     """
 
     name: str
@@ -41,6 +44,7 @@ class LayerBound:
     seconds: float
     merged: tuple[str, ...] = ()
     composition: str = ""
+    lower: float | None = None
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ def certify_graph(graph: Graph, *, model_name: str, input_shape: tuple[int, ...]
         start = time.perf_counter()
         op = node.op
         incoming = [lipschitz[i] for i in node.inputs]
-        composition = ""
+        composition, own_lower = "", None
         if isinstance(op, Input):
             lipschitz[node.name] = 1.0
             continue
@@ -178,7 +178,7 @@ def certify_graph(graph: Graph, *, model_name: str, input_shape: tuple[int, ...]
             if len(incoming) != 1:
                 raise ValueError(f"node {node.name!r} ({node.layer_type}) must have one input")
             if isinstance(op, Linear):
-                bound, method = certified_norm(op.map)
+                bound, method, own_lower = certified_norm(op.map)
             else:
                 bound, method = op.bound, op.method
             lipschitz[node.name] = compose([bound, incoming[0]])
@@ -192,6 +192,7 @@ def certify_graph(graph: Graph, *, model_name: str, input_shape: tuple[int, ...]
                 seconds=time.perf_counter() - start,
                 merged=tuple(node.merged),
                 composition=composition,
+                lower=own_lower,
             )
         )
     for name, layer_type in skipped or []:

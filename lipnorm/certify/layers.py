@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lipnorm.bounds import compose, round_up
-from lipnorm.certify.linear import FixedMap, ScaleMap, dense_sigma_upper
+from lipnorm.certify.linear import FixedMap, ScaleMap, dense_sigma_interval
 
 __all__ = [
     "average_pool_map",
@@ -144,7 +144,7 @@ def average_pool_map(axes: Sequence[tuple[int, list[tuple[int, int, int]]]],
             divisor = size if count_include_pad else end - start
             if end > start:
                 matrix[row, start:end] = 1.0 / divisor
-        sigma, _ = dense_sigma_upper(matrix)
+        sigma = float(dense_sigma_interval(matrix).upper)
         factors.append(round_up(sigma + 2 * _UNIT_ROUNDOFF * float(np.linalg.norm(matrix))))
     return FixedMap(compose(factors), "average pooling, σ of the 1-D averaging matrices")
 

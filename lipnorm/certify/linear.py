@@ -25,7 +25,8 @@ __all__ = [
     "FixedMap",
     "ScaleMap",
     "certified_norm",
-    "dense_sigma_upper",
+    "conv_sigma_interval",
+    "dense_sigma_interval",
     "merge",
 ]
 
@@ -106,8 +107,8 @@ class FixedMap:
 LinearMap = DenseMap | ConvMap | ScaleMap | FixedMap
 
 
-def dense_sigma_upper(weight: np.ndarray) -> tuple[float, str]:
-    """Certified upper bound of σ_max(weight) and the method that gave it.
+def dense_sigma_interval(weight: np.ndarray):
+    """Certified interval for σ_max(weight).
 
     Parameters
     ----------
@@ -115,20 +116,19 @@ def dense_sigma_upper(weight: np.ndarray) -> tuple[float, str]:
 
     Returns
     -------
-    (float, str)
-        ``lipnorm.sigma_bounds(weight).upper`` and its method.
+    SigmaInterval
+        ``lipnorm.sigma_bounds(weight)``.
     """
     import lipnorm
 
     weight = np.asarray(weight, dtype=np.float64)
     if not np.all(np.isfinite(weight)):
         raise ValueError("weight has NaN or infinite entries; no bound exists")
-    interval = lipnorm.sigma_bounds(weight)
-    return float(interval.upper), interval.method
+    return lipnorm.sigma_bounds(weight)
 
 
-def conv_sigma_upper(conv: ConvMap) -> tuple[float, str]:
-    """Certified upper bound of a convolution's operator norm, and the method.
+def conv_sigma_interval(conv: ConvMap):
+    """Certified interval for a convolution's operator norm.
 
     Parameters
     ----------
@@ -136,7 +136,7 @@ def conv_sigma_upper(conv: ConvMap) -> tuple[float, str]:
 
     Returns
     -------
-    (float, str)
+    SigmaInterval
         From :meth:`lipnorm.conv.ConvOperator.sigma_bounds` (the exact norm of a circular
         convolution on a grid where the zero-padded one is a sub-block, certified).
     """
@@ -154,12 +154,11 @@ def conv_sigma_upper(conv: ConvMap) -> tuple[float, str]:
         transposed=conv.transposed,
         output_padding=conv.output_padding or 0,
     )
-    interval = operator.sigma_bounds()
-    return float(interval.upper), interval.method
+    return operator.sigma_bounds()
 
 
-def certified_norm(linear_map: LinearMap) -> tuple[float, str]:
-    """Upper bound of the operator norm of ``linear_map`` (exact map, rounding included).
+def certified_norm(linear_map: LinearMap) -> tuple[float, str, float | None]:
+    """Certified bounds of the operator norm of ``linear_map`` (exact map, rounding included).
 
     Parameters
     ----------
@@ -167,20 +166,23 @@ def certified_norm(linear_map: LinearMap) -> tuple[float, str]:
 
     Returns
     -------
-    (float, str)
-        The bound and a short description of how it was obtained.
+    (float, str, float or None)
+        Upper bound, a short description of how it was obtained, and a certified lower
+        bound of the same norm where one is available.
     """
     if isinstance(linear_map, FixedMap):
-        return linear_map.bound, linear_map.method
+        return linear_map.bound, linear_map.method, None
     if isinstance(linear_map, ScaleMap):
-        bound, method = float(np.max(np.abs(linear_map.scale))), "max |scale| (exact)"
-    elif isinstance(linear_map, DenseMap):
-        bound, method = dense_sigma_upper(linear_map.weight)
+        exact = float(np.max(np.abs(linear_map.scale)))
+        upper, lower, method = exact, exact, "max |scale| (exact)"
     else:
-        bound, method = conv_sigma_upper(linear_map)
+        interval = (dense_sigma_interval(linear_map.weight) if isinstance(linear_map, DenseMap)
+                    else conv_sigma_interval(linear_map))
+        upper, lower, method = float(interval.upper), float(interval.lower), interval.method
     if linear_map.error:
-        bound = round_up(bound + linear_map.error)
-    return bound, method
+        upper = round_up(upper + linear_map.error)
+        lower = max(0.0, lower - 2 * linear_map.error)
+    return upper, method, lower
 
 
 def merge(first: LinearMap, second: LinearMap) -> LinearMap | None:
