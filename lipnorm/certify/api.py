@@ -42,7 +42,8 @@ def model_format(model) -> str:
     )
 
 
-def certify(model, input_shape=None, *, rules=None, lower=None, seed: int = 0) -> Certificate:
+def certify(model, input_shape=None, *, rules=None, lower=None, seed: int = 0,
+            progress=None) -> Certificate:
     """Certified upper bound of a network's L2 Lipschitz constant, layer by layer.
 
     The model is translated into a graph of layers; every linear layer gets a certified
@@ -68,6 +69,8 @@ def certify(model, input_shape=None, *, rules=None, lower=None, seed: int = 0) -
         inputs of ``input_shape``) and store its value as ``Certificate.lower``.
     seed : int
         Seed of the lower-bound search.
+    progress : callable, optional
+        Called as ``progress(done, total, layer_name)`` while layers are bounded.
 
     Returns
     -------
@@ -98,7 +101,7 @@ def certify(model, input_shape=None, *, rules=None, lower=None, seed: int = 0) -
     builder, shape = frontend.build_graph(model, input_shape, rules)
     name = getattr(model, "name", None) if kind == "keras" else None
     certificate = certify_graph(builder.graph, model_name=name or type(model).__name__,
-                                input_shape=shape, skipped=builder.skipped)
+                                input_shape=shape, skipped=builder.skipped, progress=progress)
     if lower is not None and lower is not False:
         from lipnorm.certify.lower import lipschitz_lower_bound
 

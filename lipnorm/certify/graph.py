@@ -132,7 +132,7 @@ class Graph:
 
 
 def certify_graph(graph: Graph, *, model_name: str, input_shape: tuple[int, ...] | None,
-                  skipped: list[tuple[str, str]] | None = None) -> Certificate:
+                  skipped: list[tuple[str, str]] | None = None, progress=None) -> Certificate:
     """Merge, bound and compose a graph into a :class:`Certificate`.
 
     Parameters
@@ -145,6 +145,8 @@ def certify_graph(graph: Graph, *, model_name: str, input_shape: tuple[int, ...]
     skipped : list of (name, type), optional
         Layers that pass values through unchanged (dropout, identity, constant shifts):
         listed in the report with bound 1.
+    progress : callable, optional
+        Called as ``progress(done, total, layer_name)`` before each layer is bounded.
 
     Returns
     -------
@@ -158,7 +160,9 @@ def certify_graph(graph: Graph, *, model_name: str, input_shape: tuple[int, ...]
     total_start = time.perf_counter()
     lipschitz: dict[str, float] = {}
     rows: list[LayerBound] = []
-    for node in graph.nodes.values():
+    for index, node in enumerate(graph.nodes.values()):
+        if progress is not None:
+            progress(index, len(graph.nodes), node.name)
         start = time.perf_counter()
         op = node.op
         incoming = [lipschitz[i] for i in node.inputs]

@@ -86,7 +86,7 @@ def build_graph(model: nn.Module, input_shape: tuple[int, ...], rules=None):
 
 
 def _build(model: nn.Module, input_shape: tuple[int, ...], rules) -> GraphBuilder:
-    if model.training:
+    if model.training and not isinstance(model, fx.GraphModule):
         raise ValueError("the model is in training mode (BatchNorm and dropout use batch "
                          "statistics); call model.eval() before certifying")
     example = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0),
@@ -94,12 +94,15 @@ def _build(model: nn.Module, input_shape: tuple[int, ...], rules) -> GraphBuilde
     tracer = _Tracer(rules)
     if tracer.is_leaf_module(model, ""):
         model = nn.Sequential(model)  # keep a lone layer as one module call
-    try:
-        traced = fx.GraphModule(model, tracer.trace(model))
-    except Exception as error:  # tracing raises many exception types on control flow
-        if isinstance(model, nn.Sequential):
-            return _sequential_graph(model, example, rules)
-        raise _untraceable(model, rules, error) from error
+    if isinstance(model, fx.GraphModule):
+        traced = model  # already a graph (e.g. torch.export's ExportedProgram.module())
+    else:
+        try:
+            traced = fx.GraphModule(model, tracer.trace(model))
+        except Exception as error:  # tracing raises many exception types on control flow
+            if isinstance(model, nn.Sequential):
+                return _sequential_graph(model, example, rules)
+            raise _untraceable(model, rules, error) from error
     with torch.no_grad():
         ShapeProp(traced).propagate(example)
     translator = _FxTranslator(traced, rules)
@@ -189,6 +192,8 @@ class _ModuleTranslator:
         if isinstance(module, nn.modules.conv._ConvNd):
             return self._conv(name, kind, module, source, in_shape)
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.training:
+                b.refuse(name, kind, "is in training mode (batch statistics); call model.eval()")
             if module.running_var is None:
                 b.refuse(name, kind, "uses batch statistics even in eval mode "
                          "(track_running_stats=False), so it is not a fixed map")
@@ -323,7 +328,7 @@ class _FxTranslator:
 
     def _function(self, node: fx.Node, name: str, sources: list[str]) -> str:
         b = self.builder
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        target = _target_name(node.target)
         kind = target
         args, kwargs = node.args, node.kwargs
         if target in {"add", "iadd", "sub", "isub"}:
@@ -371,6 +376,16 @@ class _FxTranslator:
                       "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d", "avg_pool2d",
                       "avg_pool3d", "pad", "linear", "dropout"}:
             return self._functional_layer(node, name, target, sources[0])
+        if target in {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
+                      "conv_transpose2d", "conv_transpose3d"}:
+            return self._functional_conv(node, name, target, sources[0])
+        if target in {"batch_norm", "_native_batch_norm_legit_no_training"}:
+            return self._functional_batch_norm(node, name, target, sources[0])
+        if target in {"_to_copy", "alias", "lift_fresh_copy"}:
+            b.passthrough(name, kind, sources[0])
+            return sources[0]
+        if target == "max_pool2d_with_indices":
+            return self._functional_layer(node, name, "max_pool2d", sources[0])
         if target == "scaled_dot_product_attention":
             b.refuse(name, kind, ATTENTION_REASON)
         b.refuse(name, kind, "is an operation with no known Lipschitz rule")
@@ -380,11 +395,11 @@ class _FxTranslator:
         args, kwargs = node.args, node.kwargs
         in_shape, out_shape = _shape(args[0]), _shape(node)
         if target.startswith("max_pool"):
-            module = getattr(nn, f"MaxPool{target[-2]}")(*args[1:], **kwargs)
+            module = getattr(nn, f"MaxPool{target[-2:]}")(*args[1:], **kwargs)
         elif target.startswith("avg_pool"):
-            module = getattr(nn, f"AvgPool{target[-2]}")(*args[1:], **kwargs)
+            module = getattr(nn, f"AvgPool{target[-2:]}")(*args[1:], **kwargs)
         elif target.startswith("adaptive_avg_pool"):
-            module = getattr(nn, f"AdaptiveAvgPool{target[-2]}")(*args[1:], **kwargs)
+            module = getattr(nn, f"AdaptiveAvgPool{target[-2:]}")(*args[1:], **kwargs)
         elif target == "pad":
             pads = args[1] if len(args) > 1 else kwargs["pad"]
             mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
@@ -393,6 +408,49 @@ class _FxTranslator:
             weight = self._constant_arg(node, 1, "weight")
             return self.builder.linear(name, target, source, DenseMap(weight, len(in_shape) - 1))
         return self.modules.module(name, module, source, in_shape, out_shape)
+
+    def _functional_conv(self, node, name, target, source):
+        """F.conv*d / aten.conv*d / aten.convolution with a constant kernel."""
+        args = list(node.args) + [None] * 9
+        kwargs = node.kwargs
+        in_shape = _shape(node.args[0])
+        d = len(in_shape) - 2
+        kernel = self._constant_arg(node, 1, "weight")
+        transposed = target.startswith("conv_transpose")
+        if target == "convolution":  # (x, w, b, stride, padding, dilation, transposed, output_padding, groups)
+            stride, padding, dilation = args[3], args[4], args[5]
+            transposed, output_padding, groups = bool(args[6]), args[7], args[8]
+        elif transposed:  # (x, w, b, stride, padding, output_padding, groups, dilation)
+            stride, padding, output_padding = args[3], args[4], args[5]
+            groups, dilation = args[6], args[7]
+        else:  # (x, w, b, stride, padding, dilation, groups)
+            stride, padding, dilation, groups = args[3], args[4], args[5], args[6]
+            output_padding = 0
+        stride = kwargs.get("stride", stride if stride is not None else 1)
+        padding = kwargs.get("padding", padding if padding is not None else 0)
+        dilation = kwargs.get("dilation", dilation if dilation is not None else 1)
+        groups = kwargs.get("groups", groups if groups is not None else 1)
+        if isinstance(padding, str):
+            self.builder.refuse(name, target, "uses string padding in functional form; use the module")
+        return self.builder.linear(name, target, source, ConvMap(
+            kernel=kernel, input_spatial=tuple(in_shape[2:]), stride=_tuple(stride, d),
+            padding=tuple((p, p) for p in _tuple(padding, d)), dilation=_tuple(dilation, d),
+            groups=int(groups), channel_axis=1, transposed=transposed,
+            output_padding=_tuple(output_padding or 0, d) if transposed else ()))
+
+    def _functional_batch_norm(self, node, name, target, source):
+        """aten.batch_norm(x, w, b, mean, var, training, momentum, eps) or the exported
+        _native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps)."""
+        args = node.args
+        if target == "batch_norm":
+            if args[5]:
+                self.builder.refuse(name, target, "runs in training mode (batch statistics)")
+            eps = args[7]
+        else:
+            eps = args[6]
+        gamma = None if args[1] is None else self._constant_arg(node, 1, "weight")
+        return self.builder.linear(name, target, source, batch_norm_map(
+            gamma, self._constant_arg(node, 4, "running_var"), eps, 1))
 
     def _constant_arg(self, node, index, keyword):
         value = node.args[index] if len(node.args) > index else node.kwargs.get(keyword)
@@ -428,6 +486,15 @@ class _FxTranslator:
             return ScaleMap(value, None)
         return FixedMap(_round_up_ratio(float(np.max(np.abs(value))) * (1 + 2.0**-51)),
                         "max |constant factor|")
+
+
+def _target_name(target) -> str:
+    """A call's name: method name, function name, or an aten op's name without namespace."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
 
 
 def _round_up_ratio(value: float) -> float:
