@@ -136,15 +136,23 @@ def _ascend(evaluate, vjp, x, low, high, steps, rng) -> LowerBound:
 def _torch_functions(model):
     import torch
 
-    if model.training:
+    if model.training and not isinstance(model, torch.fx.GraphModule):  # exported graphs are fixed
         raise ValueError("the model is in training mode; call model.eval() first")
     model64 = copy.deepcopy(model).to(torch.float64)
 
-    def flat_output(x):
+    # an exported program may be specialized to batch size 1: feed it one sample at a time
+    one_at_a_time = isinstance(model, torch.fx.GraphModule)
+
+    def one_output(x):
         out = model64(x)
         if isinstance(out, (tuple, list)):
             out = torch.cat([o.reshape(o.shape[0], -1) for o in out], dim=1)
-        return out
+        return out.reshape(out.shape[0], -1)
+
+    def flat_output(x):
+        if one_at_a_time:
+            return torch.cat([one_output(x[i:i + 1]) for i in range(x.shape[0])])
+        return one_output(x)
 
     def evaluate(x):
         with torch.no_grad():
