@@ -130,6 +130,10 @@ class _Tracer(fx.Tracer):
             return True
         if isinstance(module, _ATTENTION):
             return True
+        if type(module).__module__.startswith("lipnorm.") and isinstance(
+            module, (nn.Linear, nn.modules.conv._ConvNd)
+        ):
+            return True  # lipnorm's spectrally normalized layers: `.weight` reads W/σ
         return super().is_leaf_module(module, qualified_name)
 
 
