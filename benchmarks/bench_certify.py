@@ -105,7 +105,14 @@ def main():
     builds = [("ResNet-18 (torch)", torch_resnet18), ("ResNet50 (keras.applications)", keras_resnet50)]
     if args.only:
         builds = [b for b in builds if args.only in b[0]]
-    results = [run(name, build, args.quick) for name, build in builds]
+    results = []
+    for name, build in builds:  # write after each model: a long run keeps what it finished
+        results.append(run(name, build, args.quick))
+        write(results)
+        print(f"{name}: {results[-1]['total']:.1f} s, upper {results[-1]['upper']:.4g}", flush=True)
+
+
+def write(results):
     lines = [
         "# bench_certify: certify whole networks",
         "",
@@ -128,7 +135,6 @@ def main():
         lines += ["", f"## {r['name']}: per layer", "", "```", r["certificate"].table(), "```"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:8 + len(results)]))
 
 
 if __name__ == "__main__":

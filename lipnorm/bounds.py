@@ -244,12 +244,17 @@ ACTIVATION_LIPSCHITZ: dict[str, float] = {
     "tanhshrink": 1.0,
     "softshrink": 1.0,
     "celu": 1.0,
-    "gelu": 1.12891,  # max GELU' = 1.1289041…
-    "gelu_tanh": 1.12900,  # max of the tanh approximation's slope = 1.1289931…
+    # max GELU' = 1.1289041…, and 1.1289931… for the tanh approximation: one constant
+    # for both, since a serialized "gelu" does not always say which one it is
+    "gelu": 1.12900,
+    "gelu_tanh": 1.12900,
     "silu": 1.09984,  # max SiLU' = 1.0998393…
     "mish": 1.08850,  # max Mish' = 1.0884982… (min −0.1125)
     "selu": 1.75810,  # λ·α = 1.0507010 · 1.6732632 = 1.7580993…
     "softmax": 1.0,  # [2], proposition 4
+    "abs": 1.0,
+    "sparse_plus": 1.0,
+    "squareplus": 1.0,  # (x + √(x² + b))/2: slope (1 + x/√(x² + b))/2 < 1
 }
 
 _ALIASES = {
@@ -261,6 +266,9 @@ _ALIASES = {
     "logsigmoid": "log_sigmoid",
     "log_sigmoid": "log_sigmoid",
     "clip": "hardtanh",
+    "hard_tanh": "hardtanh",
+    "tanh_shrink": "tanhshrink",
+    "soft_shrink": "softshrink",
 }
 
 

@@ -43,7 +43,13 @@ ACTIVATIONS = {
     "mish": lambda x: x * np.tanh(np.logaddexp(0, x)),
     "selu": lambda x: SELU_SCALE * np.where(x > 0, x, SELU_ALPHA * np.expm1(x)),
     "identity": lambda x: x,
+    "abs": np.abs,
+    "sparse_plus": lambda x: np.where(x <= -1, 0, np.where(x >= 1, x, (x + 1) ** 2 / 4)),
+    "squareplus": lambda x: (x + np.sqrt(x * x + 4)) / 2,
 }
+# gelu: one constant covers exact GELU and its tanh approximation; squareplus: the
+# supremum 1 is approached only as x -> inf (0.993 at the end of the grid)
+LOOSE = {"gelu": 2e-4, "squareplus": 1e-2}
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
@@ -53,7 +59,7 @@ def test_activation_constant_bounds_the_slope(name):
     # float secants over steps of 5e-5 carry ~1e-11 relative rounding error
     assert ACTIVATION_LIPSCHITZ[name] * (1 + 1e-9) >= slopes.max()
     # and it is tight: within 1e-4 of the steepest secant on the grid
-    assert ACTIVATION_LIPSCHITZ[name] <= slopes.max() + 1e-4
+    assert ACTIVATION_LIPSCHITZ[name] <= slopes.max() + LOOSE.get(name, 1e-4)
 
 
 def test_every_table_entry_is_checked_or_exact():
@@ -135,3 +141,13 @@ def test_max_pool_constant():
     assert max_pool_lipschitz((3, 3), (2, 2)) >= 2.0
     assert max_pool_lipschitz((3, 3), (2, 2)) <= 2.0 + 1e-12
     assert max_pool_lipschitz((3,), (1,)) >= math.sqrt(3)
+
+
+def test_importing_certify_loads_no_framework():
+    import subprocess
+    import sys
+
+    code = ("import sys, lipnorm.bounds, lipnorm.certify, lipnorm.certify.cli; "
+            "print(sorted(m for m in ('torch', 'keras', 'tensorflow', 'onnx', 'jax') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -220,7 +220,10 @@ class _Walker:
         activation_name = str(activation_name)
         if activation_name == "linear":
             return source
-        return self.builder.activation(name, kind, source, activation_name)
+        # a serialized activation keeps only its name: Keras then uses the defaults
+        defaults = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 1.0}}
+        return self.builder.activation(name, kind, source, activation_name,
+                                       **defaults.get(activation_name, {}))
 
     def _conv(self, layer, in_shape) -> ConvMap:
         channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"

@@ -31,7 +31,7 @@ __all__ = ["build_graph", "load_onnx"]
 _ACTIVATIONS = {
     "Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softplus": "softplus",
     "Softsign": "softsign", "HardSwish": "hard_swish", "Mish": "mish", "Celu": "celu",
-    "Softmax": "softmax", "Clip": "hardtanh", "Abs": "relu",
+    "Softmax": "softmax", "Clip": "hardtanh", "Abs": "abs",
 }
 _RESHAPES = {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split",
              "SpaceToDepth", "DepthToSpace"}
