@@ -14,7 +14,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from torch import nn  # noqa: E402
 
-import lipnorm.certify as lc  # noqa: E402
+from lipnorm.certify import NotCertifiableError, certify, lipschitz_lower_bound  # noqa: E402
 from tests.test_certify_torch import networks_with_shape  # noqa: E402
 
 
@@ -45,9 +45,9 @@ def onnx_secant(proto, shape, pairs=48, seed=0):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_onnx_export_certifies_like_torch_and_soundly(case, fold):
     model, shape = case
-    from_torch = lc.certify(model, shape)
+    from_torch = certify(model, shape)
     proto = export(model, shape, fold)
-    from_onnx = lc.certify(proto)
+    from_onnx = certify(proto)
     assert from_onnx.input_shape == shape
     # the exporter may fold BatchNorm into the convolution in float32 first: agree to 1e-5
     np.testing.assert_allclose(from_onnx.upper, from_torch.upper, rtol=1e-5)
@@ -64,13 +64,13 @@ def test_torch_keras_and_onnx_agree_on_one_mlp(tmp_path):
     for dense, linear in zip([l for l in twin.layers], [m for m in model if isinstance(m, nn.Linear)]):
         dense.set_weights([linear.weight.detach().numpy().T, linear.bias.detach().numpy()])
     bounds = {
-        "torch": lc.certify(model, (5,)).upper,
-        "keras": lc.certify(twin).upper,
-        "onnx": lc.certify(export(model, (5,))).upper,
+        "torch": certify(model, (5,)).upper,
+        "keras": certify(twin).upper,
+        "onnx": certify(export(model, (5,))).upper,
     }
     path = tmp_path / "mlp.onnx"
     onnx.save(export(model, (5,)), path)
-    bounds["onnx file"] = lc.certify(str(path)).upper
+    bounds["onnx file"] = certify(str(path)).upper
     assert len(set(bounds.values())) == 1, bounds
 
 
@@ -79,9 +79,9 @@ def test_onnx_refuses_unknown_operators():
         def forward(self, x):
             return torch.exp(x)
 
-    with pytest.raises(lc.NotCertifiableError, match=r"\(Exp\).*no known Lipschitz rule.*rules="):
-        lc.certify(export(Exp().eval(), (3,)))
-    certificate = lc.certify(export(Exp().eval(), (3,)), rules={"Exp": 5.0})
+    with pytest.raises(NotCertifiableError, match=r"\(Exp\).*no known Lipschitz rule.*rules="):
+        certify(export(Exp().eval(), (3,)))
+    certificate = certify(export(Exp().eval(), (3,)), rules={"Exp": 5.0})
     assert certificate.upper == 5.0
 
 
@@ -89,4 +89,4 @@ def test_malformed_onnx_file_gets_a_clear_error(tmp_path):
     path = tmp_path / "broken.onnx"
     path.write_bytes(export(nn.Linear(2, 2).eval(), (2,)).SerializeToString()[:40])
     with pytest.raises(ValueError, match="is not a valid ONNX model"):
-        lc.certify(str(path))
+        certify(str(path))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-import lipnorm.certify as lc  # noqa: E402
+from lipnorm.certify import NotCertifiableError, certify, lipschitz_lower_bound  # noqa: E402
 
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus,
                lambda: nn.LeakyReLU(0.3), nn.Hardswish, nn.SELU, lambda: nn.PReLU(init=0.7)]
@@ -106,10 +106,10 @@ def _network(draw, channels, size):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_random_networks_upper_bound_dominates_secants_and_lower_bound(case):
     model, shape = case
-    certificate = lc.certify(model, shape)
+    certificate = certify(model, shape)
     assert np.isfinite(certificate.upper)
     secant = max_secant(model, shape)
-    lower = lc.lipschitz_lower_bound(model, input_shape=shape, starts=4, steps=10).value
+    lower = lipschitz_lower_bound(model, input_shape=shape, starts=4, steps=10).value
     assert certificate.upper >= secant, certificate.table()
     assert certificate.upper >= lower, certificate.table()
 
@@ -132,7 +132,7 @@ def test_linear_networks_equal_the_norm_of_the_composed_map(widths, seed, extra)
     model = nn.Sequential(*layers).eval()
     if extra == "scaled":
         model = Scaled(model).eval()
-    certificate = lc.certify(model, (widths[0],))
+    certificate = certify(model, (widths[0],))
     jacobian = torch.autograd.functional.jacobian(model.double(), torch.zeros(1, widths[0], dtype=torch.float64))
     exact = np.linalg.svd(jacobian.reshape(widths[-1], widths[0]).numpy(), compute_uv=False)[0]
     np.testing.assert_allclose(certificate.upper, exact, rtol=1e-6)
@@ -163,7 +163,7 @@ def test_linear_conv_networks_bound_the_exact_norm(cin, cout, k, stride, pad, di
         norm.weight.data.uniform_(-3, 3)
         layers.append(norm)
     model = nn.Sequential(*layers).eval()
-    certificate = lc.certify(model, (cin, size, size))
+    certificate = certify(model, (cin, size, size))
     jacobian = torch.autograd.functional.jacobian(model.double(), torch.zeros(1, cin, size, size, dtype=torch.float64))
     matrix = jacobian.reshape(-1, cin * size * size).numpy()
     exact = np.linalg.svd(matrix, compute_uv=False)[0]
@@ -172,14 +172,14 @@ def test_linear_conv_networks_bound_the_exact_norm(cin, cout, k, stride, pad, di
 
 def test_batchnorm_is_folded_into_the_convolution():
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU()).eval()
-    certificate = lc.certify(model, (2, 6, 6))
+    certificate = certify(model, (2, 6, 6))
     assert certificate.layers[0].layer_type == "Conv2d+BatchNorm2d"
     assert certificate.layers[0].merged == ("0",)
 
 
 def test_residual_and_concat_rows_show_their_composition():
     model = nn.Sequential(Residual(nn.Linear(3, 3)), Branches(nn.Linear(3, 2), nn.Linear(3, 2))).eval()
-    certificate = lc.certify(model, (3,))
+    certificate = certify(model, (3,))
     rows = {row.layer_type: row for row in certificate.layers}
     assert rows["add"].composition.count("+") == 1
     assert rows["cat"].composition.startswith("√(")
@@ -213,22 +213,22 @@ class Gate(nn.Module):
 
 
 def test_attention_is_refused_naming_the_layer():
-    with pytest.raises(lc.NotCertifiableError, match=r"'attn' \(MultiheadAttention\).*not globally Lipschitz.*rules="):
-        lc.certify(Attention().eval(), (5, 4))
+    with pytest.raises(NotCertifiableError, match=r"'attn' \(MultiheadAttention\).*not globally Lipschitz.*rules="):
+        certify(Attention().eval(), (5, 4))
 
 
 def test_layer_norm_needs_the_epsilon_opt_in():
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).eval()
-    with pytest.raises(lc.NotCertifiableError, match=r"'1' \(LayerNorm\).*'epsilon'"):
-        lc.certify(model, (4,))
-    certificate = lc.certify(model, (4,), rules={"LayerNorm": "epsilon"})
+    with pytest.raises(NotCertifiableError, match=r"'1' \(LayerNorm\).*'epsilon'"):
+        certify(model, (4,))
+    certificate = certify(model, (4,), rules={"LayerNorm": "epsilon"})
     assert certificate.layers[-1].bound >= 1 / np.sqrt(1e-5)
 
 
 def test_data_dependent_control_flow_names_the_module_and_rules_lift_it():
-    with pytest.raises(lc.NotCertifiableError, match=r"'gate' \(Gate\).*control flow.*rules="):
-        lc.certify(ControlFlow().eval(), (4,))
-    certificate = lc.certify(ControlFlow().eval(), (4,), rules={"gate": 1.0})
+    with pytest.raises(NotCertifiableError, match=r"'gate' \(Gate\).*control flow.*rules="):
+        certify(ControlFlow().eval(), (4,))
+    certificate = certify(ControlFlow().eval(), (4,), rules={"gate": 1.0})
     assert certificate.layers[0].method == "user rule"
 
 
@@ -237,10 +237,10 @@ def test_unknown_operation_is_refused():
         def forward(self, x):
             return x * x
 
-    with pytest.raises(lc.NotCertifiableError, match="not globally Lipschitz"):
-        lc.certify(nn.Sequential(nn.Linear(2, 2), Square()).eval(), (2,))
-    with pytest.raises(lc.NotCertifiableError, match=r"\(exp\).*no known Lipschitz rule"):
-        lc.certify(Exp().eval(), (2,))
+    with pytest.raises(NotCertifiableError, match="not globally Lipschitz"):
+        certify(nn.Sequential(nn.Linear(2, 2), Square()).eval(), (2,))
+    with pytest.raises(NotCertifiableError, match=r"\(exp\).*no known Lipschitz rule"):
+        certify(Exp().eval(), (2,))
 
 
 class Exp(nn.Module):
@@ -250,12 +250,12 @@ class Exp(nn.Module):
 
 def test_training_mode_is_refused():
     with pytest.raises(ValueError, match=r"training mode.*model.eval\(\)"):
-        lc.certify(nn.Sequential(nn.Linear(2, 2)), (2,))
+        certify(nn.Sequential(nn.Linear(2, 2)), (2,))
 
 
 def test_sequential_falls_back_to_module_order():
     model = nn.Sequential(nn.Linear(4, 4), Gate(), nn.Linear(4, 2)).eval()
-    certificate = lc.certify(model, (4,), rules={"Gate": 1.0})
+    certificate = certify(model, (4,), rules={"Gate": 1.0})
     assert [row.name for row in certificate.layers] == ["0", "1", "2"]
 
 
@@ -263,7 +263,7 @@ def test_lower_bound_is_tight_on_a_linear_model():
     torch.manual_seed(0)
     model = nn.Linear(6, 4).eval()
     exact = float(torch.linalg.matrix_norm(model.weight.detach().double(), ord=2))
-    result = lc.lipschitz_lower_bound(model, input_shape=(6,), steps=30)
+    result = lipschitz_lower_bound(model, input_shape=(6,), steps=30)
     assert result.value <= exact * (1 + 1e-9)
     assert result.value >= exact * 0.999
     assert result.x.shape == (6,) and result.y.shape == (6,)
@@ -271,7 +271,7 @@ def test_lower_bound_is_tight_on_a_linear_model():
 
 def test_certificate_reports(tmp_path):
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
-    certificate = lc.certify(model, (3,), lower=True)
+    certificate = certify(model, (3,), lower=True)
     assert 0 < certificate.lower <= certificate.upper
     data = certificate.to_json(tmp_path / "c.json")
     assert '"upper"' in data and (tmp_path / "c.json").read_text().strip() == data

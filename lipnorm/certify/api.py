@@ -32,7 +32,7 @@ def model_format(model) -> str:
         if str(model).endswith(".onnx"):
             return "onnx"
         raise TypeError(f"certify() reads model files ending in .onnx only, got {str(model)!r}; "
-                        "load other formats first (lipnorm.certify.cli.load_model)")
+                        "load other formats first (from lipnorm.certify.cli import load_model)")
     for prefix, kind in (("torch", "torch"), ("keras", "keras"), ("tf_keras", "keras"),
                          ("onnx", "onnx")):
         if any(module == prefix or module.startswith(prefix + ".") for module in modules):

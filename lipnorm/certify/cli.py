@@ -1,10 +1,13 @@
 """The ``lipnorm certify`` command: load a model file safely, certify it, print a table.
 
-``lipnorm.cli`` wires it as a subcommand::
+``lipnorm.cli`` wires it as a subcommand (import by ``from``: ``lipnorm.certify`` the
+attribute is the function once ``lipnorm`` exports it)::
+
+    from lipnorm.certify.cli import add_arguments, run_certify
 
     sub = subparsers.add_parser("certify", help="certify a model's Lipschitz upper bound")
-    lipnorm.certify.cli.add_arguments(sub)
-    sub.set_defaults(handler=lipnorm.certify.cli.run_certify)
+    add_arguments(sub)
+    sub.set_defaults(handler=run_certify)
 
 Model files: ``.onnx`` (checked by ``onnx.checker``), ``.keras`` (loaded with Keras's
 ``safe_mode=True``, which refuses serialized Python code), ``.pt2`` (a ``torch.export``
