@@ -1,0 +1,111 @@
+"""``certify``: a model of any supported format → :class:`Certificate`."""
+
+from __future__ import annotations
+
+from lipnorm.certify.certificate import Certificate
+from lipnorm.certify.graph import certify_graph
+
+__all__ = ["certify", "model_format"]
+
+
+def model_format(model) -> str:
+    """``"torch"``, ``"keras"`` or ``"onnx"``, from the modules of the model's classes.
+
+    Nothing is imported: a user's subclass of ``torch.nn.Module`` has ``torch.nn...`` in
+    its method resolution order.
+
+    Parameters
+    ----------
+    model : torch.nn.Module, keras.Model, onnx.ModelProto, or a path to a ``.onnx`` file
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    TypeError
+        For any other object.
+    """
+    modules = [cls.__module__ or "" for cls in type(model).__mro__]
+    if isinstance(model, str) or hasattr(model, "__fspath__"):
+        if str(model).endswith(".onnx"):
+            return "onnx"
+        raise TypeError(f"certify() reads model files ending in .onnx only, got {str(model)!r}; "
+                        "load other formats first (from lipnorm.certify.cli import load_model)")
+    for prefix, kind in (("torch", "torch"), ("keras", "keras"), ("tf_keras", "keras"),
+                         ("onnx", "onnx")):
+        if any(module == prefix or module.startswith(prefix + ".") for module in modules):
+            return kind
+    raise TypeError(
+        f"certify() takes a torch.nn.Module, a keras.Model or an ONNX model, got {type(model)!r}"
+    )
+
+
+def certify(model, input_shape=None, *, rules=None, lower=None, seed: int = 0,
+            progress=None) -> Certificate:
+    """Certified upper bound of a network's L2 Lipschitz constant, layer by layer.
+
+    The model is translated into a graph of layers; every linear layer gets a certified
+    norm (adjacent linear layers — a BatchNorm after a convolution, two dense layers —
+    are merged first), every nonlinearity its Lipschitz constant, and the bounds are
+    composed along the graph: products along paths, sums at residual additions,
+    √ΣL² at concatenations.
+
+    Parameters
+    ----------
+    model : torch.nn.Module, keras.Model, onnx.ModelProto or path to a .onnx file
+        The network, in inference mode (torch: ``model.eval()``).
+    input_shape : tuple of int, optional
+        Shape of one input without the batch axis (channels first for torch and ONNX, as
+        the model expects). Needed by torch; Keras and ONNX take it from the model when
+        it is fixed there.
+    rules : dict, optional
+        Bounds for layers lipnorm cannot bound: ``{layer name or type name: bound}``
+        where bound is a float, a callable ``layer -> float``, or ``"epsilon"`` to accept
+        max|γ|/√ε for LayerNorm/GroupNorm.
+    lower : array or True, optional
+        Also run :func:`lipschitz_lower_bound` from these inputs (``True``: 8 Gaussian
+        inputs of ``input_shape``) and store its value as ``Certificate.lower``.
+    seed : int
+        Seed of the lower-bound search.
+    progress : callable, optional
+        Called as ``progress(done, total, layer_name)`` while layers are bounded.
+
+    Returns
+    -------
+    Certificate
+        ``upper`` is a sound upper bound of the Lipschitz constant of the model on
+        inputs of that shape.
+
+    Raises
+    ------
+    NotCertifiableError
+        Names a layer without a sound bound and the ``rules={...}`` way out.
+
+    Example
+    -------
+    >>> import torch, lipnorm                                        # doctest: +SKIP
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()).eval()
+    >>> lipnorm.certify(net, (4,)).upper                              # doctest: +SKIP
+    """
+    kind = model_format(model)
+    if kind == "torch":
+        from lipnorm.certify import torch_frontend as frontend
+    elif kind == "keras":
+        from lipnorm.certify import keras_frontend as frontend
+    else:
+        from lipnorm.certify import onnx_frontend as frontend
+    if kind == "torch" and input_shape is None:
+        raise ValueError("certify() needs input_shape for a torch model, e.g. input_shape=(3, 224, 224)")
+    builder, shape = frontend.build_graph(model, input_shape, rules)
+    name = getattr(model, "name", None) if kind == "keras" else None
+    certificate = certify_graph(builder.graph, model_name=name or type(model).__name__,
+                                input_shape=shape, skipped=builder.skipped, progress=progress)
+    if lower is not None and lower is not False:
+        from lipnorm.certify.lower import lipschitz_lower_bound
+
+        result = lipschitz_lower_bound(model, lower if lower is not True else None,
+                                       input_shape=shape, seed=seed)
+        certificate = certificate.with_lower(result.value)
+    return certificate

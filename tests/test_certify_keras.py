@@ -1,0 +1,137 @@
+"""certify() on Keras models: soundness on random networks, exact linear maps, nesting,
+refusals."""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+keras = pytest.importorskip("keras")
+layers = keras.layers
+
+from lipnorm.certify import NotCertifiableError, certify, lipschitz_lower_bound  # noqa: E402
+
+ACTIVATIONS = ["relu", "tanh", "sigmoid", "elu", "gelu", "silu", "softplus", "selu", "relu6",
+               "hard_sigmoid", "mish", "linear"]
+
+
+def max_secant(model, shape, pairs=48, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((pairs, *shape))
+    scale = np.logspace(-2, 0, pairs).reshape(-1, *([1] * len(shape)))
+    y = x + scale * rng.standard_normal((pairs, *shape))
+    fx = np.asarray(model(x.astype("float32"), training=False), dtype=np.float64)
+    fy = np.asarray(model(y.astype("float32"), training=False), dtype=np.float64)
+    ratios = np.linalg.norm((fx - fy).reshape(pairs, -1), axis=1) / np.linalg.norm((x - y).reshape(pairs, -1), axis=1)
+    return ratios.max()
+
+
+@st.composite
+def keras_networks(draw):
+    keras.utils.set_random_seed(draw(st.integers(0, 2**16)))
+    size, channels = draw(st.integers(5, 8)), draw(st.integers(1, 3))
+    inputs = keras.Input((size, size, channels))
+    x = inputs
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["conv", "depthwise", "separable", "bn", "act", "pool",
+                                     "residual", "concat", "pad"]))
+        padding = draw(st.sampled_from(["same", "valid"]))
+        strides = draw(st.sampled_from([1, 2]))
+        if kind in {"conv", "depthwise", "separable"} and (padding == "same" or size >= 3):
+            if kind == "conv":
+                x = layers.Conv2D(draw(st.integers(1, 4)), 3, strides=strides, padding=padding,
+                                  activation=draw(st.sampled_from(ACTIVATIONS)))(x)
+            elif kind == "depthwise":
+                x = layers.DepthwiseConv2D(3, strides=strides, padding=padding,
+                                           depth_multiplier=draw(st.integers(1, 2)))(x)
+            else:
+                x = layers.SeparableConv2D(draw(st.integers(1, 3)), 3, strides=strides, padding=padding)(x)
+            size = -(-size // strides) if padding == "same" else (size - 3) // strides + 1
+        elif kind == "bn":
+            bn = layers.BatchNormalization()
+            x = bn(x)
+            bn.moving_variance.assign(np.random.default_rng(0).uniform(0.3, 3, bn.moving_variance.shape))
+            bn.gamma.assign(np.random.default_rng(1).uniform(-2, 2, bn.gamma.shape))
+        elif kind == "act":
+            x = draw(st.sampled_from([layers.ReLU(max_value=6.0), layers.LeakyReLU(0.2),
+                                      layers.ELU(1.5), layers.Activation("tanh"), layers.PReLU()]))(x)
+        elif kind == "pool" and size >= 3:
+            pool = draw(st.sampled_from([layers.MaxPooling2D, layers.AveragePooling2D]))
+            x = pool(2, padding=padding)(x)
+            size = -(-size // 2) if padding == "same" else size // 2
+        elif kind == "residual":
+            y = layers.Conv2D(x.shape[-1], 3, padding="same", activation="relu")(x)
+            x = layers.Add()([x, y])
+        elif kind == "concat":
+            x = layers.Concatenate()([layers.Conv2D(2, 1)(x), layers.Activation("sigmoid")(x)])
+        elif kind == "pad":
+            x = layers.ZeroPadding2D(1)(x)
+            size += 2
+    x = draw(st.sampled_from([layers.Flatten(), layers.GlobalAveragePooling2D(), layers.GlobalMaxPooling2D()]))(x)
+    outputs = layers.Dense(draw(st.integers(1, 4)))(layers.Dropout(0.3)(x))
+    return keras.Model(inputs, outputs)
+
+
+@given(keras_networks())
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_random_keras_networks_are_sound(model):
+    shape = tuple(model.inputs[0].shape[1:])
+    certificate = certify(model)
+    assert np.isfinite(certificate.upper)
+    assert certificate.upper >= max_secant(model, shape), certificate.table()
+    lower = lipschitz_lower_bound(model, input_shape=shape, starts=3, steps=6).value
+    assert certificate.upper >= lower, certificate.table()
+
+
+@given(st.lists(st.integers(1, 6), min_size=2, max_size=4), st.integers(0, 2**16), st.booleans())
+@settings(max_examples=10, deadline=None)
+def test_linear_keras_network_equals_the_composed_map(widths, seed, with_bn):
+    keras.utils.set_random_seed(seed)
+    stack = [keras.Input((widths[0],))]
+    for width in widths[1:]:
+        stack.append(layers.Dense(width))
+        if with_bn:
+            stack.append(layers.BatchNormalization())
+    model = keras.Sequential(stack)
+    matrix = np.eye(widths[0])
+    for layer in model.layers:
+        if isinstance(layer, layers.Dense):
+            matrix = np.asarray(layer.kernel, dtype=np.float64).T @ matrix
+        else:
+            variance = np.asarray(layer.moving_variance, dtype=np.float64)
+            layer.moving_variance.assign(np.linspace(0.2, 3.0, variance.size))
+            gamma = np.asarray(layer.gamma, dtype=np.float64)
+            scale = gamma / np.sqrt(np.linspace(0.2, 3.0, variance.size).astype("float32").astype(np.float64) + layer.epsilon)
+            matrix = scale[:, None] * matrix
+    exact = np.linalg.svd(matrix, compute_uv=False)[0]
+    certificate = certify(model)
+    np.testing.assert_allclose(certificate.upper, exact, rtol=1e-6)
+    assert len([r for r in certificate.layers if r.cumulative is not None]) == 1, certificate.table()
+
+
+def test_nested_models_are_walked():
+    inner = keras.Sequential([keras.Input((4,)), layers.Dense(3, activation="relu", name="hidden")],
+                             name="inner")
+    inputs = keras.Input((4,))
+    outputs = layers.Dense(2, name="head")(inner(inputs))
+    certificate = certify(keras.Model(inputs, outputs))
+    names = [row.name for row in certificate.layers]
+    assert names == ["inner/hidden", "inner/hidden.activation", "head"]
+
+
+def test_keras_refusals_name_the_layer():
+    inputs = keras.Input((3, 4))
+    x = layers.MultiHeadAttention(2, 4, name="attn")(inputs, inputs)
+    with pytest.raises(NotCertifiableError, match=r"'attn' \(MultiHeadAttention\).*rules="):
+        certify(keras.Model(inputs, x))
+    norm = keras.Sequential([keras.Input((4,)), layers.LayerNormalization(name="ln")])
+    with pytest.raises(NotCertifiableError, match=r"'ln' \(LayerNormalization\).*'epsilon'"):
+        certify(norm)
+    assert certify(norm, rules={"ln": "epsilon"}).upper >= 1 / np.sqrt(norm.layers[0].epsilon)
+    lam = keras.Sequential([keras.Input((4,)), layers.Lambda(lambda t: t * t, name="sq")])
+    with pytest.raises(NotCertifiableError, match=r"'sq' \(Lambda\)"):
+        certify(lam)
+    assert certify(lam, rules={"Lambda": 2.0}).upper == 2.0

@@ -1,0 +1,92 @@
+"""certify() on ONNX models exported from torch, and agreement between the front ends."""
+
+import io
+import os
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from torch import nn  # noqa: E402
+
+from lipnorm.certify import NotCertifiableError, certify, lipschitz_lower_bound  # noqa: E402
+from tests.test_certify_torch import networks_with_shape  # noqa: E402
+
+
+def export(model, shape, fold=True):
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, *shape),), buffer, dynamo=False,
+                          do_constant_folding=fold)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def onnx_secant(proto, shape, pairs=48, seed=0):
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((pairs, *shape)).astype(np.float32)
+    y = (x + np.logspace(-2, 0, pairs).reshape(-1, *([1] * len(shape))) * rng.standard_normal(x.shape)).astype(np.float32)
+    best = 0.0
+    for a, b in zip(x, y):
+        fa = session.run(None, {name: a[None]})[0].astype(np.float64)
+        fb = session.run(None, {name: b[None]})[0].astype(np.float64)
+        best = max(best, np.linalg.norm(fa - fb) / np.linalg.norm(a.astype(np.float64) - b))
+    return best
+
+
+@given(networks_with_shape(), st.booleans())
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_onnx_export_certifies_like_torch_and_soundly(case, fold):
+    model, shape = case
+    from_torch = certify(model, shape)
+    proto = export(model, shape, fold)
+    from_onnx = certify(proto)
+    assert from_onnx.input_shape == shape
+    # the exporter may fold BatchNorm into the convolution in float32 first: agree to 1e-5
+    np.testing.assert_allclose(from_onnx.upper, from_torch.upper, rtol=1e-5)
+    # soundness judged against the float32 ONNX runtime, which rounds at ~1e-6 relative
+    assert from_onnx.upper * (1 + 1e-5) >= onnx_secant(proto, shape), from_onnx.table()
+
+
+def test_torch_keras_and_onnx_agree_on_one_mlp(tmp_path):
+    keras = pytest.importorskip("keras")
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    twin = keras.Sequential([keras.Input((5,)), keras.layers.Dense(7, activation="tanh"),
+                             keras.layers.Dense(4, activation="relu"), keras.layers.Dense(2)])
+    for dense, linear in zip([l for l in twin.layers], [m for m in model if isinstance(m, nn.Linear)]):
+        dense.set_weights([linear.weight.detach().numpy().T, linear.bias.detach().numpy()])
+    bounds = {
+        "torch": certify(model, (5,)).upper,
+        "keras": certify(twin).upper,
+        "onnx": certify(export(model, (5,))).upper,
+    }
+    path = tmp_path / "mlp.onnx"
+    onnx.save(export(model, (5,)), path)
+    bounds["onnx file"] = certify(str(path)).upper
+    assert len(set(bounds.values())) == 1, bounds
+
+
+def test_onnx_refuses_unknown_operators():
+    class Exp(nn.Module):
+        def forward(self, x):
+            return torch.exp(x)
+
+    with pytest.raises(NotCertifiableError, match=r"\(Exp\).*no known Lipschitz rule.*rules="):
+        certify(export(Exp().eval(), (3,)))
+    certificate = certify(export(Exp().eval(), (3,)), rules={"Exp": 5.0})
+    assert certificate.upper == 5.0
+
+
+def test_malformed_onnx_file_gets_a_clear_error(tmp_path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(export(nn.Linear(2, 2).eval(), (2,)).SerializeToString()[:40])
+    with pytest.raises(ValueError, match="is not a valid ONNX model"):
+        certify(str(path))
