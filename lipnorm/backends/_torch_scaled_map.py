@@ -4,7 +4,9 @@
 it, a handful of elementwise passes over the weight per step. Since ``A_{W/s} = A_W / s``, the
 same values and gradients come from scaling the output. With ``sigma = <u, A v>`` and ``u``,
 ``v`` held constant, ``d sigma/dW = D`` (``u v^T`` for a matrix), and with ``g = dL/dy``,
-``g_s = g / sigma``, ``t = <g_s, A_W(x)> = <A_W^T(g_s), x>``::
+``g_s = g / sigma``, ``t = <g_s, A_W(x)> = <A_W^T(g_s), x>`` (the first form when the
+input needs no gradient, from the kept unscaled output; else the second, from the input
+gradient)::
 
     dL/dx = A_W^T(g_s)
     dL/dW = weight_grad(x, g_s) - (t / sigma) D
@@ -46,11 +48,13 @@ class OutputScaledMap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, sigma, u, v, layer_map, view):
         inv_sigma = sigma.reciprocal()
-        y = layer_map.apply(x, weight)
-        y.mul_(inv_sigma)
+        unscaled = layer_map.apply(x, weight)
+        y = unscaled * inv_sigma
         if bias is not None:
             y.add_(layer_map.bias_view(bias))
-        ctx.save_for_backward(x, weight, inv_sigma, u, v)
+        # t = <g_s, A_W(x)> needs A_W(x) when no input gradient A_W^T(g_s) is computed.
+        kept_output = unscaled if not x.requires_grad else None
+        ctx.save_for_backward(x, weight, inv_sigma, u, v, kept_output)
         ctx.layer_map = layer_map
         ctx.view = view
         ctx.has_bias = bias is not None
@@ -58,7 +62,7 @@ class OutputScaledMap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, inv_sigma, u, v = ctx.saved_tensors
+        x, weight, inv_sigma, u, v, kept_output = ctx.saved_tensors
         layer_map, view = ctx.layer_map, ctx.view
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         grad_scaled = grad_out * inv_sigma.to(grad_out.dtype)
@@ -66,13 +70,13 @@ class OutputScaledMap(torch.autograd.Function):
         if needs_x:
             grad_x = layer_map.adjoint(grad_scaled, weight, x)
         if needs_w:
-            if grad_x is not None:
+            if kept_output is not None:
+                alpha = -inner(grad_scaled, kept_output) * inv_sigma
+            elif grad_x is not None:
                 alpha = -inner(grad_x, x) * inv_sigma
-                grad_w = _weight_grad_with_sigma_term(layer_map, view, x, grad_scaled, weight, u, v, alpha)
             else:
-                grad_w = layer_map.weight_grad(x, grad_scaled, weight)
-                alpha = -inner(grad_w, weight) * inv_sigma
-                view.add_sigma_grad_(grad_w, u, v, alpha)
+                alpha = -inner(layer_map.adjoint(grad_scaled, weight, x), x) * inv_sigma
+            grad_w = _weight_grad_with_sigma_term(layer_map, view, x, grad_scaled, weight, u, v, alpha)
         if needs_b and ctx.has_bias:
             grad_b = layer_map.bias_grad(grad_out)
         return grad_x, grad_w, grad_b, None, None, None, None, None
