@@ -128,7 +128,7 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     if mode == "matrix":
         u, v = MatrixView(spec.dim).initial_vectors(weight.detach())
     else:
-        u = v = weight.new_empty(0)
+        u, v = weight.new_empty(0), weight.new_empty(0)
     module.register_buffer(name + "_u", u)
     module.register_buffer(name + "_v", v)
     module._spectral_norm_specs = {**getattr(module, "_spectral_norm_specs", {}), name: spec}
@@ -450,9 +450,17 @@ def _initialize_operator_vectors(module, name: str, view: OperatorView, input_sh
     weight = getattr(module, name + "_orig").detach()
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         u, v = view.initial_vectors(weight.to(_iteration_dtype(weight.dtype)), input_shape)
-    module._buffers[name + "_u"] = u.to(weight.dtype)
-    module._buffers[name + "_v"] = v.to(weight.dtype)
+    _reshape_buffer_(module, name + "_u", u)
+    _reshape_buffer_(module, name + "_v", v)
     _estimate_sigma(module, name, view, WARMUP_ITERATIONS)
+
+
+def _reshape_buffer_(module, key: str, value: torch.Tensor) -> None:
+    """Give buffer ``key`` the shape and values of ``value``, keeping the tensor object
+    (DistributedDataParallel and optimizers hold references to buffers)."""
+    buffer = module._buffers[key]
+    with torch.no_grad():
+        buffer.set_(value.to(dtype=buffer.dtype, device=buffer.device).clone())
 
 
 def _adopt_operator_vector_shapes(module, state_dict, prefix: str, name: str) -> None:
@@ -469,7 +477,7 @@ def _adopt_operator_vector_shapes(module, state_dict, prefix: str, name: str) ->
     if incoming.ndim != weight.ndim:
         incoming = state_dict[keys["u"]] = state_dict[keys["v"]] = weight.new_empty(0)
     for role in ("u", "v"):
-        module._buffers[name + "_" + role] = weight.new_empty(state_dict[keys[role]].shape)
+        _reshape_buffer_(module, name + "_" + role, weight.new_empty(state_dict[keys[role]].shape))
 
 
 # --------------------------------------------------------------------------- fast forward
