@@ -13,7 +13,7 @@ from torch import nn  # noqa: E402
 import torch.nn.utils.parametrizations as torch_parametrizations  # noqa: E402
 
 from lipnorm.backends._torch_layer_maps import ConvMap, LinearMap  # noqa: E402
-from lipnorm.backends._torch_scaled_map import OutputScaledMap  # noqa: E402
+from lipnorm.backends._torch_scaled_map import OutputScaledMap, WeightScaledMap  # noqa: E402
 from lipnorm.backends._torch_sigma import MatrixView, OperatorView  # noqa: E402
 from lipnorm.backends.torch import remove_spectral_norm, sigma_of, sigmas, spectral_norm  # noqa: E402
 
@@ -138,27 +138,32 @@ def test_linear_dim_1_matches_torch():
 # --------------------------------------------------------------------------- the autograd Function
 
 
-def _gradcheck_scaled_map(layer_map, view, x, weight, bias, u, v, check_x=True):
+FUNCTIONS = {"output_scaled": OutputScaledMap, "weight_scaled": WeightScaledMap}
+
+
+def _gradcheck_scaled_map(function, layer_map, view, x, weight, bias, u, v, check_x=True):
     def normalized(x_, weight_, bias_):
         sigma = torch.vdot(u.reshape(-1), view.matvec(view.operand(weight_), v).reshape(-1)).detach()
-        return OutputScaledMap.apply(x_, weight_, bias_, sigma, u, v, layer_map, view)
+        return function.apply(x_, weight_, bias_, sigma, u, v, layer_map, view)
 
     x.requires_grad_(check_x)
     assert torch.autograd.gradcheck(normalized, (x, weight, bias), eps=1e-6, atol=1e-7)
 
 
-def test_gradcheck_linear_folded_rank_one_term():
+@pytest.mark.parametrize("function", list(FUNCTIONS))
+def test_gradcheck_linear(function):
     weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     u, v = torch.randn(5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
     for check_x in (True, False):  # folded GEMM, and the path where the input needs no gradient
-        _gradcheck_scaled_map(LinearMap(), MatrixView(0), torch.randn(3, 4, dtype=torch.float64), weight,
-                              torch.randn(5, dtype=torch.float64, requires_grad=True), u / u.norm(), v / v.norm(),
-                              check_x)
+        _gradcheck_scaled_map(FUNCTIONS[function], LinearMap(), MatrixView(0), torch.randn(3, 4, dtype=torch.float64),
+                              weight, torch.randn(5, dtype=torch.float64, requires_grad=True), u / u.norm(),
+                              v / v.norm(), check_x)
 
 
+@pytest.mark.parametrize("function", list(FUNCTIONS))
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "conv_transpose"])
 @pytest.mark.parametrize("mode", ["matrix", "operator"])
-def test_gradcheck_conv(mode, transposed):
+def test_gradcheck_conv(mode, transposed, function):
     layer_map = ConvMap((2, 1), (1, 0), (1, 2), transposed, (1, 0) if transposed else (0, 0), 2)
     shape = (4, 3, 3, 2) if transposed else (4, 2, 3, 2)  # (in, out/groups, ...) | (out, in/groups, ...)
     weight = torch.randn(shape, dtype=torch.float64, requires_grad=True)
@@ -173,7 +178,7 @@ def test_gradcheck_conv(mode, transposed):
         u = torch.randn_like(layer_map.apply(v, weight.detach()))
     bias = torch.randn(layer_map.apply(x, weight.detach()).shape[1], dtype=torch.float64, requires_grad=True)
     for check_x in (True, False):
-        _gradcheck_scaled_map(layer_map, view, x, weight, bias, u, v, check_x)
+        _gradcheck_scaled_map(FUNCTIONS[function], layer_map, view, x, weight, bias, u, v, check_x)
 
 
 # --------------------------------------------------------------------------- the pain points
@@ -437,6 +442,14 @@ def test_operator_mode_bounds_the_true_operator_norm_where_torch_does_not(make, 
     ours_norm = _operator_norm(ours, input_shape)
     assert 1.0 - 1e-3 <= ours_norm <= 1.0 + 1e-3
     assert _operator_norm(reference, input_shape) > 1.0 + 1e-2
+
+
+def test_operator_mode_warm_up_normalizes_an_eval_first_layer():
+    conv = nn.Conv2d(8, 8, 3, padding=1).double()
+    ours = spectral_norm(copy.deepcopy(conv), mode="operator", input_shape=(8, 8, 8)).eval()
+    reference = torch_parametrizations.spectral_norm(copy.deepcopy(conv)).eval()
+    assert 1.0 <= _operator_norm(ours, (8, 8, 8)) <= 1.0 + 1e-2
+    assert _operator_norm(reference, (8, 8, 8)) > 1.0 + 1e-2
 
 
 def test_operator_mode_reinitializes_for_a_new_input_size():

@@ -18,9 +18,17 @@ import torch
 class LinearMap(NamedTuple):
     """``A_W(x) = x W^T`` on the last axis; ``x`` has shape ``(..., in_features)``."""
 
-    def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Return ``x W^T`` with shape ``(..., out_features)``."""
-        return torch.matmul(x, weight.t())
+    def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Return ``x W^T (+ bias)`` with shape ``(..., out_features)``."""
+        return torch.nn.functional.linear(x, weight, bias)
+
+    def backward(self, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 output_mask: tuple[bool, bool, bool]):
+        """Return the gradients ``(input, weight, bias)`` of ``A_W(x) + b``; None where masked out."""
+        needs_x, needs_w, needs_b = output_mask
+        return (self.adjoint(grad_out, weight, x) if needs_x else None,
+                self.weight_grad(x, grad_out, weight) if needs_w else None,
+                self.bias_grad(grad_out) if needs_b else None)
 
     def adjoint(self, grad_out: torch.Tensor, weight: torch.Tensor, x_like: torch.Tensor) -> torch.Tensor:
         """Return ``grad_out W`` with shape ``(..., in_features)`` (``x_like`` is unused)."""
@@ -54,16 +62,23 @@ class ConvMap(NamedTuple):
     output_padding: tuple[int, ...]
     groups: int
 
-    def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Return the convolution of ``x`` with ``weight``."""
+    def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the convolution of ``x`` with ``weight`` (``+ bias``)."""
         return torch.convolution(
-            x, weight, None, self.stride, self.padding, self.dilation,
+            x, weight, bias, self.stride, self.padding, self.dilation,
             self.transposed, self.output_padding, self.groups,
         )
 
-    def _backward(self, grad_out, x, weight, output_mask):
+    def backward(self, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 output_mask: tuple[bool, bool, bool]):
+        """Return the gradients ``(input, weight, bias)`` of the convolution plus bias, in one
+        call; None where masked out."""
+        grads = self._backward(grad_out, x, weight, output_mask, [grad_out.shape[1]] if output_mask[2] else None)
+        return tuple(g if needed else None for g, needed in zip(grads, output_mask))
+
+    def _backward(self, grad_out, x, weight, output_mask, bias_sizes=None):
         return torch.ops.aten.convolution_backward(
-            grad_out, x, weight, None, self.stride, self.padding, self.dilation,
+            grad_out, x, weight, bias_sizes, self.stride, self.padding, self.dilation,
             self.transposed, self.output_padding, self.groups, output_mask,
         )
 

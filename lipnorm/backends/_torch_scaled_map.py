@@ -15,6 +15,16 @@ gradient)::
 For a Linear layer with torch's matrix view, ``D = u v^T`` is one more "sample" (input ``v``,
 output gradient ``-(t/sigma) u``), so the whole weight gradient is a single GEMM over
 ``N + 1`` rows. Otherwise ``D`` is added in place. No weight-sized temporary is formed.
+
+Where the weight is smaller than the activations (most convolutions), scaling the output
+costs more (several passes over activations) than scaling the weight. ``WeightScaledMap``
+then computes ``A_{W_s}(x) + b`` with ``W_s = W / sigma`` in one native call, and with
+``G`` the native weight gradient at ``W_s``::
+
+    dL/dW = (G - <G, W_s> D) / sigma
+
+with a weight-sized temporary ``W_s`` but no extra pass over activations.
+``normalized_layer`` picks the cheaper of the two.
 """
 
 from __future__ import annotations
@@ -94,19 +104,46 @@ def _weight_grad_with_sigma_term(layer_map, view, x, grad_scaled, weight, u, v, 
     return grad_w
 
 
-def output_scaled_map(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                      layer_map: LinearMap | ConvMap, view: SigmaView) -> torch.Tensor:
-    """Apply ``OutputScaledMap``, honouring autocast like ``F.linear`` / ``F.conv*d`` do.
+class WeightScaledMap(torch.autograd.Function):
+    """``y = A_{W/sigma}(x) + b`` with the gradient of ``sigma = <u, A_W v>`` through ``W``.
 
-    Under autocast the input, weight and bias are cast to the autocast dtype (as autocast
-    does for linear and convolution) while ``sigma``, ``u``, ``v`` stay in float32.
+    Same arguments as ``OutputScaledMap``; cheaper when ``W`` is smaller than ``x``.
     """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sigma, u, v, layer_map, view):
+        inv_sigma = sigma.reciprocal()
+        scaled_weight = weight * inv_sigma.to(weight.dtype)
+        ctx.save_for_backward(x, scaled_weight, inv_sigma, u, v)
+        ctx.layer_map = layer_map
+        ctx.view = view
+        return layer_map.apply(x, scaled_weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, scaled_weight, inv_sigma, u, v = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        grad_x, grad_w, grad_b = ctx.layer_map.backward(grad_out, x, scaled_weight, (needs_x, needs_w, needs_b))
+        if needs_w:
+            ctx.view.add_sigma_grad_(grad_w, u, v, -inner(grad_w, scaled_weight))
+            grad_w.mul_(inv_sigma.to(grad_w.dtype))
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def normalized_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                     layer_map: LinearMap | ConvMap, view: SigmaView) -> torch.Tensor:
+    """Return ``A_W(x) / sigma + b``, scaling the weight or the output, whichever is smaller.
+
+    Autocast is honoured like ``F.linear`` / ``F.conv*d`` do: the input, weight and bias are
+    cast to the autocast dtype while ``sigma``, ``u``, ``v`` stay in float32.
+    """
+    function = WeightScaledMap if weight.numel() <= x.numel() else OutputScaledMap
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            return OutputScaledMap.apply(x, weight, bias, sigma, u, v, layer_map, view)
-    return OutputScaledMap.apply(x, weight, bias, sigma, u, v, layer_map, view)
+            return function.apply(x, weight, bias, sigma, u, v, layer_map, view)
+    return function.apply(x, weight, bias, sigma, u, v, layer_map, view)
