@@ -43,9 +43,10 @@ def test_sn_gan_on_digits_trains_without_nan_and_keeps_discriminator_1_lipschitz
                               nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(),
                               nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1), nn.Tanh())
     # Adam moves these small convolutions fast relative to the convergence of the power
-    # iteration through the operator (the top of a convolution's spectrum is dense): with
-    # 10 steps per training forward (three forwards per step) the estimate is within 1e-2
-    # after the first ~50 steps; in the first 50 the excess reached ~2% (not asserted).
+    # iteration through the operator (the top of a convolution's spectrum is dense), and the
+    # estimate approaches sigma from below: with 10 steps per training forward (three
+    # forwards per optimizer step) the normalized convolutions stay within 2% of norm 1
+    # (within 1% most of the time, not always: see docs/torch.md).
     operator = dict(mode="operator", n_power_iterations=10)
     discriminator = nn.Sequential(
         spectral_norm(nn.Conv2d(1, 16, 3, stride=1, padding=1), **operator), nn.LeakyReLU(0.1),
@@ -66,12 +67,13 @@ def test_sn_gan_on_digits_trains_without_nan_and_keeps_discriminator_1_lipschitz
         loss_g.backward()
         opt_g.step()
         assert torch.isfinite(loss_d) and torch.isfinite(loss_g), step
-        if step in (100, 150):
+        if step % 50 == 0:
             norms = _discriminator_operator_norms(discriminator)
-            assert all(norm <= 1.0 + 1e-2 for norm in norms.values()), (step, norms)
+            assert all(norm <= 1.0 + 2e-2 for norm in norms.values()), (step, norms)
+            assert norms[7] <= 1.0 + 1e-3  # the Linear layer: matrix mode is its operator norm
             bound = 1.0
             for norm in norms.values():  # LeakyReLU(0.1) and Flatten are 1-Lipschitz
                 bound *= norm
-            assert bound <= (1.0 + 1e-2) ** 4
+            assert bound <= (1.0 + 2e-2) ** 3 * (1.0 + 1e-3)
     with torch.no_grad():
         assert torch.isfinite(generator(torch.randn(8, 16))).all()
