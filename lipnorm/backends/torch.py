@@ -415,7 +415,7 @@ def _view_of(module, spec: SpectralNormSpec, name: str) -> SigmaView:
 
 
 def _estimate_sigma(module, name: str, view: SigmaView, n_iterations: int):
-    """Run ``n_iterations`` power-iteration steps on the buffers (0: none); return clones and sigma.
+    """Update the buffers by ``n_iterations`` steps (0: none; see ``update_sigma_``); return clones and sigma.
 
     Returns
     -------
