@@ -37,6 +37,35 @@ def _transpose_output_padding(conv_input, layer, conv_output):
     return tuple(padding)
 
 
+def spread_kernel(kernel, dilation_rate):
+    """The kernel with ``d - 1`` zeros between taps along each spatial axis of dilation ``d``.
+
+    A convolution with dilation ``d`` equals one with dilation 1 and the spread
+    kernel; ``conv_transpose`` takes the spread kernel because TensorFlow's CPU
+    transposed convolution rejects dilation > 1.
+
+    Parameters
+    ----------
+    kernel : tensor, shape (*spatial, c_a, c_b)
+    dilation_rate : tuple of int, one per spatial axis
+
+    Returns
+    -------
+    tensor, shape (*((k - 1) * d + 1 for k, d), c_a, c_b)
+    """
+    for axis, rate in enumerate(dilation_rate):
+        if rate == 1:
+            continue
+        taps = kernel.shape[axis]
+        moved = ops.moveaxis(kernel, axis, 0)
+        rest = tuple(moved.shape[1:])
+        gaps = ops.zeros((taps, rate - 1) + rest, dtype=kernel.dtype)
+        spread = ops.concatenate([ops.expand_dims(moved, 1), gaps], axis=1)
+        spread = ops.reshape(spread, (taps * rate,) + rest)[: (taps - 1) * rate + 1]
+        kernel = ops.moveaxis(spread, 0, axis)
+    return kernel
+
+
 def operator_shapes(layer, input_shape):
     """Shapes of one input and one output of the layer's convolution.
 
@@ -92,12 +121,14 @@ def conv_operator_map(layer, input_shape):
             f"with groups={layer.groups}); use mode='matrix'."
         )
     output_shape = tuple(layer.compute_output_shape(input_shape))
+    dilation = tuple(layer.dilation_rate)
     conv_args = dict(
         strides=list(layer.strides),
         padding=layer.padding,
-        dilation_rate=layer.dilation_rate,
+        dilation_rate=dilation,
         data_format=layer.data_format,
     )
+    transpose_args = dict(conv_args, dilation_rate=1)
     if isinstance(layer, CONV_LAYERS):
         back_padding = _transpose_output_padding(
             _spatial(input_shape, layer.data_format),
@@ -107,13 +138,16 @@ def conv_operator_map(layer, input_shape):
         return LinearMap(
             forward=lambda v, kernel: ops.conv(v, kernel, **conv_args),
             adjoint=lambda u, kernel: ops.conv_transpose(
-                u, kernel, output_padding=back_padding, **conv_args
+                u, spread_kernel(kernel, dilation), output_padding=back_padding, **transpose_args
             ),
         )
     if isinstance(layer, CONV_TRANSPOSE_LAYERS):
         return LinearMap(
             forward=lambda v, kernel: ops.conv_transpose(
-                v, kernel, output_padding=layer.output_padding, **conv_args
+                v,
+                spread_kernel(kernel, dilation),
+                output_padding=layer.output_padding,
+                **transpose_args,
             ),
             adjoint=lambda u, kernel: ops.conv(u, kernel, **conv_args),
         )

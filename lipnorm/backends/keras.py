@@ -2,8 +2,8 @@
 
 ``SpectralNormalization`` is a drop-in for ``keras.layers.SpectralNormalization``
 that never overwrites the wrapped layer's weights: the layer runs with ``W / sigma``
-(for Dense, Conv, Conv*Transpose and Embedding the output is scaled by
-``1 / sigma`` instead, which is the same map), the gradient flows through sigma,
+(for Dense, Conv and Conv*Transpose the input is scaled by ``1 / sigma``
+instead, for Embedding the output: the same map), the gradient flows through sigma,
 and inference uses sigma from the stored power-iteration vectors.
 """
 
@@ -55,10 +55,15 @@ def _add_bias_and_activate(layer, outputs):
     return outputs
 
 
-def _linear_part(layer, inputs):
-    """The linear map of a Dense / Conv / Conv*Transpose layer, without bias or activation."""
+def _scaled_linear_part(layer, inputs, sigma):
+    """The linear map of a Dense / Conv / Conv*Transpose layer applied to ``inputs / sigma``.
+
+    ``(x / sigma) W = (x W) / sigma = x (W / sigma)``; dividing the input keeps every
+    intermediate at the size of the normalized output, so float16 cannot overflow on
+    ``x W`` when ``sigma`` is large, and no weight-sized temporary is formed.
+    """
     dtype = layer.compute_dtype
-    inputs = ops.cast(inputs, dtype)
+    inputs = ops.cast(inputs, dtype) / ops.cast(sigma, dtype)
     kernel = ops.cast(layer.kernel, dtype)
     if isinstance(layer, CONV_LAYERS):
         return layer.convolution_op(inputs, kernel)
@@ -85,9 +90,9 @@ class SpectralNormalization(keras.layers.Wrapper):
     where ``sigma = u^T W v`` is differentiated in ``W`` (``u``, ``v`` held
     constant, as in Miyato et al. 2018); in inference ``sigma`` comes from the
     stored ``u``, ``v`` without an update, so training and inference agree.
-    Dense, Conv1D/2D/3D, Conv*Transpose and Embedding scale their output by
-    ``1 / sigma`` (``(x W) / sigma + b``, the same values and gradients as using
-    ``W / sigma``, without a weight-sized temporary); EinsumDense, DepthwiseConv,
+    Dense, Conv1D/2D/3D and Conv*Transpose scale their input by ``1 / sigma``
+    (``(x / sigma) W + b``, the same values and gradients as using ``W / sigma``,
+    without a weight-sized temporary), Embedding its output; EinsumDense, DepthwiseConv,
     SeparableConv (each of its two kernels) and other layers with a ``kernel``
     run through ``layer.stateless_call`` with ``W / sigma`` substituted.
 
@@ -179,7 +184,7 @@ class SpectralNormalization(keras.layers.Wrapper):
         self.power_iterations = int(power_iterations)
         self.mode = mode
         self.eps = float(eps)
-        self._scales_output = isinstance(
+        self._scales_operand = isinstance(
             layer,
             CONV_LAYERS
             + CONV_TRANSPOSE_LAYERS
@@ -290,12 +295,11 @@ class SpectralNormalization(keras.layers.Wrapper):
 
     def call(self, inputs, training=False):
         sigmas = self.sigmas(training=bool(training))
-        if self._scales_output:
+        if self._scales_operand:
             if isinstance(self.layer, keras.layers.Embedding):
                 outputs = self.layer(inputs)
                 return outputs / ops.cast(sigmas[0], outputs.dtype)
-            linear = _linear_part(self.layer, inputs)
-            linear = linear / ops.cast(sigmas[0], linear.dtype)
+            linear = _scaled_linear_part(self.layer, inputs, sigmas[0])
             return _add_bias_and_activate(self.layer, linear)
         return self._call_substituted(inputs, sigmas, training)
 
