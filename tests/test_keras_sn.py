@@ -339,12 +339,12 @@ def test_digits_classifier_trains_with_fit_evaluate_predict():
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    history = model.fit(x, y, epochs=3, batch_size=64, verbose=0)
+    history = model.fit(x[:1024], y[:1024], epochs=3, batch_size=64, verbose=0)
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)), losses
     assert losses[-1] < 0.6 * losses[0], losses
     loss, accuracy = model.evaluate(x, y, verbose=0)
-    assert np.isfinite(loss) and accuracy > 0.8, (loss, accuracy)
+    assert np.isfinite(loss) and accuracy > 0.7, (loss, accuracy)
     predicted = model.predict(x[:32], verbose=0)
     np.testing.assert_allclose(predicted, to_numpy(model(x[:32])), rtol=1e-5, atol=1e-5)
     # One iteration per step tracks sigma from below while Adam moves W.
@@ -375,7 +375,7 @@ def test_custom_loop_with_two_discriminator_calls_per_step():
         )
 
     losses = []
-    for step in range(6):
+    for step in range(4):
         loss, grads = loss_and_gradients(discriminator, hinge, x[32 * step : 32 * step + 32], fake)
         assert all(np.all(np.isfinite(to_numpy(g))) for g in grads)
         optimizer.apply(grads, discriminator.trainable_variables)
@@ -398,7 +398,7 @@ def test_mixed_precision_iterates_in_float32_without_nan(policy):
     model.compile(
         optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
-    history = model.fit(x[:256], y[:256], epochs=2, batch_size=64, verbose=0)
+    history = model.fit(x[:128], y[:128], epochs=1, batch_size=64, verbose=0)
     assert np.all(np.isfinite(history.history["loss"])), history.history["loss"]
     outputs = model(x[:8])
     assert keras.backend.standardize_dtype(outputs.dtype) == policy.split("_")[1]
