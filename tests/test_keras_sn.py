@@ -262,12 +262,13 @@ def test_inference_uses_stored_vectors_without_update():
 
 
 def test_eval_before_training_is_normalized():
-    """The warm-up at build puts sigma within 2% of the truth before any training step."""
+    """The warm-up at build puts sigma within 10% (from below) before any training step."""
     layer = keras.layers.Dense(32, kernel_initializer="random_normal")
     wrapper = SpectralNormalization(layer)
     wrapper(family_inputs((2, 48)))
     sigma = float(to_numpy(wrapper.sigmas()[0]))
-    np.testing.assert_allclose(sigma, true_sigma(to_numpy(layer.kernel)), rtol=2e-2)
+    exact = true_sigma(to_numpy(layer.kernel))
+    assert 0.9 * exact < sigma <= exact * (1 + 1e-6), (sigma, exact)
 
 
 def test_zero_kernel_gives_no_nan_and_recovers():
