@@ -96,7 +96,7 @@ def run_backend(backend, repeats, steps):
 def versions():
     from importlib.metadata import version
 
-    return ", ".join(f"{p} {version(p)}" for p in ("keras", "tensorflow", "jax", "numpy"))
+    return ", ".join(f"{p} {version(p)}" for p in ("keras", "tensorflow-cpu", "jax", "numpy"))
 
 
 def write_table(all_results, repeats, steps):
