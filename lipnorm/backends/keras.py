@@ -1,0 +1,342 @@
+"""Spectral normalization for Keras 3, on every Keras backend (TensorFlow, JAX, PyTorch).
+
+``SpectralNormalization`` is a drop-in for ``keras.layers.SpectralNormalization``
+that never overwrites the wrapped layer's weights: the layer runs with ``W / sigma``
+(for Dense, Conv and Conv*Transpose the input is scaled by ``1 / sigma``
+instead, for Embedding the output: the same map), the gradient flows through sigma,
+and inference uses sigma from the stored power-iteration vectors.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+
+import keras
+from keras import ops
+
+from lipnorm.backends._keras_conv_operator import conv_operator_map, operator_shapes
+from lipnorm.backends._keras_kernel_views import (
+    CONV_LAYERS,
+    CONV_TRANSPOSE_LAYERS,
+    kernel_matrix,
+    kernel_views,
+    matrix_shape,
+)
+from lipnorm.backends._keras_power_iteration import (
+    matrix_map,
+    power_iteration,
+    safe_divisor,
+    sigma_from_vectors,
+)
+
+__all__ = ["SpectralNormalization"]
+
+_MODES = ("matrix", "operator")
+_WARM_UP_ITERATIONS = 15
+_LOW_PRECISION = ("float16", "bfloat16")
+
+
+def _iteration_dtype(variable_dtype):
+    """Power iteration runs in float32 at least, whatever the layer's precision."""
+    return "float32" if variable_dtype in _LOW_PRECISION else variable_dtype
+
+
+def _add_bias_and_activate(layer, outputs):
+    """The part of a Dense / Conv / Conv*Transpose ``call`` that follows the linear map."""
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        bias = ops.cast(bias, outputs.dtype)
+        if getattr(layer, "data_format", "channels_last") == "channels_first":
+            bias = ops.reshape(bias, (1, -1) + (1,) * (len(outputs.shape) - 2))
+        outputs = ops.add(outputs, bias)
+    if layer.activation is not None:
+        outputs = layer.activation(outputs)
+    return outputs
+
+
+def _scaled_linear_part(layer, inputs, sigma):
+    """The linear map of a Dense / Conv / Conv*Transpose layer applied to ``inputs / sigma``.
+
+    ``(x / sigma) W = (x W) / sigma = x (W / sigma)``; dividing the input keeps every
+    intermediate at the size of the normalized output, so float16 cannot overflow on
+    ``x W`` when ``sigma`` is large, and no weight-sized temporary is formed.
+    """
+    dtype = layer.compute_dtype
+    inputs = ops.cast(inputs, dtype) / ops.cast(sigma, dtype)
+    kernel = ops.cast(layer.kernel, dtype)
+    if isinstance(layer, CONV_LAYERS):
+        return layer.convolution_op(inputs, kernel)
+    if isinstance(layer, CONV_TRANSPOSE_LAYERS):
+        return ops.conv_transpose(
+            inputs,
+            kernel,
+            strides=list(layer.strides),
+            padding=layer.padding,
+            output_padding=layer.output_padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+    return ops.matmul(inputs, kernel)
+
+
+@keras.saving.register_keras_serializable(package="lipnorm")
+class SpectralNormalization(keras.layers.Wrapper):
+    """Divide a layer's weight by its largest singular value, functionally.
+
+    Drop-in for ``keras.layers.SpectralNormalization``. Unlike it, the wrapped
+    layer's weight is never overwritten: in training, one or more power iterations
+    update the stored vectors ``u``, ``v`` and the layer runs with ``W / sigma``
+    where ``sigma = u^T W v`` is differentiated in ``W`` (``u``, ``v`` held
+    constant, as in Miyato et al. 2018); in inference ``sigma`` comes from the
+    stored ``u``, ``v`` without an update, so training and inference agree.
+    Dense, Conv1D/2D/3D and Conv*Transpose scale their input by ``1 / sigma``
+    (``(x / sigma) W + b``, the same values and gradients as using ``W / sigma``,
+    without a weight-sized temporary), Embedding its output; EinsumDense, DepthwiseConv,
+    SeparableConv (each of its two kernels) and other layers with a ``kernel``
+    run through ``layer.stateless_call`` with ``W / sigma`` substituted.
+
+    The power iteration always runs in float32 or wider (also under the
+    ``mixed_float16`` / ``mixed_bfloat16`` policies). ``u`` and ``v`` are
+    non-trainable weights, saved with the model, aggregated across replicas as
+    ``"only_first_replica"`` (they are never averaged). At build, 15 warm-up
+    iterations start ``u``, ``v`` near the top singular pair (sigma within 10%, from below, in the tests), so a model that is
+    evaluated before it is trained is already normalized.
+
+    Parameters
+    ----------
+    layer : keras.layers.Layer
+        The layer to normalize: Dense, EinsumDense, Conv1D/2D/3D,
+        Conv1D/2D/3DTranspose, DepthwiseConv1D/2D, SeparableConv1D/2D, Embedding,
+        or any layer with a ``kernel`` (or ``embeddings``) weight.
+    power_iterations : int, default 1
+        Power iterations per training step, at least 1.
+    mode : {"matrix", "operator"}, default "matrix"
+        ``"matrix"``: sigma of the kernel reshaped to (inputs, outputs), as
+        ``keras.layers.SpectralNormalization`` and the SN-GAN paper do; for
+        Conv*Transpose the output axis is the filters axis (-2).
+        ``"operator"`` (Conv1D/2D/3D and Conv*Transpose with ``groups=1`` only):
+        sigma of the convolution itself on the input shape seen at build, with
+        the layer's strides, padding and dilation; ``u``, ``v`` are shaped like
+        one output and one input. This is the layer's actual Lipschitz constant
+        (estimated from below by power iteration), which the matrix view is not.
+    eps : float, default 1e-12
+        Norms at or below ``eps`` count as zero: a zero weight keeps its
+        vectors and is left unscaled, so no NaN appears.
+    **kwargs
+        Passed to ``keras.layers.Wrapper`` (``name``, ``dtype``, ...).
+
+    Raises
+    ------
+    ValueError
+        If ``power_iterations`` is not an integer >= 1, ``eps`` is not positive,
+        ``mode`` is unknown, ``mode="operator"`` wraps a layer that is not a
+        convolution, the layer is quantized, or (at build) the layer has no
+        kernel or operator mode meets an unknown input size.
+
+    Examples
+    --------
+    >>> import keras
+    >>> from lipnorm.backends.keras import SpectralNormalization
+    >>> dense = SpectralNormalization(keras.layers.Dense(16))
+    >>> conv = SpectralNormalization(keras.layers.Conv2D(8, 3, padding="same"), mode="operator")
+    >>> model = keras.Sequential([keras.Input((8, 8, 3)), conv, keras.layers.Flatten(), dense])
+    >>> tuple(model(keras.ops.ones((2, 8, 8, 3))).shape)
+    (2, 16)
+
+    References
+    ----------
+    Miyato, T., Kataoka, T., Koyama, M., Yoshida, Y. "Spectral Normalization for
+    Generative Adversarial Networks", ICLR 2018.
+    """
+
+    def __init__(self, layer, power_iterations=1, mode="matrix", eps=1e-12, **kwargs):
+        if kwargs.pop("autocast", False):
+            raise ValueError(
+                "SpectralNormalization runs its power iteration in float32 and casts "
+                "for the wrapped layer itself; do not pass autocast=True."
+            )
+        super().__init__(layer, autocast=False, **kwargs)
+        if (
+            isinstance(power_iterations, bool)
+            or not isinstance(power_iterations, numbers.Integral)
+            or power_iterations < 1
+        ):
+            raise ValueError(
+                f"`power_iterations` must be an integer >= 1; got {power_iterations!r}."
+            )
+        if mode not in _MODES:
+            raise ValueError(f"`mode` must be 'matrix' or 'operator'; got {mode!r}.")
+        if mode == "operator" and not isinstance(
+            layer, CONV_LAYERS + CONV_TRANSPOSE_LAYERS
+        ):
+            raise ValueError(
+                "mode='operator' applies to Conv1D/2D/3D and Conv1D/2D/3DTranspose; "
+                f"got {type(layer).__name__}. Use mode='matrix' for it."
+            )
+        if not (isinstance(eps, numbers.Real) and eps > 0):
+            raise ValueError(f"`eps` must be a positive float; got {eps!r}.")
+        if getattr(layer, "quantization_mode", None) is not None:
+            raise ValueError(
+                f"{type(layer).__name__} is quantized ({layer.quantization_mode}); "
+                "normalize the float layer, then quantize the normalized model."
+            )
+        self.power_iterations = int(power_iterations)
+        self.mode = mode
+        self.eps = float(eps)
+        self._scales_operand = isinstance(
+            layer,
+            CONV_LAYERS
+            + CONV_TRANSPOSE_LAYERS
+            + (keras.layers.Dense, keras.layers.Embedding),
+        ) and type(layer).call in (
+            keras.layers.Dense.call,
+            keras.layers.Embedding.call,
+            *(cls.call for cls in CONV_LAYERS + CONV_TRANSPOSE_LAYERS),
+        )
+        if layer.built:
+            kernel_views(layer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._views = kernel_views(self.layer)
+        self._maps = []
+        self._vectors = []
+        for view in self._views:
+            weight = getattr(self.layer, view.attribute)
+            dtype = _iteration_dtype(weight.dtype)
+            if self.mode == "operator":
+                v_shape, u_shape = operator_shapes(self.layer, input_shape)
+                linear_map = conv_operator_map(self.layer, v_shape)
+            else:
+                n_in, n_out = matrix_shape(tuple(weight.shape), view)
+                v_shape, u_shape = (n_in,), (n_out,)
+                linear_map = matrix_map()
+            u = self.add_weight(
+                shape=u_shape,
+                initializer=keras.initializers.RandomNormal(),
+                trainable=False,
+                name=f"{view.attribute}_u",
+                dtype=dtype,
+                aggregation="only_first_replica",
+            )
+            v = self.add_weight(
+                shape=v_shape,
+                initializer="zeros",
+                trainable=False,
+                name=f"{view.attribute}_v",
+                dtype=dtype,
+                aggregation="only_first_replica",
+            )
+            self._maps.append(linear_map)
+            self._vectors.append((u, v))
+        self.warm_up(_WARM_UP_ITERATIONS)
+
+    def _operand(self, index):
+        """The weight in the form its linear map takes, cast to the iteration dtype."""
+        view = self._views[index]
+        weight = getattr(self.layer, view.attribute)
+        weight = ops.cast(weight, _iteration_dtype(weight.dtype))
+        return weight if self.mode == "operator" else kernel_matrix(weight, view)
+
+    def warm_up(self, iterations=_WARM_UP_ITERATIONS):
+        """Run power iterations on the current weights and store ``u``, ``v``.
+
+        Call this after replacing the wrapped layer's weights (``set_weights``,
+        loading a checkpoint of the unwrapped layer) so that inference is
+        normalized before the next training step. ``u`` is first normalized,
+        so a fresh random ``u`` is a valid start.
+
+        Parameters
+        ----------
+        iterations : int, default 15
+            Number of power iterations.
+        """
+        for index, (u, v) in enumerate(self._vectors):
+            start = u.value / ops.maximum(ops.sqrt(ops.sum(ops.square(u.value))), self.eps)
+            _, new_u, new_v = power_iteration(
+                self._maps[index], self._operand(index), start, v.value, iterations, self.eps
+            )
+            u.assign(new_u)
+            v.assign(new_v)
+
+    def sigmas(self, training=False):
+        """The current sigma estimate of each normalized weight.
+
+        Parameters
+        ----------
+        training : bool, default False
+            If True, run ``power_iterations`` and store the updated ``u``, ``v``
+            (as a training step does); if False, use the stored ones.
+
+        Returns
+        -------
+        list of tensor, shape ()
+            One per normalized weight, differentiable in the weight.
+        """
+        result = []
+        for index, (u, v) in enumerate(self._vectors):
+            operand = self._operand(index)
+            if training:
+                sigma, new_u, new_v = power_iteration(
+                    self._maps[index],
+                    operand,
+                    u.value,
+                    v.value,
+                    self.power_iterations,
+                    self.eps,
+                )
+                u.assign(new_u)
+                v.assign(new_v)
+            else:
+                sigma = sigma_from_vectors(self._maps[index], operand, u.value, v.value)
+            result.append(safe_divisor(sigma, self.eps))
+        return result
+
+    def call(self, inputs, training=False):
+        sigmas = self.sigmas(training=bool(training))
+        if self._scales_operand:
+            if isinstance(self.layer, keras.layers.Embedding):
+                outputs = self.layer(inputs)
+                return outputs / ops.cast(sigmas[0], outputs.dtype)
+            linear = _scaled_linear_part(self.layer, inputs, sigmas[0])
+            return _add_bias_and_activate(self.layer, linear)
+        return self._call_substituted(inputs, sigmas, training)
+
+    def _call_substituted(self, inputs, sigmas, training):
+        """Run the layer with each normalized weight replaced by ``W / sigma``."""
+        replaced = {}
+        for view, sigma in zip(self._views, sigmas):
+            variable = getattr(self.layer, view.attribute)
+            if not isinstance(variable, keras.Variable):
+                raise ValueError(
+                    f"{type(self.layer).__name__}.{view.attribute} is not a plain weight "
+                    "(LoRA enabled?); SpectralNormalization cannot substitute it."
+                )
+            replaced[id(variable)] = variable.value / ops.cast(sigma, variable.dtype)
+
+        def values(variables):
+            return [replaced.get(id(w), w.value) for w in variables]
+
+        call_parameters = inspect.signature(self.layer.call).parameters
+        kwargs = {"training": training} if "training" in call_parameters else {}
+        outputs, _ = self.layer.stateless_call(
+            values(self.layer.trainable_variables),
+            values(self.layer.non_trainable_variables),
+            inputs,
+            **kwargs,
+        )
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def compute_mask(self, inputs, mask=None):
+        return self.layer.compute_mask(inputs, mask)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {"power_iterations": self.power_iterations, "mode": self.mode, "eps": self.eps}
+        )
+        return config
