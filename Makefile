@@ -12,11 +12,11 @@ PIP := $(PY) -m pip
 # pip without this pin takes the newest torch, a CUDA build of several GB.
 TORCH_PIN := torch==2.13.0
 
-# Extras the demo needs; a demo section that needs a framework adds its extra here
-# (and $(TORCH_PIN) to the install line when that framework is torch).
-DEMO_EXTRAS := cli
+# Extras the demo needs (pyproject's `demo` extra lists torch, Keras on TensorFlow-CPU,
+# scikit-learn and matplotlib); a new demo section adds what it needs there.
+DEMO_EXTRAS := demo
 # tensorflow-cpu rather than tensorflow: CI has no GPU. cupy needs CUDA and is not installed.
-TEST_EXTRAS := test,torch,tensorflow-cpu,keras,jax,dask,onnx,cli,docs
+TEST_EXTRAS := test,demo,torch,tensorflow-cpu,keras,jax,dask,onnx,cli,docs
 
 # Parallel test workers (pytest-xdist); PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
@@ -54,7 +54,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.demo-installed: pyproject.toml Makefile | $(PY)
-	$(PIP) install --progress-bar off -e '.[$(DEMO_EXTRAS)]'
+	$(PIP) install --progress-bar off -e '.[$(DEMO_EXTRAS)]' '$(TORCH_PIN)'
 	touch $@
 
 # The test install includes everything the demo needs.

@@ -5,15 +5,27 @@ only when an array or model of that framework is met.
 """
 
 from lipnorm.certificates import SigmaInterval
+from lipnorm.certify import (
+    Certificate,
+    NotCertifiableError,
+    certify,
+    lipschitz_lower_bound,
+)
+from lipnorm.conv import conv_operator
 from lipnorm.sigma import ConvergenceWarning, SigmaState, estimate_sigma, sigma_bounds
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Certificate",
     "ConvergenceWarning",
+    "NotCertifiableError",
     "SigmaInterval",
     "SigmaState",
     "__version__",
+    "certify",
+    "conv_operator",
     "estimate_sigma",
+    "lipschitz_lower_bound",
     "sigma_bounds",
 ]

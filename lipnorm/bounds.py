@@ -20,6 +20,7 @@ References
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from fractions import Fraction
 
@@ -66,7 +67,8 @@ def round_up(value: float) -> float:
 def compose(bounds: Iterable[float]) -> float:
     """Upper bound of Lip(f_k ∘ … ∘ f_1) given upper bounds L_i of each Lip(f_i).
 
-    Lip(g ∘ f) ≤ Lip(g)·Lip(f); the product is rounded up at every step.
+    Lip(g ∘ f) ≤ Lip(g)·Lip(f); the product is formed exactly (fractions) and rounded up
+    once, to ``inf`` when it passes the float range.
 
     Parameters
     ----------
@@ -83,11 +85,10 @@ def compose(bounds: Iterable[float]) -> float:
     >>> compose([2.0, 0.5]) >= 1.0
     True
     """
-    total = 1.0
+    total = Fraction(1)
     for bound in bounds:
-        bound = _checked(bound)
-        total = _at_least(total * bound, Fraction(total) * Fraction(bound))
-    return total
+        total *= Fraction(_checked(bound))
+    return _float_at_least(total)
 
 
 def residual_sum(bounds: Iterable[float]) -> float:
@@ -104,18 +105,17 @@ def residual_sum(bounds: Iterable[float]) -> float:
     Returns
     -------
     float
-        The rounded-up sum.
+        The exact sum rounded up (``inf`` past the float range).
 
     Example
     -------
     >>> residual_sum([1.0, 2.5]) >= 3.5
     True
     """
-    total = 0.0
+    total = Fraction(0)
     for bound in bounds:
-        bound = _checked(bound)
-        total = _at_least(total + bound, Fraction(total) + Fraction(bound))
-    return total
+        total += Fraction(_checked(bound))
+    return _float_at_least(total)
 
 
 def concatenation(bounds: Iterable[float]) -> float:
@@ -143,10 +143,28 @@ def concatenation(bounds: Iterable[float]) -> float:
     for bound in bounds:
         checked = Fraction(_checked(bound))
         total += checked * checked
-    root = math.sqrt(float(total))
+    root = _sqrt_near(total)
+    if math.isinf(root):
+        return root
     while Fraction(root) ** 2 < total:
         root = round_up(root)
     return root
+
+
+def _sqrt_near(value: Fraction) -> float:
+    """A float within a few ulps of ``sqrt(value)`` (``inf`` past the float range).
+
+    ``value`` is scaled by an exact power of four into [1/4, 4] first, so squares that
+    underflow or overflow as floats (bounds near 1e-200 or 1e200) cost no more than others.
+    """
+    if value == 0:
+        return 0.0
+    half_exponent = (value.numerator.bit_length() - value.denominator.bit_length()) // 2
+    scaled = value / Fraction(4) ** half_exponent
+    try:
+        return math.ldexp(math.sqrt(float(scaled)), half_exponent)
+    except OverflowError:
+        return math.inf
 
 
 def windows_covering(kernel: int, stride: int, dilation: int = 1) -> int:
@@ -322,11 +340,12 @@ def activation_lipschitz(name: str, **parameters: float) -> float:
     )
 
 
-def _at_least(value: float, exact: Fraction) -> float:
-    """``value``, or the next float above it if it is below ``exact``."""
-    while Fraction(value) < exact:
-        value = round_up(value)
-    return value
+def _float_at_least(exact: Fraction) -> float:
+    """The smallest float ``>= exact`` (``inf`` past the largest float)."""
+    if exact > Fraction(sys.float_info.max):
+        return math.inf
+    value = float(exact)  # correctly rounded to nearest
+    return value if Fraction(value) >= exact else math.nextafter(value, math.inf)
 
 
 def _parameter(parameters: dict[str, float], name: str) -> float:

@@ -4,17 +4,22 @@
     σ_max, its certified interval, the method and the time for the tensors of a weight file
     (``.npy``, ``.npz``, ``.pt``/``.pth``, ``.safetensors``). Without ``--key`` every 2-D
     tensor gets a row. The file is read as data only (see :mod:`lipnorm.weights_io`).
+``lipnorm certify MODEL [--input-shape C,H,W] [--lower] [--json OUT] [--plot OUT]``
+    A certified upper bound on a network's Lipschitz constant (``.onnx``, ``.keras``,
+    ``.pt2``), layer by layer; see :mod:`lipnorm.certify.cli`.
 ``lipnorm demo``
     The demonstration: estimates and certified bounds next to the SVD.
 
-Exit codes: 0 on success, 1 if some tensor could not be measured (its row says why), 2 for
-a bad command line or a file that cannot be read.
+Exit codes of ``sigma``: 0 on success, 1 if some tensor could not be measured (its row says
+why), 2 for a bad command line or a file that cannot be read. ``certify``: 0 certified, 1 the
+model file could not be loaded, 2 a layer cannot be certified.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -23,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import lipnorm
+from lipnorm.certify.cli import add_arguments, run_certify
 from lipnorm.weights_io import SUFFIXES, WeightFileError, load_weights
 
 __all__ = ["main"]
@@ -106,7 +112,24 @@ def _build_parser() -> argparse.ArgumentParser:
     sigma.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sigma.set_defaults(run=_run_sigma)
 
-    demo = commands.add_parser("demo", help="estimates and certified bounds next to the SVD")
+    certify = commands.add_parser(
+        "certify",
+        help="certified upper bound on a network's Lipschitz constant",
+        description=(
+            "Certify an upper bound on the Lipschitz constant (l2) of a model file, layer by "
+            "layer. Pickled torch models are refused unless --trust-pickle is given."
+        ),
+    )
+    add_arguments(certify)
+    certify.set_defaults(run=run_certify)
+
+    demo = commands.add_parser(
+        "demo", help="estimates next to the SVD; train, normalize and certify a small CNN"
+    )
+    demo.add_argument(
+        "--output-dir", metavar="DIR", default=".",
+        help="existing directory for the demo's plot (default: the current directory)",
+    )
     demo.set_defaults(run=_run_demo)
     return parser
 
@@ -204,8 +227,10 @@ def _rich() -> tuple[Any, Any]:
 def _run_demo(args: argparse.Namespace) -> int:
     from lipnorm.demo import run_demo
 
+    if not os.path.isdir(args.output_dir):
+        raise CommandError(f"--output-dir {args.output_dir}: not a directory")
     console, _ = _rich()
-    run_demo(console)
+    run_demo(console, args.output_dir)
     return EXIT_OK
 
 

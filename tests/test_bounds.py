@@ -101,17 +101,36 @@ def test_unknown_activation_lists_the_known_ones():
         activation_lipschitz("elu")
 
 
-@given(st.lists(st.floats(0, 1e6, allow_nan=False), max_size=6))
+@given(st.lists(st.floats(0, 1e150, allow_nan=False), max_size=6))
 @settings(max_examples=60, deadline=None)
 def test_algebra_never_rounds_below_the_exact_value(values):
     exact = [Fraction(v) for v in values]
     product = Fraction(1)
     for v in exact:
         product *= v
-    assert Fraction(compose(values)) >= product
-    assert Fraction(residual_sum(values)) >= sum(exact, Fraction(0))
+    assert _at_least(compose(values), product)
+    assert _at_least(residual_sum(values), sum(exact, Fraction(0)))
     squares = sum((v * v for v in exact), Fraction(0))
-    assert Fraction(concatenation(values)) ** 2 >= squares
+    root = concatenation(values)
+    assert math.isinf(root) or Fraction(root) ** 2 >= squares
+
+
+def _at_least(bound: float, exact: Fraction) -> bool:
+    """``bound >= exact``, where a bound that overflowed to inf is (uselessly) valid."""
+    return math.isinf(bound) or Fraction(bound) >= exact
+
+
+@pytest.mark.parametrize("values", [[1e-200], [1e-200, 3e-201], [5e-324, 5e-324], [1e200, 1e200],
+                                    [2.5e-160, 1e-170]])
+def test_concatenation_is_the_smallest_float_above_the_root_at_any_scale(values):
+    """Squares that underflow or overflow as floats (regression: this once looped for ages)."""
+    exact = sum((Fraction(v) ** 2 for v in values), Fraction(0))
+    root = concatenation(values)
+    assert Fraction(root) ** 2 >= exact > Fraction(math.nextafter(root, 0.0)) ** 2
+
+
+def test_concatenation_past_the_float_range_is_infinite():
+    assert concatenation([1.7e308, 1.7e308]) == math.inf
 
 
 def test_algebra_rejects_bad_bounds():

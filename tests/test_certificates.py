@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lipnorm.certificates import certified_stack_bounds, gram_iteration_bounds
+from lipnorm.certificates import certified_stack_bounds, gram_iteration_block_bounds, gram_iteration_bounds
 from tests.helpers import NUMERIC_EXAMPLES, assert_contains
 
 
@@ -62,3 +62,24 @@ def test_large_single_matrix_uses_lanczos_estimate():
     interval = certified_stack_bounds(matrix)
     assert_contains(interval, _stack_truth(matrix[None]))
     assert interval.upper / interval.lower <= 1 + 1e-5
+
+
+def test_gram_iteration_brackets_every_block_and_tightens():
+    rng = np.random.default_rng(0)
+    blocks = rng.standard_normal((20, 12, 7)) + 1j * rng.standard_normal((20, 12, 7))
+    sigma = np.linalg.svd(blocks, compute_uv=False)[:, 0]
+    previous = np.inf
+    for steps in (2, 4, 8, 12):
+        lower, upper = gram_iteration_block_bounds(blocks, steps=steps)
+        assert np.all(lower <= sigma) and np.all(sigma <= upper)
+        assert upper.max() / sigma.max() <= previous + 1e-12  # tighter with steps, up to rounding margin
+        previous = upper.max() / sigma.max()
+    assert previous < 1 + 1e-12
+
+
+def test_gram_iteration_on_exactly_known_diagonal():
+    lower, upper = gram_iteration_block_bounds(np.diag([4.0, 4.0, 1.0])[None] + 0j, steps=12)
+    assert lower[0] <= 4.0 <= upper[0]
+    # two equal top values: ||G_12||_F^(1/2^12) = 4 * 2^(1/2^13) exactly, up to rounding
+    np.testing.assert_allclose(upper[0], 4.0 * 2.0 ** (2.0**-13), rtol=1e-12)
+    np.testing.assert_allclose(lower[0], 4.0 * 2.0 ** (2.0**-13) / 3.0 ** (2.0**-13), rtol=1e-12)

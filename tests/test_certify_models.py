@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lipnorm.certify import certify, lipschitz_lower_bound
+from tests.helpers import FLOAT32_EVALUATION_SLACK
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +20,7 @@ def check(model, shape=None):
     certificate = certify(model, shape)
     assert np.isfinite(certificate.upper) and certificate.upper > 0
     lower = lipschitz_lower_bound(model, input_shape=certificate.input_shape, starts=2, steps=4)
-    assert certificate.upper >= lower.value > 0, certificate.table()
+    assert certificate.upper >= lower.value * (1 - FLOAT32_EVALUATION_SLACK) > 0, certificate.table()
     convs = [row for row in certificate.layers if row.method.startswith("conv")]
     assert convs and all(row.lower and row.bound >= row.lower for row in convs)
     return certificate

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from lipnorm.certify import NotCertifiableError, certify, lipschitz_lower_bound  # noqa: E402
+from tests.helpers import FLOAT64_EVALUATION_SLACK  # noqa: E402
 
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus,
                lambda: nn.LeakyReLU(0.3), nn.Hardswish, nn.SELU, lambda: nn.PReLU(init=0.7)]
@@ -110,8 +111,8 @@ def test_random_networks_upper_bound_dominates_secants_and_lower_bound(case):
     assert np.isfinite(certificate.upper)
     secant = max_secant(model, shape)
     lower = lipschitz_lower_bound(model, input_shape=shape, starts=4, steps=10).value
-    assert certificate.upper >= secant, certificate.table()
-    assert certificate.upper >= lower, certificate.table()
+    assert certificate.upper >= secant * (1 - FLOAT64_EVALUATION_SLACK), certificate.table()
+    assert certificate.upper >= lower * (1 - FLOAT64_EVALUATION_SLACK), certificate.table()
 
 
 @given(st.lists(st.integers(1, 6), min_size=2, max_size=5), st.integers(0, 2**16),

@@ -211,33 +211,43 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"lipnorm {lipnorm.__version__}"
 
 
-def test_demo_sections_agree_with_the_svd(monkeypatch):
+def test_demo_sections_agree_with_the_svd(monkeypatch, tmp_path):
     """The demo on small matrices: every interval holds the SVD value, every section runs."""
     from rich.console import Console
 
     import lipnorm.demo
+    import lipnorm.demo.sigma
+    from lipnorm.demo.torch_cnn import CERTIFICATE_PLOT
 
     small = {
         "gaussian": np.random.default_rng(0).standard_normal((60, 50), dtype=np.float32),
         "diagonal": np.diag(np.linspace(1.0, 2.0, 40)),
     }
-    monkeypatch.setattr(lipnorm.demo, "sigma_matrices", lambda seed=0: small)
+    monkeypatch.setattr(lipnorm.demo.sigma, "sigma_matrices", lambda seed=0: small)
     console = Console(record=True, width=150)
-    lipnorm.demo.run_demo(console)
+    lipnorm.demo.run_demo(console, tmp_path)
     text = console.export_text()
     for section in lipnorm.demo.SECTIONS:
         assert section.title in text
+    assert "Skipped" not in text  # the test install has every framework
     assert text.count("yes") == len(small) and "NO" not in text
     assert f"{sigma_max(small['gaussian']):.8g}" in text
+    assert "upper bound:" in text and "lower bound:" in text
+    assert (tmp_path / CERTIFICATE_PLOT).stat().st_size > 0
 
 
-def test_demo_command_runs():
+def test_demo_command_runs(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "lipnorm.cli", "demo"],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "lipnorm.cli", "demo", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("yes") == 4 and " NO" not in result.stdout
+    assert "Skipped" not in result.stdout
+
+
+def test_demo_refuses_a_missing_output_directory(capsys, tmp_path):
+    run_failing(capsys, "demo", "--output-dir", str(tmp_path / "missing"))
 
 
 def test_installed_console_script_and_single_sourced_version():

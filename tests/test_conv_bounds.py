@@ -6,8 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lipnorm.conv import conv_operator
-from lipnorm.conv.bounds import certified_rayleigh_lower, embedding_grid
-from lipnorm.conv.gram import gram_iteration_bounds
+from lipnorm.conv.bounds import DENSE_MAX_COLUMNS, certified_rayleigh_lower, embedding_grid
 
 from tests.test_conv_operator import conv_configs
 
@@ -27,18 +26,31 @@ def _random_op(cfg, layout):
     )
 
 
-@settings(max_examples=40, deadline=None)
-@given(conv_configs(), st.sampled_from(["torch", "keras"]), st.sampled_from(["svd", "gram"]))
-def test_certified_interval_contains_dense_norm(cfg, layout, method):
+@settings(max_examples=60, deadline=None)
+@given(conv_configs(), st.sampled_from(["torch", "keras"]), st.sampled_from(["svd", "gram"]),
+       st.sampled_from([0, DENSE_MAX_COLUMNS]))
+def test_certified_interval_contains_dense_norm(cfg, layout, method, dense_max_columns):
+    """Both zero-padding paths: the circular embedding (0) and the dense one for small layers."""
     op = _random_op(cfg, layout)
     truth = np.linalg.norm(op.to_dense(), 2)
-    lower, upper = op.sigma_bounds(method=method)
+    lower, upper = op.sigma_bounds(method=method, dense_max_columns=dense_max_columns)
     assert lower <= truth <= upper, (lower, truth, upper)
     assert lower >= 0.5 * truth  # the lower bound is informative, not just 0
 
 
 @settings(max_examples=30, deadline=None)
-@given(conv_configs().filter(lambda c: c["padding"] == "circular"))
+@given(conv_configs(paddings=(0, 1, 2, "same", "valid")))
+def test_small_zero_padded_layers_are_certified_dense_and_tight(cfg):
+    op = _random_op(cfg, "torch")
+    truth = np.linalg.norm(op.to_dense(), 2)
+    interval = op.sigma_bounds()
+    assert interval.method == "conv-dense-svd"
+    assert interval.lower <= truth <= interval.upper
+    assert interval.upper <= interval.lower * (1 + 1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(conv_configs(paddings=("circular",)))
 def test_circular_exact_equals_dense_svd(cfg):
     op = _random_op(cfg, "torch")
     truth = np.linalg.norm(op.to_dense(), 2)
@@ -48,7 +60,7 @@ def test_circular_exact_equals_dense_svd(cfg):
 
 
 @settings(max_examples=25, deadline=None)
-@given(conv_configs().filter(lambda c: not c["transposed"] and c["padding"] != "circular"))
+@given(conv_configs(paddings=(0, 1, 2, "same", "valid")).filter(lambda c: not c["transposed"]))
 def test_zero_padded_conv_is_a_sub_block_of_the_circular_embedding(cfg):
     op = _random_op(cfg, "torch")
     geom = op.geometry
@@ -66,27 +78,6 @@ def test_zero_padded_conv_is_a_sub_block_of_the_circular_embedding(cfg):
     cols = (slice(None),) + tuple(slice(lo, lo + n) for lo, n in zip(geom.pad_lo, geom.input_size))
     block = dense_big[rows + cols].reshape(op.shape)
     np.testing.assert_allclose(block, op.to_dense(), rtol=0, atol=1e-12)
-
-
-def test_gram_iteration_brackets_svd_and_tightens():
-    rng = np.random.default_rng(0)
-    blocks = rng.standard_normal((20, 12, 7)) + 1j * rng.standard_normal((20, 12, 7))
-    sigma = np.linalg.svd(blocks, compute_uv=False)[:, 0]
-    previous = np.inf
-    for steps in (2, 4, 8, 12):
-        lower, upper = gram_iteration_bounds(blocks, steps)
-        assert np.all(lower <= sigma) and np.all(sigma <= upper)
-        assert upper.max() / sigma.max() <= previous + 1e-12  # tighter with steps, up to rounding margin
-        previous = upper.max() / sigma.max()
-    assert previous < 1 + 1e-12
-
-
-def test_gram_iteration_on_exactly_known_diagonal():
-    lower, upper = gram_iteration_bounds(np.diag([4.0, 4.0, 1.0])[None] + 0j, steps=12)
-    assert lower[0] <= 4.0 <= upper[0]
-    # two equal top values: ||G_12||_F^(1/2^12) = 4 * 2^(1/2^13) exactly, up to rounding
-    np.testing.assert_allclose(upper[0], 4.0 * 2.0 ** (2.0**-13), rtol=1e-12)
-    np.testing.assert_allclose(lower[0], 4.0 * 2.0 ** (2.0**-13) / 3.0 ** (2.0**-13), rtol=1e-12)
 
 
 def test_certified_lower_is_below_exact_rayleigh_quotient():

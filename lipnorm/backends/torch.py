@@ -40,7 +40,7 @@ from ._torch_layer_maps import ConvMap, LinearMap
 from ._torch_scaled_map import normalized_layer
 from ._torch_sigma import MatrixView, OperatorView, SigmaView, inner, update_sigma_
 
-__all__ = ["spectral_norm", "remove_spectral_norm", "sigma_of", "sigmas", "SpectralNormSpec"]
+__all__ = ["spectral_norm", "remove_spectral_norm", "sigma_of", "sigmas", "warm_up", "SpectralNormSpec"]
 
 #: Power-iteration steps run when u, v are (re)initialized, as torch does (pytorch#51800).
 WARMUP_ITERATIONS = 15
@@ -248,6 +248,39 @@ def sigmas(model: nn.Module) -> dict[str, float]:
                 continue
             found[f"{prefix}.{name}" if prefix else name] = float(sigma_of(sub, name))
     return found
+
+
+def warm_up(model: nn.Module, iterations: int = WARMUP_ITERATIONS) -> None:
+    """Run power-iteration steps on every tensor of ``model`` normalized by ``spectral_norm``.
+
+    One step per training forward lets ``u``, ``v`` lag behind weights that move fast (a
+    large learning rate), so the sigma inference divides by can sit below the weight's
+    true norm. Call this at the end of training, or after loading new weights, so that
+    inference divides by a converged sigma. ``u``, ``v`` are updated in place; operator-mode
+    layers that have not seen an input yet are skipped.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    iterations : int
+        Steps per normalized tensor, at least 1.
+
+    Example
+    -------
+    >>> net = torch.nn.Sequential(spectral_norm(torch.nn.Linear(4, 4)))
+    >>> with torch.no_grad():
+    ...     _ = net[0].weight_orig.mul_(3.0)
+    >>> warm_up(net, 50)
+    >>> round(float(torch.linalg.matrix_norm(net[0].weight.detach(), 2)), 4)
+    1.0
+    """
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    for sub in model.modules():
+        for name, spec in getattr(sub, "_spectral_norm_specs", {}).items():
+            if spec.mode == "operator" and getattr(sub, name + "_u").numel() == 0:
+                continue
+            _estimate_sigma(sub, name, _view_of(sub, spec, name), iterations)
 
 
 # --------------------------------------------------------------------------- validation

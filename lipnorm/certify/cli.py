@@ -1,13 +1,7 @@
 """The ``lipnorm certify`` command: load a model file safely, certify it, print a table.
 
-``lipnorm.cli`` wires it as a subcommand (import by ``from``: ``lipnorm.certify`` the
-attribute is the function once ``lipnorm`` exports it)::
-
-    from lipnorm.certify.cli import add_arguments, run_certify
-
-    sub = subparsers.add_parser("certify", help="certify a model's Lipschitz upper bound")
-    add_arguments(sub)
-    sub.set_defaults(handler=run_certify)
+:mod:`lipnorm.cli` wires it as the ``certify`` subcommand with :func:`add_arguments` and
+:func:`run_certify`.
 
 Model files: ``.onnx`` (checked by ``onnx.checker``), ``.keras`` (loaded with Keras's
 ``safe_mode=True``, which refuses serialized Python code), ``.pt2`` (a ``torch.export``
@@ -19,7 +13,6 @@ unless ``--trust-pickle`` is given.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from lipnorm.certify.errors import NotCertifiableError
@@ -169,14 +162,3 @@ def _shape(text: str) -> tuple[int, ...]:
     if not shape or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"input shape must be positive integers, got {text!r}")
     return shape
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry point (``python -m lipnorm.certify.cli``)."""
-    parser = argparse.ArgumentParser(prog="lipnorm certify", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run_certify(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,6 +11,8 @@ import math
 import keras
 import numpy as np
 
+from lipnorm.backends._keras_kernel_views import kernel_views
+from lipnorm.backends.keras import SpectralNormalization
 from lipnorm.bounds import max_pool_lipschitz
 from lipnorm.certify.builder import ATTENTION_REASON, GraphBuilder
 from lipnorm.certify.layers import (
@@ -87,6 +89,8 @@ def _functional(model, input_shape):
 class _Walker:
     def __init__(self, builder: GraphBuilder):
         self.builder = builder
+        # id(weight variable) -> sigma it is divided by, inside lipnorm's SpectralNormalization
+        self._divisors: dict[int, float] = {}
 
     def walk(self, functional, sources: list[str], prefix: str = "") -> list[str]:
         """Add the nodes of ``functional`` reading ``sources``; returns its output nodes."""
@@ -113,6 +117,8 @@ class _Walker:
             return [rule]
         if isinstance(layer, keras.Model):
             return self.walk(_functional(layer, None), sources, f"{name}/")
+        if isinstance(layer, SpectralNormalization):
+            return self._spectrally_normalized(layer, node, sources, f"{name}/")
         in_shape = tuple(node.input_tensors[0].shape)
         if isinstance(layer, (L.Add, L.Subtract)) or (kind in {"Add", "Subtract"} and len(sources) > 1):
             return [b.add_sum(name, kind, sources)]
@@ -133,7 +139,7 @@ class _Walker:
         rank = len(in_shape)
         if isinstance(layer, L.Dense):
             source = b.linear(name, kind, source,
-                              DenseMap(_numpy(layer.kernel).T, rank - 1))
+                              DenseMap(self._weight(layer.kernel).T, rank - 1))
             return [self._activation(f"{name}.activation", kind, layer.activation, source)]
         if isinstance(layer, (*_CONVS, *_CONV_TRANSPOSES, L.DepthwiseConv2D, L.DepthwiseConv1D,
                               L.SeparableConv2D, L.SeparableConv1D)):
@@ -213,6 +219,21 @@ class _Walker:
             b.refuse(name, kind, ATTENTION_REASON)
         b.refuse(name, kind)
 
+    def _spectrally_normalized(self, wrapper, node, sources: list[str], prefix: str) -> list[str]:
+        """lipnorm's Keras SpectralNormalization: the wrapped layer with its weights / sigma.
+
+        The sigmas are the ones inference divides by (stored u, v; no update), so the
+        bound is that of the layer as it runs, not an assumed 1.
+        """
+        inner = wrapper.layer
+        for view, sigma in zip(kernel_views(inner), wrapper.sigmas()):
+            self._divisors[id(getattr(inner, view.attribute))] = float(sigma)
+        return self.layer(inner, node, sources, prefix)
+
+    def _weight(self, variable) -> np.ndarray:
+        """A weight in float64, divided by its sigma when a SpectralNormalization wraps it."""
+        return _numpy(variable) / self._divisors.get(id(variable), 1.0)
+
     def _activation(self, name, kind, activation, source) -> str:
         activation_name = keras.activations.serialize(activation)
         if isinstance(activation_name, dict):
@@ -235,7 +256,7 @@ class _Walker:
         if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D, L.SeparableConv1D, L.SeparableConv2D)):
             is_separable = hasattr(layer, "pointwise_kernel")
             # (*k, channels, multiplier); DepthwiseConv calls it ``kernel``
-            depthwise = _numpy(layer.depthwise_kernel if is_separable else layer.kernel)
+            depthwise = self._weight(layer.depthwise_kernel if is_separable else layer.kernel)
             channels, multiplier = depthwise.shape[-2:]
             by_channel = np.moveaxis(depthwise, (-2, -1), (0, 1))  # (channels, multiplier, *k)
             kernel = by_channel.reshape(channels * multiplier, 1, *depthwise.shape[:-2])
@@ -243,12 +264,12 @@ class _Walker:
             if is_separable:
                 # a 1×1 convolution after the depthwise one is one convolution:
                 # K[o, c] = Σ_m P[o, c, m] D[c, m]
-                pointwise = _numpy(layer.pointwise_kernel).reshape(channels * multiplier, -1).T
+                pointwise = self._weight(layer.pointwise_kernel).reshape(channels * multiplier, -1).T
                 kernel = np.einsum("ocm,cm...->oc...",
                                    pointwise.reshape(-1, channels, multiplier), by_channel)
                 groups = 1
         else:
-            raw = _numpy(layer.kernel)  # (*k, in/g, out) or transposed (*k, out, in)
+            raw = self._weight(layer.kernel)  # (*k, in/g, out) or transposed (*k, out, in)
             kernel = np.moveaxis(raw, (-1, -2), (0, 1))
             groups = getattr(layer, "groups", 1)
         k = kernel.shape[2:]

@@ -21,6 +21,14 @@ Zero padding: the circular embedding
     :math:`L \le n + p_{lo} + p_{hi}`, :math:`N = n + e - 1` rounded up to a multiple
     of :math:`s` is enough whenever the padding is at most :math:`e - 1`.
 
+Zero padding: small layers
+    When one group's operator has at most :data:`DENSE_MAX_COLUMNS` columns (and the
+    whole one's Gram product costs at most :data:`DENSE_MAX_WORK`), the operator is built as a dense
+    float64 matrix, one basis vector at a time; every entry is a single kernel tap
+    times 1.0 plus exact zeros, so the matrix is exact, and the groups' diagonal blocks
+    are certified as a stack (:func:`lipnorm.certificates.certified_stack_bounds`): an
+    interval of relative width about 1e-12 instead of the embedding's gap.
+
 Zero padding: lower bound
     :math:`\|A x\| / \|x\|` for a float64 vector :math:`x`, minus the rounding of the
     computation (:func:`certified_rayleigh_lower`). The vector is the top singular
@@ -35,7 +43,6 @@ import math
 import numpy as np
 
 from lipnorm.conv.geometry import ConvGeometry, ceil_to_multiple
-from lipnorm.conv.gram import gram_iteration_bounds
 from lipnorm.conv.spectrum import (
     _U,
     alias_count,
@@ -46,13 +53,18 @@ from lipnorm.conv.spectrum import (
     to_numpy_float64,
 )
 from lipnorm.conv.taps import conv_adjoint, conv_forward
-from lipnorm.sigma import SigmaInterval, certified_stack_bounds
+from lipnorm.certificates import SigmaInterval, certified_stack_bounds, gram_iteration_block_bounds
 
 __all__ = ["conv_sigma_bounds", "circular_sigma", "embedding_grid", "certified_rayleigh_lower"]
 
 _METHODS = ("svd", "gram")
 _CHUNK_ENTRIES = 4_000_000  # complex entries of blocks held at once (64 MB)
 _SCREEN_STEPS = 3  # Gram steps of the cheap per-block bound that decides which blocks to certify
+#: Zero-padded layers whose per-group operator has at most this many columns are certified dense,
+DENSE_MAX_COLUMNS = 2048
+#: ... when rows x columns x min(rows, columns) of the whole dense matrix (the cost of its Gram
+#: product) is at most this.
+DENSE_MAX_WORK = 2**30
 
 
 def embedding_grid(geom: ConvGeometry) -> tuple[int, ...]:
@@ -81,7 +93,7 @@ def _frequency_chunks(kernel: np.ndarray, geom: ConvGeometry, grid):
 
 def _certify_blocks(stack: np.ndarray, method: str, gram_steps: int) -> tuple[float, float]:
     if method == "gram":
-        lo, hi = gram_iteration_bounds(stack, gram_steps)
+        lo, hi = gram_iteration_block_bounds(stack, steps=gram_steps)
         return float(lo.max()), float(hi.max())
     lo, hi = certified_stack_bounds(stack)
     return float(lo), float(hi)
@@ -107,7 +119,7 @@ def _circular_interval(kernel, geom: ConvGeometry, grid, method: str, gram_steps
     lower, upper, top = 0.0, 0.0, {}
     for freqs, blocks in _frequency_chunks(kernel, geom, grid):
         stack = blocks.reshape((-1,) + blocks.shape[2:])
-        _, screen = gram_iteration_bounds(stack, _SCREEN_STEPS)
+        _, screen = gram_iteration_block_bounds(stack, steps=_SCREEN_STEPS)
         per_group = screen.reshape(blocks.shape[:2])
         for group, freq in enumerate(np.argmax(per_group, axis=1)):
             value = per_group[group, freq]
@@ -218,7 +230,8 @@ def circular_sigma(op) -> float:
     return best / math.sqrt(alias_count(geom.stride))
 
 
-def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, power_steps: int = 16) -> SigmaInterval:
+def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, power_steps: int = 16,
+                      dense_max_columns: int = DENSE_MAX_COLUMNS) -> SigmaInterval:
     """Certified interval for the spectral norm of a :class:`~lipnorm.conv.ConvOperator`.
 
     Parameters
@@ -227,18 +240,23 @@ def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, power_st
     method : {"svd", "gram"}
         How the per-frequency blocks are certified: ``"svd"`` through
         :func:`lipnorm.sigma.certified_stack_bounds`, ``"gram"`` by Gram iteration
-        (:func:`lipnorm.conv.gram.gram_iteration_bounds`; cheaper on wide layers).
+        (:func:`lipnorm.certificates.gram_iteration_block_bounds`; cheaper on wide layers).
     gram_steps : int
         Gram steps for ``method="gram"``.
     power_steps : int
         Power steps on the real operator refining the lower bound (zero padding).
+    dense_max_columns : int
+        Zero-padded layers with at most this many input entries per group (and a Gram
+        product of at most ``DENSE_MAX_WORK``) are certified as a dense matrix; 0 always
+        uses the circular embedding.
 
     Returns
     -------
     SigmaInterval
         ``lower <= ||op||_2 <= upper``, float64 rounding included. Circular padding: both
-        from the Fourier blocks. Zero padding: upper from the circular embedding
-        (:func:`embedding_grid`), lower from :func:`certified_rayleigh_lower`.
+        from the Fourier blocks. Zero padding: from the exact dense operator for small
+        layers; otherwise upper from the circular embedding (:func:`embedding_grid`),
+        lower from :func:`certified_rayleigh_lower`.
 
     Raises
     ------
@@ -252,6 +270,9 @@ def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, power_st
     if geom.circular:
         lower, upper, _ = _circular_interval(kernel, geom, geom.input_size, method, gram_steps)
         return SigmaInterval(lower=lower, upper=upper, method=f"conv-circular-{method}")
+    if _is_small(geom, dense_max_columns):
+        interval = certified_stack_bounds(_dense_group_blocks(kernel, geom))
+        return SigmaInterval(lower=interval.lower, upper=interval.upper, method="conv-dense-svd")
     grid = embedding_grid(geom)
     _, upper, top = _circular_interval(kernel, geom, grid, method, gram_steps)
     if not top:  # every block is zero: so is the kernel
@@ -259,3 +280,29 @@ def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, power_st
     x = _power_refine(kernel, geom, _top_plane_wave(geom, grid, top), power_steps)
     lower = certified_rayleigh_lower(kernel, geom, x)
     return SigmaInterval(lower=lower, upper=upper, method=f"conv-embedding-{method}")
+
+
+def _is_small(geom: ConvGeometry, max_columns: int) -> bool:
+    """Whether the dense form of the layer is cheap enough to certify directly."""
+    columns = geom.in_channels * math.prod(geom.input_size)
+    rows = geom.out_channels * math.prod(geom.output_size)
+    return columns // geom.groups <= max_columns and rows * columns * min(rows, columns) <= DENSE_MAX_WORK
+
+
+def _dense_group_blocks(kernel: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """The exact float64 operator of each group, shape ``(G, cout_g * M, cin_g * N)``.
+
+    Column ``j`` of the whole operator is the convolution of the ``j``-th basis signal; the
+    operator is block diagonal over groups (channels-first flattening), so the blocks are
+    its diagonal ones.
+    """
+    groups, cout_g, cin_g = kernel.shape[:3]
+    inputs, outputs = math.prod(geom.input_size), math.prod(geom.output_size)
+    columns = geom.in_channels * inputs
+    basis = np.eye(columns).reshape((columns, geom.in_channels) + tuple(geom.input_size))
+    dense = np.stack([conv_forward(np, kernel, e, geom).reshape(-1) for e in basis], axis=1)
+    rows_per_group, columns_per_group = cout_g * outputs, cin_g * inputs
+    return np.stack([
+        dense[g * rows_per_group:(g + 1) * rows_per_group, g * columns_per_group:(g + 1) * columns_per_group]
+        for g in range(groups)
+    ])

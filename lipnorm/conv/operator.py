@@ -120,14 +120,15 @@ class ConvOperator(LinearOperator):
         eye = xp.eye(self._shape[1], dtype=self.dtype, device=self.device)
         return xp.stack([self.matvec(eye[i, :]) for i in range(self._shape[1])], axis=1)
 
-    def sigma_bounds(self, *, method: str = "svd", gram_steps: int = 10):
+    def sigma_bounds(self, **options):
         """Certified interval for the spectral norm of this layer on this input size.
 
-        See :func:`lipnorm.conv.bounds.conv_sigma_bounds` for the methods.
+        ``options`` (``method``, ``gram_steps``, ``power_steps``, ``dense_max_columns``) are
+        those of :func:`lipnorm.conv.bounds.conv_sigma_bounds`.
         """
         from lipnorm.conv.bounds import conv_sigma_bounds
 
-        return conv_sigma_bounds(self, method=method, gram_steps=gram_steps)
+        return conv_sigma_bounds(self, **options)
 
     def exact_sigma(self) -> float:
         """Spectral norm of a circular convolution from the FFT of its kernel (float64).

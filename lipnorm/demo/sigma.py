@@ -1,39 +1,18 @@
-"""``lipnorm demo``: what lipnorm computes, side by side with the exact answer.
-
-The demo is a list of sections, :data:`SECTIONS`, run in order by :func:`run_demo`. A
-section is a title and a function that prints to a ``rich`` console; a new feature adds
-its section to the list.
-"""
+"""Demo section: σ_max of weight matrices, lipnorm's estimate and certified interval next to the SVD."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.linalg
 
 import lipnorm
+from lipnorm.demo.report import format_seconds, new_table
 
-__all__ = ["SECTIONS", "DemoSection", "run_demo", "sigma_matrices"]
-
-
-@dataclass(frozen=True)
-class DemoSection:
-    """One part of the demo.
-
-    Attributes
-    ----------
-    title : str
-        Heading printed above the section.
-    run : callable
-        ``run(console)`` prints the section to a ``rich.console.Console``.
-    """
-
-    title: str
-    run: Callable[[Any], None]
+__all__ = ["sigma_matrices", "sigma_section"]
 
 
 def sigma_matrices(seed: int = 0) -> dict[str, np.ndarray]:
@@ -67,16 +46,16 @@ def sigma_matrices(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _sigma_section(console: Any) -> None:
-    from rich import box
-    from rich.table import Table
-
-    estimates = Table(title="estimate_sigma(W) next to the SVD", box=box.SIMPLE_HEAD)
-    bounds = Table(title="sigma_bounds(W): certified interval", box=box.SIMPLE_HEAD)
-    for column in ("matrix", "SVD σ", "SVD time", "lipnorm σ", "rel. err", "time", "matvecs"):
-        estimates.add_column(column, justify="left" if column == "matrix" else "right", no_wrap=True)
-    for column in ("matrix", "lower", "upper", "upper/lower−1", "time", "SVD inside"):
-        bounds.add_column(column, justify="left" if column == "matrix" else "right", no_wrap=True)
+def sigma_section(console: Any, output_dir: Path) -> None:
+    """Print estimates and certified intervals of :func:`sigma_matrices` next to the SVD."""
+    estimates = new_table(
+        "estimate_sigma(W) next to the SVD",
+        ("matrix", "SVD σ", "SVD time", "lipnorm σ", "rel. err", "time", "matvecs"),
+    )
+    bounds = new_table(
+        "sigma_bounds(W): certified interval",
+        ("matrix", "lower", "upper", "upper/lower−1", "time", "SVD inside"),
+    )
     for name, matrix in sigma_matrices().items():
         start = time.perf_counter()
         exact = float(scipy.linalg.svdvals(matrix.astype(np.float64))[0])
@@ -92,13 +71,13 @@ def _sigma_section(console: Any) -> None:
         bounds_seconds = time.perf_counter() - start
 
         estimates.add_row(
-            name, f"{exact:.8g}", _seconds(svd_seconds), f"{sigma:.8g}",
-            f"{abs(sigma - exact) / exact:.1e}", _seconds(sigma_seconds), str(state.matvecs),
+            name, f"{exact:.8g}", format_seconds(svd_seconds), f"{sigma:.8g}",
+            f"{abs(sigma - exact) / exact:.1e}", format_seconds(sigma_seconds), str(state.matvecs),
         )
         inside = interval.lower <= exact <= interval.upper
         bounds.add_row(
             name, f"{interval.lower:.9g}", f"{interval.upper:.9g}",
-            f"{interval.upper / interval.lower - 1:.1e}", _seconds(bounds_seconds),
+            f"{interval.upper / interval.lower - 1:.1e}", format_seconds(bounds_seconds),
             "[green]yes" if inside else "[red]NO",
         )
     console.print(estimates)
@@ -111,19 +90,3 @@ def _sigma_section(console: Any) -> None:
         "The interval contains the exact σ, every float rounding error accounted for. An "
         "estimate (power iteration, Lanczos) is not a bound: in exact arithmetic it lies below σ."
     )
-
-
-def _seconds(seconds: float) -> str:
-    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms"
-
-
-SECTIONS: list[DemoSection] = [
-    DemoSection("σ_max of weight matrices: lipnorm next to the SVD", _sigma_section),
-]
-
-
-def run_demo(console: Any) -> None:
-    """Print every section of :data:`SECTIONS` to ``console`` (a ``rich.console.Console``)."""
-    for section in SECTIONS:
-        console.rule(section.title)
-        section.run(console)
