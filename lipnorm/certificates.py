@@ -41,12 +41,18 @@ from lipnorm._xp import array_namespace, to_numpy
 from lipnorm.krylov import lanczos, random_vector
 from lipnorm.operators import DenseOperator
 
-__all__ = ["SigmaInterval", "certified_stack_bounds", "gram_iteration_block_bounds", "gram_iteration_bounds"]
+__all__ = ["SigmaInterval", "certified_stack_bounds", "certify_stack", "gram_iteration_block_bounds", "gram_iteration_bounds"]
 
 _UNIT_ROUNDOFF = 2.0**-53
 _SMALLEST_SUBNORMAL = 2.0**-1074
 #: Blocks up to this size get their estimate from a dense eigen-decomposition.
 _DENSE_ESTIMATE_LIMIT = 512
+#: Stacks of more blocks than this are ranked by batched power steps first, and only the
+#: blocks whose estimate is at least _CANDIDATE_SHARE of the largest get an exact one (if
+#: the certificate then fails, every block gets an exact one and it is tried again).
+_CANDIDATE_MIN_BLOCKS = 16
+_CANDIDATE_SHARE = 0.95
+_RANKING_POWER_STEPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,15 +181,32 @@ def _certified_lower(stack: _HostStack, index: int, vector: np.ndarray, right: b
 
 
 def _top_estimates(
-    gram: np.ndarray, stack: _HostStack
-) -> tuple[np.ndarray, int, np.ndarray]:
-    """Per-block estimates of ``sigma_max^2`` and the top eigenvector of the largest block."""
+    gram: np.ndarray, *, exhaustive: bool
+) -> tuple[np.ndarray, int, np.ndarray, bool]:
+    """Per-block estimates of ``sigma_max^2`` and the top eigenvector of the largest block.
+
+    Unless ``exhaustive``, a stack of many small Gram matrices is ranked by a few batched
+    power steps, and only the blocks within :data:`_CANDIDATE_SHARE` of the best get an
+    exact eigenvalue; the others keep their power-iteration estimate (a lower estimate: it
+    only sets where the certificate's threshold starts, never what it certifies).
+
+    Returns
+    -------
+    squares, best, vector
+        The estimates, the index of the largest and its top eigenvector.
+    exact : bool
+        Whether every estimate is an exact eigenvalue (up to rounding).
+    """
     dimension = gram.shape[-1]
     if dimension <= _DENSE_ESTIMATE_LIMIT:
-        values = np.linalg.eigvalsh(gram)[..., -1]
+        ranked = not exhaustive and gram.shape[0] > _CANDIDATE_MIN_BLOCKS
+        values = _power_estimates(gram) if ranked else np.zeros(gram.shape[0])
+        candidates = (np.flatnonzero(values >= _CANDIDATE_SHARE * np.max(values)) if ranked
+                      else np.arange(gram.shape[0]))
+        values[candidates] = np.linalg.eigvalsh(gram[candidates])[..., -1]
         best = int(np.argmax(values))
         vector = np.linalg.eigh(gram[best])[1][:, -1]
-        return np.maximum(values, 0.0), best, vector
+        return np.maximum(values, 0.0), best, vector, not ranked
     values = np.empty(gram.shape[0])
     vectors = []
     for index in range(gram.shape[0]):
@@ -193,7 +216,19 @@ def _top_estimates(
         values[index] = result.sigma
         vectors.append(result.v)
     best = int(np.argmax(values))
-    return values, best, np.asarray(vectors[best])
+    return values, best, np.asarray(vectors[best]), True
+
+
+def _power_estimates(gram: np.ndarray) -> np.ndarray:
+    """Rayleigh quotients after :data:`_RANKING_POWER_STEPS` batched power steps on each block."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(gram.shape[:-1] + (1,))
+    if np.iscomplexobj(gram):
+        x = x + 1j * rng.standard_normal(x.shape)
+    for _ in range(_RANKING_POWER_STEPS):
+        x = gram @ x
+        x = x / np.maximum(np.linalg.norm(x, axis=(-2, -1), keepdims=True), np.finfo(np.float64).tiny)
+    return np.real(np.sum(np.conj(x) * (gram @ x), axis=(-2, -1)))
 
 
 def certified_stack_bounds(blocks: Any, *, estimate: float | None = None) -> SigmaInterval:
@@ -227,30 +262,57 @@ def certified_stack_bounds(blocks: Any, *, estimate: float | None = None) -> Sig
     >>> lower <= 3.0 <= upper
     True
     """
+    return certify_stack(blocks, estimate=estimate)[0]
+
+
+def certify_stack(blocks: Any, *, estimate: float | None = None) -> tuple[SigmaInterval, np.ndarray]:
+    """:func:`certified_stack_bounds`, with the per-block estimates it used.
+
+    Parameters
+    ----------
+    blocks : array, shape (..., p, q)
+    estimate : float, optional
+        As for :func:`certified_stack_bounds`.
+
+    Returns
+    -------
+    interval : SigmaInterval
+        ``lower <= max_i sigma_max(blocks[i]) <= upper``.
+    estimates : ndarray, float64, shape (batch,)
+        An estimate of ``sigma_max`` of each block of the stack flattened to
+        ``(batch, p, q)`` (exact up to rounding for the blocks near the maximum, a lower
+        estimate for the others): which block is largest, not a bound.
+    """
     stack = _HostStack.from_any(blocks)
     if not np.any(stack.blocks):
-        return SigmaInterval(0.0, 0.0, "zero matrix")
+        return SigmaInterval(0.0, 0.0, "zero matrix"), np.zeros(stack.blocks.shape[0])
     gram, inner = _gram(stack.blocks)
-    squares, best, vector = _top_estimates(gram, stack)
-    p, q = stack.blocks.shape[-2:]
-    lower = _certified_lower(stack, best, vector, right=p >= q)
-    if estimate is not None:
-        target = (float(estimate) * stack.scale) ** 2
-    else:
-        target = float(np.max(squares))
     frobenius = stack.frobenius_upper()
-    # Start just above the Cholesky factorization's own rounding (~ dimension * eps) and
-    # widen 16-fold per failed attempt: the interval is as narrow as the certificate allows.
-    margin = 16 * gram.shape[-1] * 2.0**-53
-    while margin < 1.0:
-        threshold = _up(max(target, lower * stack.scale * lower * stack.scale) * (1.0 + margin))
-        delta = _cholesky_certificate(gram, threshold, frobenius, inner, stack.complex_dtype)
-        if delta is not None:
-            upper = stack.unscale_upper(_up(math.sqrt(_up(threshold + delta))))
-            return SigmaInterval(lower, upper, "Cholesky certificate (float64)")
-        margin *= 16.0
+    p, q = stack.blocks.shape[-2:]
+    exhaustive = False
+    while True:
+        squares, best, vector, exhaustive = _top_estimates(gram, exhaustive=exhaustive)
+        estimates = np.sqrt(squares) / stack.scale
+        lower = _certified_lower(stack, best, vector, right=p >= q)
+        target = (float(estimate) * stack.scale) ** 2 if estimate is not None else float(np.max(squares))
+        target = max(target, (lower * stack.scale) ** 2)
+        # Start just above the Cholesky factorization's own rounding (~ dimension * eps) and
+        # widen 16-fold per failed attempt, so the interval is as narrow as the certificate
+        # allows. With ranked estimates, a failure past 2^-30 means a block was
+        # underestimated: estimate every block exactly and start again.
+        margin = 16 * gram.shape[-1] * 2.0**-53
+        while margin < (1.0 if exhaustive else 2.0**-30):
+            threshold = _up(target * (1.0 + margin))
+            delta = _cholesky_certificate(gram, threshold, frobenius, inner, stack.complex_dtype)
+            if delta is not None:
+                upper = stack.unscale_upper(_up(math.sqrt(_up(threshold + delta))))
+                return SigmaInterval(lower, upper, "Cholesky certificate (float64)"), estimates
+            margin *= 16.0
+        if exhaustive:
+            break
+        exhaustive = True
     upper = stack.unscale_upper(_up(math.sqrt(float(np.max(frobenius)))))
-    return SigmaInterval(lower, upper, "Frobenius norm (Cholesky certificate failed)")
+    return SigmaInterval(lower, upper, "Frobenius norm (Cholesky certificate failed)"), estimates
 
 
 def _cholesky_certificate(

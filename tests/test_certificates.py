@@ -83,3 +83,28 @@ def test_gram_iteration_on_exactly_known_diagonal():
     # two equal top values: ||G_12||_F^(1/2^12) = 4 * 2^(1/2^13) exactly, up to rounding
     np.testing.assert_allclose(upper[0], 4.0 * 2.0 ** (2.0**-13), rtol=1e-12)
     np.testing.assert_allclose(lower[0], 4.0 * 2.0 ** (2.0**-13) / 3.0 ** (2.0**-13), rtol=1e-12)
+
+
+def test_ranked_estimates_that_miss_the_top_block_fall_back_to_exact_ones(monkeypatch):
+    """Many blocks are ranked by a few power steps; a misranked top block must not loosen
+    (or break) the certificate: the failed Cholesky sends every block to an exact estimate."""
+    import lipnorm.certificates as certificates
+
+    rng = np.random.default_rng(3)
+    blocks = rng.standard_normal((40, 12, 9))
+    blocks[17] *= 3.0  # the top block
+    ranks = []
+
+    def misranked(gram):
+        values = np.linalg.eigvalsh(gram)[:, -1]
+        values[17] = 0.1 * values.min()  # ranked last: not a candidate
+        ranks.append(values)
+        return values
+
+    monkeypatch.setattr(certificates, "_power_estimates", misranked)
+    interval, estimates = certificates.certify_stack(blocks)
+    truth = _stack_truth(blocks)
+    assert ranks, "the ranked path was not taken"
+    assert_contains(interval, truth)
+    assert interval.upper <= truth * (1 + 1e-9)
+    assert int(np.argmax(estimates)) == 17

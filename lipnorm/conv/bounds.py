@@ -53,13 +53,18 @@ from lipnorm.conv.spectrum import (
     to_numpy_float64,
 )
 from lipnorm.conv.taps import conv_adjoint, conv_forward
-from lipnorm.certificates import SigmaInterval, certified_stack_bounds, gram_iteration_block_bounds
+from lipnorm.certificates import (
+    SigmaInterval,
+    certified_stack_bounds,
+    certify_stack,
+    gram_iteration_block_bounds,
+)
 
 __all__ = ["conv_sigma_bounds", "circular_sigma", "embedding_grid", "certified_rayleigh_lower"]
 
 _METHODS = ("svd", "gram")
 _CHUNK_ENTRIES = 4_000_000  # complex entries of blocks held at once (64 MB)
-_SCREEN_STEPS = 3  # Gram steps of the cheap per-block bound that decides which blocks to certify
+_SCREEN_STEPS = 3  # Gram steps of the cheap per-block bound that decides which blocks to bound (method gram)
 #: Zero-padded layers whose per-group operator has at most this many columns are certified dense,
 DENSE_MAX_COLUMNS = 2048
 #: ... when rows x columns x min(rows, columns) of the whole dense matrix (the cost of its Gram
@@ -91,53 +96,67 @@ def _frequency_chunks(kernel: np.ndarray, geom: ConvGeometry, grid):
         yield chunk, stacked_blocks(kernel, geom.stride, geom.dilation, grid, chunk)
 
 
-def _certify_blocks(stack: np.ndarray, method: str, gram_steps: int) -> tuple[float, float]:
-    if method == "gram":
-        lo, hi = gram_iteration_block_bounds(stack, steps=gram_steps)
-        return float(lo.max()), float(hi.max())
-    lo, hi = certified_stack_bounds(stack)
-    return float(lo), float(hi)
-
-
 def _circular_interval(kernel, geom: ConvGeometry, grid, method: str, gram_steps: int):
     """Certified (lower, upper) of the circular convolution on ``grid`` and its top block.
 
-    Every block first gets a cheap certified upper bound (:data:`_SCREEN_STEPS` Gram
-    steps). Blocks are then certified by ``method`` in decreasing order of that cheap
-    bound until the next cheap bound is at most the best certified upper bound so far;
-    the blocks left out cannot raise the maximum, so the result is the same as
-    certifying every block.
+    ``"svd"``: each chunk of blocks is certified whole by one batched Cholesky certificate
+    (:func:`lipnorm.certificates.certify_stack`), whose per-block estimates also rank the
+    blocks. ``"gram"``: see :func:`_gram_screened_bounds`.
 
     Returns
     -------
     lower, upper : float
         Bounds on the operator norm (rounding of the blocks and the scaling included).
     top : dict
-        Per group, ``(cheap bound, frequency, block)`` of its block with the largest cheap
-        bound (start vectors for the lower bound); empty if the kernel is zero.
+        Per group, ``(ranking value, frequency, block)`` of its highest-ranked block (start
+        vectors for the lower bound); empty if the kernel is zero.
     """
     lower, upper, top = 0.0, 0.0, {}
     for freqs, blocks in _frequency_chunks(kernel, geom, grid):
         stack = blocks.reshape((-1,) + blocks.shape[2:])
-        _, screen = gram_iteration_block_bounds(stack, steps=_SCREEN_STEPS)
-        per_group = screen.reshape(blocks.shape[:2])
+        if method == "svd":
+            (chunk_lower, chunk_upper), ranking = certify_stack(stack)
+        else:
+            chunk_lower, chunk_upper, ranking = _gram_screened_bounds(stack, upper, gram_steps)
+        lower, upper = max(lower, chunk_lower), max(upper, chunk_upper)
+        per_group = ranking.reshape(blocks.shape[:2])
         for group, freq in enumerate(np.argmax(per_group, axis=1)):
             value = per_group[group, freq]
             if value > 0 and value > top.get(group, (0.0,))[0]:
                 top[group] = (value, freqs[freq], blocks[group, freq])
-        order = np.argsort(-screen)
-        batch = max(4, len(order) // 16)
-        for begin in range(0, len(order), batch):
-            chosen = order[begin : begin + batch]
-            if screen[chosen[0]] <= upper:
-                break
-            lo, hi = _certify_blocks(stack[chosen], method, gram_steps)
-            lower, upper = max(lower, lo), max(upper, hi)
     err = block_error_bound(kernel, geom.stride)
     root_s = math.sqrt(alias_count(geom.stride))
     lower = max(lower - err, 0.0) / root_s * (1 - 4 * _U)
     upper = (upper + err) / root_s * (1 + 4 * _U)
     return lower, upper, top
+
+
+def _gram_screened_bounds(stack: np.ndarray, upper: float, gram_steps: int):
+    """Gram-iteration bounds on the largest σ₁ of a stack, certifying only what can matter.
+
+    Every block first gets a cheap certified upper bound (:data:`_SCREEN_STEPS` Gram steps).
+    Blocks are then bounded with ``gram_steps`` in decreasing order of that cheap bound until
+    the next cheap bound is at most the best upper bound so far (``upper`` carries it over
+    from earlier chunks); the blocks left out cannot raise the maximum.
+
+    Returns
+    -------
+    lower, upper : float
+        Bounds on the stack's largest σ₁ (``upper`` at least the one given).
+    screen : ndarray
+        The cheap per-block bounds.
+    """
+    _, screen = gram_iteration_block_bounds(stack, steps=_SCREEN_STEPS)
+    lower = 0.0
+    order = np.argsort(-screen)
+    batch = max(4, len(order) // 16)
+    for begin in range(0, len(order), batch):
+        chosen = order[begin : begin + batch]
+        if screen[chosen[0]] <= upper:
+            break
+        block_lower, block_upper = gram_iteration_block_bounds(stack[chosen], steps=gram_steps)
+        lower, upper = max(lower, float(block_lower.max())), max(upper, float(block_upper.max()))
+    return lower, upper, screen
 
 
 def _top_plane_wave(geom: ConvGeometry, grid, top) -> np.ndarray:
@@ -239,7 +258,7 @@ def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, power_st
     op : ConvOperator
     method : {"svd", "gram"}
         How the per-frequency blocks are certified: ``"svd"`` through
-        :func:`lipnorm.sigma.certified_stack_bounds`, ``"gram"`` by Gram iteration
+        :func:`lipnorm.certificates.certified_stack_bounds`, ``"gram"`` by Gram iteration
         (:func:`lipnorm.certificates.gram_iteration_block_bounds`; cheaper on wide layers).
     gram_steps : int
         Gram steps for ``method="gram"``.

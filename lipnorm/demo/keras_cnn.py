@@ -7,6 +7,7 @@ as well as torch ones.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ def build_keras_model(seed: int = 0) -> Any:
 
 def keras_section(console: Any, output_dir: Path) -> None:
     """Fit :func:`build_keras_model` on the digits, print its σ's and its certificate."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up log lines
     import keras
 
     digits = load_digits_split()
