@@ -32,7 +32,7 @@ from scipy.sparse.linalg import svds
 
 import lipnorm
 from lipnorm.conv import conv_operator
-from lipnorm.conv.bounds import _circular_interval, _power_refine, _top_plane_wave, embedding_grid
+from lipnorm.conv.bounds import _circular_interval, _lanczos_refine, _top_plane_wave, embedding_grid
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -56,12 +56,12 @@ def kaiming_kernel(rng, cin, cout, k):
 
 
 def lipnorm_start_vector(op):
-    """lipnorm's near-top input vector (plane wave of the embedding, power-refined): a warm start."""
+    """lipnorm's near-top input vector (plane wave of the embedding, Lanczos-refined): a warm start."""
     geom = op.geometry
     kernel = np.asarray(op.kernel)
     grid = embedding_grid(geom)
     _, _, top = _circular_interval(kernel, geom, grid, "svd", 10)
-    return _power_refine(kernel, geom, _top_plane_wave(geom, grid, top), 16).ravel()
+    return _lanczos_refine(kernel, geom, _top_plane_wave(geom, grid, top), 24).ravel()
 
 
 def lanczos_truth(weight, stride, padding, size, start):

@@ -44,7 +44,8 @@ def test_small_zero_padded_layers_are_certified_dense_and_tight(cfg):
     op = _random_op(cfg, "torch")
     truth = np.linalg.norm(op.to_dense(), 2)
     interval = op.sigma_bounds()
-    assert interval.method == "conv-dense-svd"
+    expected = "conv-pointwise" if cfg["k"] == 1 else "conv-dense-svd"  # 1x1: the channel matrices
+    assert interval.method.startswith(expected)
     assert interval.lower <= truth <= interval.upper
     assert interval.upper <= interval.lower * (1 + 1e-9)
 
@@ -148,3 +149,17 @@ def test_keras_conv2d_transpose_layer_matches_operator(padding, kernel_size):
     y = op.matvec(x.ravel())
     assert y.shape == (ref.size,)
     np.testing.assert_allclose(y, ref.ravel(), atol=1e-12)
+
+
+@pytest.mark.parametrize("padding, stride, size, expected", [
+    (0, 2, 7, "conv-pointwise-svd"), (1, 3, 5, "conv-pointwise-svd"),
+    ("circular", 2, 6, "conv-pointwise-svd"),
+    (2, 3, 1, "conv-pointwise (reads only padding)"),  # outputs read positions -2 and 1 of [0, 1)
+])
+def test_pointwise_convolutions_are_bounded_by_their_channel_matrices(padding, stride, size, expected):
+    rng = np.random.default_rng(4)
+    op = conv_operator(rng.standard_normal((6, 2, 1)), (4, size), stride=stride, padding=padding, groups=2)
+    truth = np.linalg.norm(op.to_dense(), 2)
+    interval = op.sigma_bounds()
+    assert interval.method == expected
+    assert interval.lower <= truth <= interval.upper <= truth * (1 + 1e-12) + 1e-300

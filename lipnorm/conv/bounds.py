@@ -21,6 +21,10 @@ Zero padding: the circular embedding
     :math:`L \le n + p_{lo} + p_{hi}`, :math:`N = n + e - 1` rounded up to a multiple
     of :math:`s` is enough whenever the padding is at most :math:`e - 1`.
 
+1x1 kernels
+    Every output reads one input position, a different one per output, so the norm is
+    that of the channel matrices (largest over groups), certified directly.
+
 Zero padding: small layers
     When one group's operator has at most :data:`DENSE_MAX_COLUMNS` columns (and the
     whole one's Gram product costs at most :data:`DENSE_MAX_WORK`), the operator is built as a dense
@@ -33,7 +37,7 @@ Zero padding: lower bound
     :math:`\|A x\| / \|x\|` for a float64 vector :math:`x`, minus the rounding of the
     computation (:func:`certified_rayleigh_lower`). The vector is the top singular
     vector of the circular embedding restricted to the input window, refined by a few
-    power-iteration steps on the real operator.
+    Golub-Kahan-Lanczos steps on the real operator.
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ from lipnorm.conv.spectrum import (
     stacked_blocks,
     to_numpy_float64,
 )
-from lipnorm.conv.taps import conv_adjoint, conv_forward
+from lipnorm.conv.operator import ConvOperator
+from lipnorm.conv.taps import conv_forward
+from lipnorm.krylov import lanczos
 from lipnorm.certificates import (
     SigmaInterval,
     certified_stack_bounds,
@@ -216,14 +222,20 @@ def certified_rayleigh_lower(kernel: np.ndarray, geom: ConvGeometry, x: np.ndarr
     return max(y_norm - err, 0.0) / x_norm * (1 - 4 * _U)
 
 
-def _power_refine(kernel, geom: ConvGeometry, x: np.ndarray, steps: int) -> np.ndarray:
-    for _ in range(steps):
-        x = conv_adjoint(np, kernel, conv_forward(np, kernel, x, geom), geom)
-        norm = np.linalg.norm(x)
-        if norm == 0.0:
-            break
-        x = x / norm
-    return x
+def _lanczos_refine(kernel, geom: ConvGeometry, x: np.ndarray, steps: int) -> np.ndarray:
+    """``steps`` Golub-Kahan-Lanczos steps on the float64 operator from ``x``: its top Ritz vector.
+
+    On the dense top of a convolution's spectrum Lanczos gets much closer to the top
+    singular vector than as many power steps. Only a start for the certified Rayleigh
+    quotient: nothing certified rests on it.
+    """
+    operator = ConvOperator(kernel, geom, transposed=False, channels_last=False)
+    start = x.reshape(-1)
+    norm = np.linalg.norm(start)
+    if norm == 0.0:
+        return x
+    result = lanczos(operator, start / norm, rtol=1e-10, max_iter=steps)
+    return np.reshape(result.v, x.shape)
 
 
 def circular_sigma(op) -> float:
@@ -249,7 +261,7 @@ def circular_sigma(op) -> float:
     return best / math.sqrt(alias_count(geom.stride))
 
 
-def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, power_steps: int = 16,
+def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, lanczos_steps: int = 24,
                       dense_max_columns: int = DENSE_MAX_COLUMNS) -> SigmaInterval:
     """Certified interval for the spectral norm of a :class:`~lipnorm.conv.ConvOperator`.
 
@@ -262,8 +274,9 @@ def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, power_st
         (:func:`lipnorm.certificates.gram_iteration_block_bounds`; cheaper on wide layers).
     gram_steps : int
         Gram steps for ``method="gram"``.
-    power_steps : int
-        Power steps on the real operator refining the lower bound (zero padding).
+    lanczos_steps : int
+        Golub-Kahan-Lanczos steps on the real operator refining the lower bound's vector
+        (zero padding).
     dense_max_columns : int
         Zero-padded layers with at most this many input entries per group (and a Gram
         product of at most ``DENSE_MAX_WORK``) are certified as a dense matrix; 0 always
@@ -286,6 +299,8 @@ def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, power_st
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     geom = op.geometry
     kernel = to_numpy_float64(op.kernel)
+    if all(k == 1 for k in geom.kernel_size):
+        return _pointwise_interval(kernel, geom)
     if geom.circular:
         lower, upper, _ = _circular_interval(kernel, geom, geom.input_size, method, gram_steps)
         return SigmaInterval(lower=lower, upper=upper, method=f"conv-circular-{method}")
@@ -296,9 +311,27 @@ def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, power_st
     _, upper, top = _circular_interval(kernel, geom, grid, method, gram_steps)
     if not top:  # every block is zero: so is the kernel
         return SigmaInterval(lower=0.0, upper=upper, method=f"conv-embedding-{method}")
-    x = _power_refine(kernel, geom, _top_plane_wave(geom, grid, top), power_steps)
+    x = _lanczos_refine(kernel, geom, _top_plane_wave(geom, grid, top), lanczos_steps)
     lower = certified_rayleigh_lower(kernel, geom, x)
     return SigmaInterval(lower=lower, upper=upper, method=f"conv-embedding-{method}")
+
+
+def _pointwise_interval(kernel: np.ndarray, geom: ConvGeometry) -> SigmaInterval:
+    """A 1x1 convolution: the channel matrix of each group applied at the positions read.
+
+    Output position ``o`` reads input ``o * s - pad_lo`` (modulo ``n`` when circular), a
+    distinct position per output, so the operator is (up to a permutation) a block
+    diagonal of copies of each group's ``cout_g x cin_g`` matrix and zero rows: its norm
+    is the largest σ of the groups' matrices when some output reads an input, else 0.
+    """
+    reads_input = geom.circular or all(
+        any(0 <= o * s - lo < n for o in range(m))
+        for n, m, s, lo in zip(geom.input_size, geom.output_size, geom.stride, geom.pad_lo)
+    )
+    if not reads_input:
+        return SigmaInterval(lower=0.0, upper=0.0, method="conv-pointwise (reads only padding)")
+    interval = certified_stack_bounds(kernel.reshape(kernel.shape[:3]))
+    return SigmaInterval(lower=interval.lower, upper=interval.upper, method="conv-pointwise-svd")
 
 
 def _is_small(geom: ConvGeometry, max_columns: int) -> bool:
