@@ -138,7 +138,7 @@ def write_report(rows, repeats):
         "",
         "Truth: ARPACK Lanczos (tol 1e-10) on torch's conv2d / conv_transpose2d, float64, warm-started "
         "from lipnorm's near-top vector. Ratios are to truth. 'svd' blocks certified by "
-        "lipnorm.sigma.certified_stack_bounds, 'gram' by 10 Gram steps.",
+        "lipnorm.certificates.certified_stack_bounds, 'gram' by 10 Gram steps.",
         "",
         "| layer | shape | truth | svd lower | svd upper | svd s | gram lower | gram upper | gram s "
         "| reshaped-kernel σ | circular, no stride |",
