@@ -8,7 +8,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 from torch import nn  # noqa: E402
 
-from lipnorm.backends.torch import spectral_norm  # noqa: E402
+import lipnorm  # noqa: E402
+from lipnorm.backends.torch import spectral_norm, warm_up  # noqa: E402
 
 
 def _digits(n):
@@ -77,3 +78,7 @@ def test_sn_gan_on_digits_trains_without_nan_and_keeps_discriminator_1_lipschitz
             assert bound <= (1.0 + 2e-2) ** 3 * (1.0 + 1e-3)
     with torch.no_grad():
         assert torch.isfinite(generator(torch.randn(8, 16))).all()
+    # After training, converged u, v make the whole discriminator certifiably 1-Lipschitz.
+    warm_up(discriminator, iterations=100)
+    certificate = lipnorm.certify(discriminator.eval(), input_shape=(1, 8, 8))
+    assert certificate.upper <= 1.0 + 1e-2, certificate.table()
