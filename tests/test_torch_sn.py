@@ -234,6 +234,20 @@ def test_warm_up_converges_every_normalized_tensor_after_the_weights_moved():
         warm_up(model, 0)
 
 
+def test_operator_mode_steps_never_lower_sigma():
+    """Golub-Kahan-Lanczos keeps its start when rounding makes the Ritz value come out lower."""
+    torch.manual_seed(0)
+    conv = spectral_norm(nn.Conv2d(1, 16, 3, padding=1), mode="operator", input_shape=(1, 8, 8))
+    with torch.no_grad():
+        conv.weight_orig.mul_(1.7).add_(0.3 * torch.randn_like(conv.weight_orig))
+    previous = float(sigma_of(conv))
+    for _ in range(20):
+        warm_up(conv, iterations=25)
+        current = float(sigma_of(conv))
+        assert current >= previous * (1 - 1e-6), (previous, current)
+        previous = current
+
+
 def test_eval_does_not_update_u_v():
     layer = spectral_norm(nn.Conv2d(3, 4, 3)).eval()
     u, v = layer.weight_u.clone(), layer.weight_v.clone()
