@@ -145,6 +145,24 @@ def test_lipnorm_spectral_normalization_is_bounded_by_its_actual_weights(mode):
         assert abs(conv_row.bound - 1) < 1e-2, certificate.table()
 
 
+def test_a_layer_used_both_wrapped_and_unwrapped_keeps_its_raw_weights_unwrapped():
+    from lipnorm.backends.keras import SpectralNormalization
+
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((6,))
+    dense = layers.Dense(4, use_bias=False)
+    dense.build((None, 6))
+    dense.kernel.assign(10.0 * np.asarray(dense.kernel))  # sigma well above 1
+    # depths: the wrapped use is translated first, the raw use after it
+    normalized = layers.Identity()(SpectralNormalization(dense)(inputs))
+    raw = dense(layers.Identity()(inputs))
+    model = keras.Model(inputs, layers.Concatenate()([raw, normalized]))
+    matrix = np.asarray(model(np.eye(6, dtype="float32"), training=False), dtype=np.float64).T
+    exact = np.linalg.svd(matrix, compute_uv=False)[0]
+    certificate = certify(model)
+    assert certificate.upper >= exact * (1 - FLOAT32_EVALUATION_SLACK), certificate.table()
+
+
 def test_nested_models_are_walked():
     inner = keras.Sequential([keras.Input((4,)), layers.Dense(3, activation="relu", name="hidden")],
                              name="inner")

@@ -226,9 +226,16 @@ class _Walker:
         bound is that of the layer as it runs, not an assumed 1.
         """
         inner = wrapper.layer
-        for view, sigma in zip(kernel_views(inner), wrapper.sigmas()):
-            self._divisors[id(getattr(inner, view.attribute))] = float(sigma)
-        return self.layer(inner, node, sources, prefix)
+        divisors = {id(getattr(inner, view.attribute)): float(sigma)
+                    for view, sigma in zip(kernel_views(inner), wrapper.sigmas())}
+        # Only while the wrapped layer is translated: the same layer object used unwrapped
+        # elsewhere in the model runs with its raw weights.
+        self._divisors.update(divisors)
+        try:
+            return self.layer(inner, node, sources, prefix)
+        finally:
+            for key in divisors:
+                del self._divisors[key]
 
     def _weight(self, variable) -> np.ndarray:
         """A weight in float64, divided by its sigma when a SpectralNormalization wraps it."""
