@@ -46,8 +46,8 @@ def test_sn_gan_on_digits_trains_without_nan_and_keeps_discriminator_1_lipschitz
     # Adam moves these small convolutions fast relative to the convergence of the power
     # iteration through the operator (the top of a convolution's spectrum is dense), and the
     # estimate approaches sigma from below: with 10 steps per training forward (three
-    # forwards per optimizer step) the normalized convolutions stay within 2% of norm 1
-    # (within 1% most of the time, not always: see docs/torch.md).
+    # forwards per optimizer step) the normalized convolutions stay within 1% of norm 1
+    # (0.5% at most, checked every 10 steps: see docs/torch.md).
     operator = dict(mode="operator", n_power_iterations=10)
     discriminator = nn.Sequential(
         spectral_norm(nn.Conv2d(1, 16, 3, stride=1, padding=1), **operator), nn.LeakyReLU(0.1),
@@ -70,12 +70,12 @@ def test_sn_gan_on_digits_trains_without_nan_and_keeps_discriminator_1_lipschitz
         assert torch.isfinite(loss_d) and torch.isfinite(loss_g), step
         if step % 50 == 0:
             norms = _discriminator_operator_norms(discriminator)
-            assert all(norm <= 1.0 + 2e-2 for norm in norms.values()), (step, norms)
+            assert all(norm <= 1.0 + 1e-2 for norm in norms.values()), (step, norms)
             assert norms[7] <= 1.0 + 1e-3  # the Linear layer: matrix mode is its operator norm
             bound = 1.0
             for norm in norms.values():  # LeakyReLU(0.1) and Flatten are 1-Lipschitz
                 bound *= norm
-            assert bound <= (1.0 + 2e-2) ** 3 * (1.0 + 1e-3)
+            assert bound <= (1.0 + 1e-2) ** 3 * (1.0 + 1e-3)
     with torch.no_grad():
         assert torch.isfinite(generator(torch.randn(8, 16))).all()
     # After training, converged u, v make the whole discriminator certifiably 1-Lipschitz.
