@@ -127,6 +127,7 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     -------
     >>> import torch
     >>> from lipnorm.backends.torch import spectral_norm, sigma_of
+    >>> _ = torch.manual_seed(0)
     >>> layer = spectral_norm(torch.nn.Linear(20, 40))
     >>> float(torch.linalg.matrix_norm(layer.weight.detach(), 2)) <= 1.0 + 1e-3
     True
@@ -241,13 +242,10 @@ def sigmas(model: nn.Module) -> dict[str, float]:
     >>> list(sigmas(net))
     ['0.weight']
     """
-    found = {}
-    for prefix, sub in model.named_modules():
-        for name, spec in getattr(sub, "_spectral_norm_specs", {}).items():
-            if spec.mode == "operator" and getattr(sub, name + "_u").numel() == 0:
-                continue
-            found[f"{prefix}.{name}" if prefix else name] = float(sigma_of(sub, name))
-    return found
+    return {
+        f"{prefix}.{name}" if prefix else name: float(sigma_of(sub, name))
+        for prefix, sub, name, _ in _initialized_tensors(model)
+    }
 
 
 def warm_up(model: nn.Module, iterations: int = WARMUP_ITERATIONS) -> None:
@@ -276,11 +274,17 @@ def warm_up(model: nn.Module, iterations: int = WARMUP_ITERATIONS) -> None:
     """
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    for sub in model.modules():
+    for _, sub, name, spec in _initialized_tensors(model):
+        _estimate_sigma(sub, name, _view_of(sub, spec, name), iterations)
+
+
+def _initialized_tensors(model: nn.Module):
+    """``(prefix, submodule, name, spec)`` of every normalized tensor whose u, v exist
+    (operator-mode layers get theirs at their first input)."""
+    for prefix, sub in model.named_modules():
         for name, spec in getattr(sub, "_spectral_norm_specs", {}).items():
-            if spec.mode == "operator" and getattr(sub, name + "_u").numel() == 0:
-                continue
-            _estimate_sigma(sub, name, _view_of(sub, spec, name), iterations)
+            if spec.mode == "matrix" or getattr(sub, name + "_u").numel() > 0:
+                yield prefix, sub, name, spec
 
 
 # --------------------------------------------------------------------------- validation

@@ -222,6 +222,11 @@ def certified_rayleigh_lower(kernel: np.ndarray, geom: ConvGeometry, x: np.ndarr
     return max(y_norm - err, 0.0) / x_norm * (1 - 4 * _U)
 
 
+def _float64_operator(kernel: np.ndarray, geom: ConvGeometry) -> ConvOperator:
+    """The forward convolution with the float64 host kernel, channels first."""
+    return ConvOperator(kernel, geom, transposed=False, channels_last=False)
+
+
 def _lanczos_refine(kernel, geom: ConvGeometry, x: np.ndarray, steps: int) -> np.ndarray:
     """``steps`` Golub-Kahan-Lanczos steps on the float64 operator from ``x``: its top Ritz vector.
 
@@ -229,7 +234,7 @@ def _lanczos_refine(kernel, geom: ConvGeometry, x: np.ndarray, steps: int) -> np
     singular vector than as many power steps. Only a start for the certified Rayleigh
     quotient: nothing certified rests on it.
     """
-    operator = ConvOperator(kernel, geom, transposed=False, channels_last=False)
+    operator = _float64_operator(kernel, geom)
     start = x.reshape(-1)
     norm = np.linalg.norm(start)
     if norm == 0.0:
@@ -344,15 +349,13 @@ def _is_small(geom: ConvGeometry, max_columns: int) -> bool:
 def _dense_group_blocks(kernel: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     """The exact float64 operator of each group, shape ``(G, cout_g * M, cin_g * N)``.
 
-    Column ``j`` of the whole operator is the convolution of the ``j``-th basis signal; the
-    operator is block diagonal over groups (channels-first flattening), so the blocks are
-    its diagonal ones.
+    Column ``j`` of the whole operator (:meth:`ConvOperator.to_dense`) is the convolution of
+    the ``j``-th basis signal; the operator is block diagonal over groups (channels-first
+    flattening), so the blocks are its diagonal ones.
     """
     groups, cout_g, cin_g = kernel.shape[:3]
     inputs, outputs = math.prod(geom.input_size), math.prod(geom.output_size)
-    columns = geom.in_channels * inputs
-    basis = np.eye(columns).reshape((columns, geom.in_channels) + tuple(geom.input_size))
-    dense = np.stack([conv_forward(np, kernel, e, geom).reshape(-1) for e in basis], axis=1)
+    dense = np.asarray(_float64_operator(kernel, geom).to_dense())
     rows_per_group, columns_per_group = cout_g * outputs, cin_g * inputs
     return np.stack([
         dense[g * rows_per_group:(g + 1) * rows_per_group, g * columns_per_group:(g + 1) * columns_per_group]
