@@ -36,22 +36,30 @@ import math
 from typing import Any, Iterator
 
 import numpy as np
+from scipy.linalg import get_lapack_funcs
 
 from lipnorm._xp import array_namespace, to_numpy
 from lipnorm.krylov import lanczos, random_vector
 from lipnorm.operators import DenseOperator
 
-__all__ = ["SigmaInterval", "certified_stack_bounds", "certify_stack", "gram_iteration_block_bounds", "gram_iteration_bounds"]
+__all__ = [
+    "GramStackCertificate",
+    "SigmaInterval",
+    "certified_stack_bounds",
+    "certify_gram_stack",
+    "certify_stack",
+    "gram_iteration_block_bounds",
+    "gram_iteration_bounds",
+]
 
 _UNIT_ROUNDOFF = 2.0**-53
 _SMALLEST_SUBNORMAL = 2.0**-1074
-#: Blocks up to this size get their estimate from a dense eigen-decomposition.
-_DENSE_ESTIMATE_LIMIT = 512
-#: Stacks of more blocks than this are ranked by batched power steps first, and only the
-#: blocks whose estimate is at least _CANDIDATE_SHARE of the largest get an exact one (if
-#: the certificate then fails, every block gets an exact one and it is tried again).
-_CANDIDATE_MIN_BLOCKS = 16
-_CANDIDATE_SHARE = 0.95
+#: Blocks up to this size get their exact estimate from a dense eigen-decomposition, larger
+#: ones from Lanczos.
+_DENSE_ESTIMATE_LIMIT = 256
+#: Matrices at least this large are Cholesky-factored one LAPACK call at a time, smaller
+#: ones in NumPy batches.
+_LAPACK_LOOP_MIN_DIMENSION = 32
 _RANKING_POWER_STEPS = 8
 
 
@@ -180,43 +188,23 @@ def _certified_lower(stack: _HostStack, index: int, vector: np.ndarray, right: b
     return stack.unscale_lower(_down(max(image_norm - error, 0.0) / x_norm))
 
 
-def _top_estimates(
-    gram: np.ndarray, *, exhaustive: bool
-) -> tuple[np.ndarray, int, np.ndarray, bool]:
-    """Per-block estimates of ``sigma_max^2`` and the top eigenvector of the largest block.
+def _exact_top_values(gram: np.ndarray) -> np.ndarray:
+    """Largest eigenvalue of each Hermitian matrix of a stack (dense or Lanczos, by size)."""
+    if gram.shape[-1] <= _DENSE_ESTIMATE_LIMIT:
+        return np.linalg.eigvalsh(gram)[..., -1]
+    return np.array([_top_eigenpair(matrix)[0] for matrix in gram])
 
-    Unless ``exhaustive``, a stack of many small Gram matrices is ranked by a few batched
-    power steps, and only the blocks within :data:`_CANDIDATE_SHARE` of the best get an
-    exact eigenvalue; the others keep their power-iteration estimate (a lower estimate: it
-    only sets where the certificate's threshold starts, never what it certifies).
 
-    Returns
-    -------
-    squares, best, vector
-        The estimates, the index of the largest and its top eigenvector.
-    exact : bool
-        Whether every estimate is an exact eigenvalue (up to rounding).
-    """
-    dimension = gram.shape[-1]
-    if dimension <= _DENSE_ESTIMATE_LIMIT:
-        ranked = not exhaustive and gram.shape[0] > _CANDIDATE_MIN_BLOCKS
-        values = _power_estimates(gram) if ranked else np.zeros(gram.shape[0])
-        candidates = (np.flatnonzero(values >= _CANDIDATE_SHARE * np.max(values)) if ranked
-                      else np.arange(gram.shape[0]))
-        values[candidates] = np.linalg.eigvalsh(gram[candidates])[..., -1]
-        best = int(np.argmax(values))
-        vector = np.linalg.eigh(gram[best])[1][:, -1]
-        return np.maximum(values, 0.0), best, vector, not ranked
-    values = np.empty(gram.shape[0])
-    vectors = []
-    for index in range(gram.shape[0]):
-        operator = DenseOperator(gram[index], array_namespace(gram[index]))
-        start = random_vector(operator, dimension, seed=index)
-        result = lanczos(operator, start, rtol=1e-12, max_iter=2000)
-        values[index] = result.sigma
-        vectors.append(result.v)
-    best = int(np.argmax(values))
-    return values, best, np.asarray(vectors[best]), True
+def _top_eigenpair(matrix: np.ndarray) -> tuple[float, np.ndarray]:
+    """Largest eigenvalue of one Hermitian matrix and its unit eigenvector."""
+    if matrix.shape[-1] <= _DENSE_ESTIMATE_LIMIT:
+        values, vectors = np.linalg.eigh(matrix)
+        return float(values[-1]), vectors[:, -1]
+    operator = DenseOperator(matrix, array_namespace(matrix))
+    start = random_vector(operator, matrix.shape[-1], seed=0)
+    result = lanczos(operator, start, rtol=1e-12, max_iter=2000)
+    # sigma of a Hermitian positive semidefinite matrix is its largest eigenvalue
+    return float(result.sigma), np.asarray(result.v)
 
 
 def _power_estimates(gram: np.ndarray) -> np.ndarray:
@@ -229,6 +217,96 @@ def _power_estimates(gram: np.ndarray) -> np.ndarray:
         x = gram @ x
         x = x / np.maximum(np.linalg.norm(x, axis=(-2, -1), keepdims=True), np.finfo(np.float64).tiny)
     return np.real(np.sum(np.conj(x) * (gram @ x), axis=(-2, -1)))
+
+
+@dataclasses.dataclass
+class GramStackCertificate:
+    """What :func:`certify_gram_stack` proved and the estimates it used.
+
+    Attributes
+    ----------
+    upper_squared : float
+        Certified upper bound on the largest eigenvalue over the exact stack.
+    estimates : ndarray, float64, shape (batch,)
+        Estimate of each matrix's largest eigenvalue: exact (up to rounding) for the
+        ranked top and for every matrix whose first certificate failed, a lower estimate
+        (Rayleigh quotient after power steps) for the others. Ranks the matrices; not a bound.
+    best : int
+        Index of the largest estimate.
+    """
+
+    upper_squared: float
+    estimates: np.ndarray
+    best: int
+
+
+def certify_gram_stack(
+    gram: np.ndarray, formation_error: Any, *, complex_dtype: bool, inner: int, floor: float = 0.0
+) -> GramStackCertificate:
+    """Certified upper bound on the largest eigenvalue over a stack of Hermitian matrices.
+
+    The matrices are computed approximations of positive semidefinite ones (Gram matrices,
+    a convolution's Gram symbol); only their lower triangles are read.
+
+    Every matrix is certified at one shared threshold ``t`` (a little above the largest
+    estimate) by the Cholesky certificate of the module docstring; the matrices whose
+    factorization fails get an exact eigenvalue and are certified again at a threshold
+    above it (the failure was either a misranked matrix or rounding at a margin too
+    small, which then grows 16-fold). Only the failed ones are factored again, so a
+    well-ranked stack costs one batched factorization.
+
+    Parameters
+    ----------
+    gram : ndarray, float64 or complex128, shape (batch, d, d)
+        The computed matrices (scaled so that no entry overflows).
+    formation_error : float or ndarray, shape (batch,)
+        Bound on the spectral norm of the difference between each computed matrix and
+        the exact one it stands for.
+    complex_dtype : bool
+        Whether the arithmetic that formed ``gram`` was complex (sets the rounding constants).
+    inner : int
+        Inner length of the products that formed ``gram`` (bounds subnormal underflow).
+    floor : float
+        A threshold known to be reached elsewhere (e.g. by an earlier chunk of the same
+        maximum): the certificate starts there and skips the exact top eigenvalue below it.
+
+    Returns
+    -------
+    GramStackCertificate
+    """
+    count, dimension = gram.shape[0], gram.shape[-1]
+    errors = np.broadcast_to(np.asarray(formation_error, dtype=np.float64), (count,))
+    estimates = _power_estimates(gram)
+    best = int(np.argmax(estimates))
+    if estimates[best] >= floor:
+        estimates[best] = _exact_top_values(gram[best : best + 1])[0]
+    estimates = np.maximum(estimates, 0.0)
+    threshold = max(float(np.max(estimates)), floor, np.finfo(np.float64).tiny)
+    margin = 16 * dimension * _UNIT_ROUNDOFF
+    certified = np.full(count, np.inf)
+    pending = np.arange(count)
+    while pending.size and margin < 1.0:
+        level = _up(threshold * (1.0 + margin))
+        deltas = _cholesky_deltas(gram[pending], level, errors[pending], inner, complex_dtype)
+        passed = np.isfinite(deltas)
+        certified[pending[passed]] = level + deltas[passed]
+        pending = pending[~passed]
+        if pending.size:
+            exact = _exact_top_values(gram[pending])
+            estimates[pending] = np.maximum(exact, 0.0)
+            if np.max(exact) > threshold:
+                threshold = float(np.max(exact))
+            else:  # the failures are rounding at this margin
+                margin *= 16.0
+    if pending.size:  # not certifiable by Cholesky: fall back to the Frobenius norm
+        squares = np.sum(np.abs(gram[pending]) ** 2, axis=(-2, -1))
+        squares *= 1.0 + _gamma(dimension * dimension + 2, complex_dtype)
+        certified[pending] = np.sqrt(squares) * (1.0 + 4 * _UNIT_ROUNDOFF) + errors[pending]
+    return GramStackCertificate(
+        upper_squared=_up(float(np.max(certified))),
+        estimates=estimates,
+        best=int(np.argmax(estimates)),
+    )
 
 
 def certified_stack_bounds(blocks: Any, *, estimate: float | None = None) -> SigmaInterval:
@@ -287,62 +365,73 @@ def certify_stack(blocks: Any, *, estimate: float | None = None) -> tuple[SigmaI
     if not np.any(stack.blocks):
         return SigmaInterval(0.0, 0.0, "zero matrix"), np.zeros(stack.blocks.shape[0])
     gram, inner = _gram(stack.blocks)
-    frobenius = stack.frobenius_upper()
     p, q = stack.blocks.shape[-2:]
-    exhaustive = False
-    while True:
-        squares, best, vector, exhaustive = _top_estimates(gram, exhaustive=exhaustive)
-        estimates = np.sqrt(squares) / stack.scale
-        lower = _certified_lower(stack, best, vector, right=p >= q)
-        target = (float(estimate) * stack.scale) ** 2 if estimate is not None else float(np.max(squares))
-        target = max(target, (lower * stack.scale) ** 2)
-        # Start just above the Cholesky factorization's own rounding (~ dimension * eps) and
-        # widen 16-fold per failed attempt, so the interval is as narrow as the certificate
-        # allows. With ranked estimates, a failure past 2^-30 means a block was
-        # underestimated: estimate every block exactly and start again.
-        margin = 16 * gram.shape[-1] * 2.0**-53
-        while margin < (1.0 if exhaustive else 2.0**-30):
-            threshold = _up(target * (1.0 + margin))
-            delta = _cholesky_certificate(gram, threshold, frobenius, inner, stack.complex_dtype)
-            if delta is not None:
-                upper = stack.unscale_upper(_up(math.sqrt(_up(threshold + delta))))
-                return SigmaInterval(lower, upper, "Cholesky certificate (float64)"), estimates
-            margin *= 16.0
-        if exhaustive:
-            break
-        exhaustive = True
-    upper = stack.unscale_upper(_up(math.sqrt(float(np.max(frobenius)))))
-    return SigmaInterval(lower, upper, "Frobenius norm (Cholesky certificate failed)"), estimates
+    floor = (float(estimate) * stack.scale) ** 2 if estimate is not None else 0.0
+    formation_error = _gamma(inner + 2, stack.complex_dtype) * stack.frobenius_upper()
+    certificate = certify_gram_stack(gram, formation_error, complex_dtype=stack.complex_dtype,
+                                     inner=inner, floor=floor)
+    _, vector = _top_eigenpair(gram[certificate.best])
+    lower = _certified_lower(stack, certificate.best, vector, right=p >= q)
+    upper = stack.unscale_upper(_up(math.sqrt(certificate.upper_squared)))
+    estimates = np.sqrt(certificate.estimates) / stack.scale
+    return SigmaInterval(lower, max(upper, lower), "Cholesky certificate (float64)"), estimates
 
 
-def _cholesky_certificate(
-    gram: np.ndarray, threshold: float, frobenius: np.ndarray, inner: int, complex_dtype: bool
-) -> float | None:
-    """``delta`` with ``sigma_max^2 <= threshold + delta`` for every block, or None.
+def _cholesky_deltas(
+    gram: np.ndarray, threshold: float, formation_error: np.ndarray, inner: int, complex_dtype: bool
+) -> np.ndarray:
+    """Per matrix, ``delta`` with ``lambda_max <= threshold + delta``, or ``inf`` where
+    ``threshold I - gram`` was not numerically positive definite (the threshold is too low).
 
-    None means ``threshold I - gram`` was not numerically positive definite for
-    some block (the threshold is too low).
+    ``formation_error`` bounds how far each computed matrix is from the exact one.
     """
     dimension = gram.shape[-1]
     shifted = -gram
     diagonal = np.arange(dimension)
     shifted[..., diagonal, diagonal] += threshold
-    try:
-        factor = np.linalg.cholesky(shifted)
-    except np.linalg.LinAlgError:
-        return None
-    if not np.all(np.isfinite(factor)):
-        return None
-    factor_squares = np.sum(np.abs(factor) ** 2, axis=(-2, -1))
+    ok, factor_squares = _cholesky_factor_squares(shifted)
     factor_squares *= 1.0 + _gamma(dimension * dimension + 2, complex_dtype)
     gram_diagonal = np.max(np.abs(gram[..., diagonal, diagonal]), axis=-1)
     delta = (
         _gamma(dimension + 1, complex_dtype) * factor_squares
-        + _gamma(inner + 2, complex_dtype) * frobenius
+        + formation_error
         + 2 * _UNIT_ROUNDOFF * (threshold + gram_diagonal)
         + dimension * inner * _SMALLEST_SUBNORMAL
     )
-    return _up(float(np.max(delta)) * (1.0 + 1e-6))
+    return np.where(ok, _up(delta * (1.0 + 1e-6)), np.inf)
+
+
+def _cholesky_factor_squares(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cholesky-factor each Hermitian matrix (lower triangle read).
+
+    Returns
+    -------
+    ok : ndarray of bool, shape (batch,)
+        Whether the factorization succeeded with a finite factor.
+    squares : ndarray, shape (batch,)
+        ``||R||_F^2`` of each factor (0 where it failed).
+    """
+    count, dimension = matrices.shape[0], matrices.shape[-1]
+    ok, squares = np.zeros(count, dtype=bool), np.zeros(count)
+    if dimension >= _LAPACK_LOOP_MIN_DIMENSION:
+        # LAPACK one matrix at a time: reports which fail, without NumPy's batched copies.
+        (potrf,) = get_lapack_funcs(("potrf",), (matrices[0],))
+        for index, matrix in enumerate(matrices):
+            factor, info = potrf(matrix, lower=True, clean=True)
+            ok[index] = info == 0 and bool(np.all(np.isfinite(factor)))
+            squares[index] = np.sum(np.abs(factor) ** 2) if ok[index] else 0.0
+        return ok, squares
+    try:
+        factors = np.linalg.cholesky(matrices)
+    except np.linalg.LinAlgError:  # some matrix failed: halve the batch to find which
+        if count == 1:
+            return ok, squares
+        half = count // 2
+        first, second = _cholesky_factor_squares(matrices[:half]), _cholesky_factor_squares(matrices[half:])
+        return np.concatenate([first[0], second[0]]), np.concatenate([first[1], second[1]])
+    ok = np.all(np.isfinite(factors), axis=(-2, -1))
+    squares = np.sum(np.abs(np.where(ok[:, None, None], factors, 0.0)) ** 2, axis=(-2, -1))
+    return ok, squares
 
 
 def gram_iteration_bounds(blocks: Any, *, steps: int = 8) -> SigmaInterval:

@@ -57,11 +57,13 @@ from lipnorm.conv.spectrum import (
     to_numpy_float64,
 )
 from lipnorm.conv.operator import ConvOperator
+from lipnorm.conv.symbol import evaluate_symbol, lag_coefficients, symbol_error_bound, symbol_kernel
 from lipnorm.conv.taps import conv_forward
 from lipnorm.krylov import lanczos
 from lipnorm.certificates import (
     SigmaInterval,
     certified_stack_bounds,
+    certify_gram_stack,
     certify_stack,
     gram_iteration_block_bounds,
 )
@@ -102,39 +104,99 @@ def _frequency_chunks(kernel: np.ndarray, geom: ConvGeometry, grid):
         yield chunk, stacked_blocks(kernel, geom.stride, geom.dilation, grid, chunk)
 
 
-def _circular_interval(kernel, geom: ConvGeometry, grid, method: str, gram_steps: int):
-    """Certified (lower, upper) of the circular convolution on ``grid`` and its top block.
+def _circular_upper(kernel, geom: ConvGeometry, grid, method: str, gram_steps: int):
+    """Certified upper bound on the norm of the circular convolution on ``grid``.
 
-    ``"svd"``: each chunk of blocks is certified whole by one batched Cholesky certificate
-    (:func:`lipnorm.certificates.certify_stack`), whose per-block estimates also rank the
-    blocks. ``"gram"``: see :func:`_gram_screened_bounds`.
+    ``"svd"``: from the Gram symbol (:mod:`lipnorm.conv.symbol`) where its blocks are the
+    smaller ones, else from the stacked blocks, each chunk certified whole by one batched
+    Cholesky certificate (:func:`lipnorm.certificates.certify_stack`). ``"gram"``: the
+    blocks by Gram iteration (:func:`_gram_screened_bounds`).
 
     Returns
     -------
-    lower, upper : float
-        Bounds on the operator norm (rounding of the blocks and the scaling included).
+    upper : float
+        Rounding of the blocks and the scaling included.
     top : dict
-        Per group, ``(ranking value, frequency, block)`` of its highest-ranked block (start
-        vectors for the lower bound); empty if the kernel is zero.
+        Per group, ``(ranking value, frequency)`` of its highest-ranked block (where the
+        lower bound's start vector comes from); empty if the kernel is zero.
+    label : str
+        ``"symbol"`` or ``method``: what certified the bound.
     """
-    lower, upper, top = 0.0, 0.0, {}
+    side = symbol_kernel(kernel, geom.stride) if method == "svd" else None
+    if side is not None:
+        upper, top = _symbol_upper(side, geom, grid)
+        return upper, top, "symbol"
+    upper, top = 0.0, {}
     for freqs, blocks in _frequency_chunks(kernel, geom, grid):
         stack = blocks.reshape((-1,) + blocks.shape[2:])
         if method == "svd":
-            (chunk_lower, chunk_upper), ranking = certify_stack(stack)
+            (_, chunk_upper), ranking = certify_stack(stack)
         else:
-            chunk_lower, chunk_upper, ranking = _gram_screened_bounds(stack, upper, gram_steps)
-        lower, upper = max(lower, chunk_lower), max(upper, chunk_upper)
-        per_group = ranking.reshape(blocks.shape[:2])
-        for group, freq in enumerate(np.argmax(per_group, axis=1)):
-            value = per_group[group, freq]
-            if value > 0 and value > top.get(group, (0.0,))[0]:
-                top[group] = (value, freqs[freq], blocks[group, freq])
+            _, chunk_upper, ranking = _gram_screened_bounds(stack, upper, gram_steps)
+        upper = max(upper, chunk_upper)
+        _update_top(top, ranking.reshape(blocks.shape[:2]), freqs)
     err = block_error_bound(kernel, geom.stride)
-    root_s = math.sqrt(alias_count(geom.stride))
-    lower = max(lower - err, 0.0) / root_s * (1 - 4 * _U)
-    upper = (upper + err) / root_s * (1 + 4 * _U)
-    return lower, upper, top
+    return (upper + err) / math.sqrt(alias_count(geom.stride)) * (1 + 4 * _U), top, method
+
+
+def _symbol_upper(kernel, geom: ConvGeometry, grid):
+    """:func:`_circular_upper` from the Gram symbol of ``kernel`` (see :mod:`lipnorm.conv.symbol`).
+
+    The kernel is first scaled by a power of two (max entry in [1/2, 1)) so no product
+    overflows; entries that the scaling rounds into the subnormal range move the norm by
+    at most ``T sqrt(cout_g cin_g)`` times the smallest subnormal, which is added.
+    """
+    largest = float(np.max(np.abs(kernel)))
+    if largest == 0.0:
+        return 0.0, {}
+    scale = math.ldexp(1.0, -math.frexp(largest)[1])
+    groups, cout_g, cin_g = kernel.shape[:3]
+    taps = math.prod(kernel.shape[3:])
+    slack = taps * math.sqrt(cout_g * cin_g) * 2.0**-1074 if scale < 1.0 else 0.0
+    scaled = kernel * scale
+    lags, coefficients = lag_coefficients(scaled, geom.stride, geom.dilation)
+    error = symbol_error_bound(scaled, lags.shape[0])
+    out_grid = tuple(n // s for n, s in zip(grid, geom.stride))
+    all_freqs = half_frequencies(out_grid)
+    step = max(1, _CHUNK_ENTRIES // (groups * cout_g * cout_g))
+    upper_squared, floor, top = 0.0, 0.0, {}
+    for start in range(0, all_freqs.shape[0], step):
+        freqs = all_freqs[start : start + step]
+        symbol = evaluate_symbol(lags, coefficients, out_grid, freqs)
+        certificate = certify_gram_stack(
+            symbol.reshape(-1, cout_g, cout_g), error, complex_dtype=True,
+            inner=cin_g * taps * taps + 4 * lags.shape[0], floor=floor,
+        )
+        upper_squared = max(upper_squared, certificate.upper_squared)
+        floor = max(floor, float(np.max(certificate.estimates)))
+        _update_top(top, certificate.estimates.reshape(groups, -1), freqs)
+    sigma = math.sqrt(upper_squared) * (1 + 4 * _U)
+    return (sigma + slack) / scale * (1 + 4 * _U), top
+
+
+def _update_top(top: dict, ranking: np.ndarray, freqs: np.ndarray) -> None:
+    """Keep, per group, the frequency of the highest ranking value seen so far."""
+    for group, index in enumerate(np.argmax(ranking, axis=1)):
+        value = ranking[group, index]
+        if value > 0 and value > top.get(group, (0.0,))[0]:
+            top[group] = (value, freqs[index])
+
+
+def _top_blocks(kernel, geom: ConvGeometry, grid, top: dict) -> dict:
+    """Per group, the stacked block of its top frequency: ``{group: (frequency, block)}``."""
+    return {
+        group: (freq, stacked_blocks(kernel[group : group + 1], geom.stride, geom.dilation, grid, freq[None])[0, 0])
+        for group, (_, freq) in top.items()
+    }
+
+
+def _circular_lower(kernel, geom: ConvGeometry, blocks: dict) -> float:
+    """Certified lower bound on a circular convolution's norm from its top blocks."""
+    if not blocks:
+        return 0.0
+    interval, _ = certify_stack(np.stack([block for _, block in blocks.values()]))
+    err = block_error_bound(kernel, geom.stride)
+    return max(interval.lower - err, 0.0) / math.sqrt(alias_count(geom.stride)) * (1 - 4 * _U)
 
 
 def _gram_screened_bounds(stack: np.ndarray, upper: float, gram_steps: int):
@@ -165,7 +227,7 @@ def _gram_screened_bounds(stack: np.ndarray, upper: float, gram_steps: int):
     return lower, upper, screen
 
 
-def _top_plane_wave(geom: ConvGeometry, grid, top) -> np.ndarray:
+def _top_plane_wave(geom: ConvGeometry, grid, blocks: dict) -> np.ndarray:
     """A start vector for the real operator: the circular embedding's top singular vectors.
 
     For each group, takes the right singular vector of its top block, turns it into the
@@ -178,7 +240,7 @@ def _top_plane_wave(geom: ConvGeometry, grid, top) -> np.ndarray:
     coords = np.meshgrid(*(np.arange(n) for n in grid), indexing="ij")
     window = tuple(slice(lo, lo + n) for lo, n in zip(geom.pad_lo, geom.input_size))
     start = np.zeros((geom.groups, cin_g) + tuple(geom.input_size))
-    for group, (_, freq, block) in top.items():
+    for group, (freq, block) in blocks.items():
         vector = np.linalg.svd(block)[2][0].conj()
         wave = np.zeros((cin_g,) + tuple(grid), dtype=np.complex128)
         for a, alias in enumerate(np.ndindex(*geom.stride)):
@@ -307,18 +369,20 @@ def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, lanczos_
     if all(k == 1 for k in geom.kernel_size):
         return _pointwise_interval(kernel, geom)
     if geom.circular:
-        lower, upper, _ = _circular_interval(kernel, geom, geom.input_size, method, gram_steps)
-        return SigmaInterval(lower=lower, upper=upper, method=f"conv-circular-{method}")
+        upper, top, label = _circular_upper(kernel, geom, geom.input_size, method, gram_steps)
+        lower = _circular_lower(kernel, geom, _top_blocks(kernel, geom, geom.input_size, top))
+        return SigmaInterval(lower=lower, upper=max(upper, lower), method=f"conv-circular-{label}")
     if _is_small(geom, dense_max_columns):
         interval = certified_stack_bounds(_dense_group_blocks(kernel, geom))
         return SigmaInterval(lower=interval.lower, upper=interval.upper, method="conv-dense-svd")
     grid = embedding_grid(geom)
-    _, upper, top = _circular_interval(kernel, geom, grid, method, gram_steps)
+    upper, top, label = _circular_upper(kernel, geom, grid, method, gram_steps)
     if not top:  # every block is zero: so is the kernel
-        return SigmaInterval(lower=0.0, upper=upper, method=f"conv-embedding-{method}")
-    x = _lanczos_refine(kernel, geom, _top_plane_wave(geom, grid, top), lanczos_steps)
+        return SigmaInterval(lower=0.0, upper=upper, method=f"conv-embedding-{label}")
+    start = _top_plane_wave(geom, grid, _top_blocks(kernel, geom, grid, top))
+    x = _lanczos_refine(kernel, geom, start, lanczos_steps)
     lower = certified_rayleigh_lower(kernel, geom, x)
-    return SigmaInterval(lower=lower, upper=upper, method=f"conv-embedding-{method}")
+    return SigmaInterval(lower=lower, upper=max(upper, lower), method=f"conv-embedding-{label}")
 
 
 def _pointwise_interval(kernel: np.ndarray, geom: ConvGeometry) -> SigmaInterval:

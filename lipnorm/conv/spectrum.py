@@ -31,7 +31,15 @@ from itertools import product
 
 import numpy as np
 
-__all__ = ["stacked_blocks", "block_error_bound", "alias_count", "half_frequencies", "to_numpy_float64"]
+__all__ = [
+    "alias_count",
+    "block_error_bound",
+    "half_frequencies",
+    "phases",
+    "stacked_blocks",
+    "tap_offsets",
+    "to_numpy_float64",
+]
 
 _U = np.finfo(np.float64).eps / 2
 
@@ -68,14 +76,23 @@ def half_frequencies(out_grid) -> np.ndarray:
     return np.array(list(product(*axes)), dtype=np.int64).reshape(-1, len(out_grid))
 
 
-def _phases(freqs, kernel_size, dilation, grid) -> np.ndarray:
-    """exp(+2 pi i xi . j delta / N) for frequencies (F, d) and taps j: shape (T, F)."""
-    taps = np.array(list(product(*(range(k) for k in kernel_size))), dtype=np.int64)
-    phase = np.ones((taps.shape[0], freqs.shape[0]), dtype=np.complex128)
-    for a, (dil, n) in enumerate(zip(dilation, grid)):
-        turns = np.mod(np.outer(taps[:, a] * dil, freqs[:, a]), n)  # exact integer reduction
+def phases(offsets, freqs, grid) -> np.ndarray:
+    """``exp(+2 pi i sum_a xi_a o_a / N_a)`` for integer offsets (T, d) and frequencies (F, d): (T, F).
+
+    Each axis's product ``xi_a o_a`` is reduced modulo ``N_a`` exactly in integers before
+    the exponential (see :func:`block_error_bound` for the resulting accuracy).
+    """
+    phase = np.ones((offsets.shape[0], freqs.shape[0]), dtype=np.complex128)
+    for a, n in enumerate(grid):
+        turns = np.mod(np.outer(offsets[:, a], freqs[:, a]), n)  # exact integer reduction
         phase = phase * np.exp(2j * np.pi * (turns / n))
     return phase
+
+
+def tap_offsets(kernel_size, dilation) -> np.ndarray:
+    """Offsets ``j * delta`` of the kernel taps, in C order, shape (T, d), int64."""
+    taps = np.array(list(product(*(range(k) for k in kernel_size))), dtype=np.int64)
+    return taps.reshape(-1, len(kernel_size)) * np.asarray(dilation, dtype=np.int64)
 
 
 def stacked_blocks(kernel, stride, dilation, grid, freqs) -> np.ndarray:
@@ -98,7 +115,7 @@ def stacked_blocks(kernel, stride, dilation, grid, freqs) -> np.ndarray:
     out_grid = np.array([n // s for n, s in zip(grid, stride)], dtype=np.int64)
     aliases = np.array(list(product(*(range(s) for s in stride))), dtype=np.int64)  # (S, d)
     xi = (freqs[:, None, :] + aliases[None, :, :] * out_grid).reshape(-1, len(grid))  # (F*S, d)
-    phase = _phases(xi, kernel.shape[3:], dilation, grid)  # (T, F*S)
+    phase = phases(tap_offsets(kernel.shape[3:], dilation), xi, grid)  # (T, F*S)
     flat = kernel.reshape(groups * cout_g * cin_g, -1)
     blocks = (flat @ phase).reshape(groups, cout_g, cin_g, freqs.shape[0], aliases.shape[0])
     blocks = blocks.transpose(0, 3, 1, 4, 2)  # (G, F, cout_g, S, cin_g)
