@@ -32,7 +32,7 @@ from scipy.sparse.linalg import svds
 
 import lipnorm
 from lipnorm.conv import conv_operator
-from lipnorm.conv.bounds import _circular_interval, _lanczos_refine, _top_plane_wave, embedding_grid
+from lipnorm.conv.bounds import _circular_upper, _lanczos_refine, _top_blocks, _top_plane_wave, embedding_grid
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -60,8 +60,9 @@ def lipnorm_start_vector(op):
     geom = op.geometry
     kernel = np.asarray(op.kernel)
     grid = embedding_grid(geom)
-    _, _, top = _circular_interval(kernel, geom, grid, "svd", 10)
-    return _lanczos_refine(kernel, geom, _top_plane_wave(geom, grid, top), 24).ravel()
+    _, top, _ = _circular_upper(kernel, geom, grid, "svd", 10)
+    start = _top_plane_wave(geom, grid, _top_blocks(kernel, geom, grid, top))
+    return _lanczos_refine(kernel, geom, start, 24, 1e-10).ravel()
 
 
 def lanczos_truth(weight, stride, padding, size, start):

@@ -123,7 +123,7 @@ class ConvOperator(LinearOperator):
     def sigma_bounds(self, **options):
         """Certified interval for the spectral norm of this layer on this input size.
 
-        ``options`` (``method``, ``gram_steps``, ``lanczos_steps``, ``dense_max_columns``) are
+        ``options`` (``method``, ``gram_steps``, ``lanczos_steps``, ``lanczos_rtol``, ``dense_max_columns``) are
         those of :func:`lipnorm.conv.bounds.conv_sigma_bounds`.
         """
         from lipnorm.conv.bounds import conv_sigma_bounds

@@ -94,15 +94,27 @@ def lag_coefficients(kernel: np.ndarray, stride, dilation) -> tuple[np.ndarray, 
     """
     groups, cout_g, cin_g = kernel.shape[:3]
     offsets = tap_offsets(kernel.shape[3:], dilation)  # (T, d)
-    taps = offsets.shape[0]
-    stacked = np.moveaxis(kernel.reshape(groups, cout_g, cin_g, taps), 3, 1).reshape(groups, taps * cout_g, cin_g)
-    products = (stacked @ np.swapaxes(stacked, 1, 2)).reshape(groups, taps, cout_g, taps, cout_g)
+    flat = kernel.reshape(groups, cout_g, cin_g, -1)
+    taps = np.ascontiguousarray(np.moveaxis(flat, 3, 0))  # (T, G, cout_g, cin_g)
+    transposed = np.ascontiguousarray(np.transpose(flat, (0, 2, 3, 1)))  # (G, cin_g, T, cout_g)
     differences = offsets[:, None, :] - offsets[None, :, :]  # (T, T, d)
     kept = np.all(differences % np.asarray(stride) == 0, axis=-1)
     lags, lag_index = np.unique((differences // np.asarray(stride))[kept], axis=0, return_inverse=True)
+    lag_of = np.full(kept.shape, -1)
+    lag_of[kept] = lag_index.reshape(-1)
     coefficients = np.zeros((groups, lags.shape[0], cout_g, cout_g))
-    for (first, second), lag in zip(np.argwhere(kept), lag_index.reshape(-1)):
-        coefficients[:, lag] += products[:, first, :, second, :]
+    for first in range(len(taps)):
+        # W_j W_j'^T for every j' >= j in one product (lags of one sign, and zero).
+        later = np.flatnonzero(kept[first, first:]) + first
+        partners = np.ascontiguousarray(transposed[:, :, later]).reshape(groups, cin_g, -1)
+        # one 2-D product per group: NumPy's stacked matmul is slower on a stack of one
+        row = np.stack([taps[first, g] @ partners[g] for g in range(groups)])
+        row = row.reshape(groups, cout_g, later.size, cout_g)
+        for position, second in enumerate(later):
+            coefficients[:, lag_of[first, second]] += row[:, :, position, :]
+    # The pairs j' < j give the opposite lags: P_{-e} = P_e^T, the same computed sums transposed.
+    for first, second in np.argwhere(kept & (np.arange(len(taps))[:, None] < np.arange(len(taps)))):
+        coefficients[:, lag_of[second, first]] = np.swapaxes(coefficients[:, lag_of[first, second]], 1, 2)
     return lags, coefficients
 
 
