@@ -101,7 +101,7 @@ def test_ranked_estimates_that_miss_the_top_block_fall_back_to_exact_ones(monkey
         ranks.append(values)
         return values
 
-    monkeypatch.setattr(certificates, "_power_estimates", misranked)
+    monkeypatch.setattr(certificates, "_ranking_estimates", misranked)
     interval, estimates = certificates.certify_stack(blocks)
     truth = _stack_truth(blocks)
     assert ranks, "the ranked path was not taken"

@@ -143,20 +143,13 @@ def _circular_upper(kernel, geom: ConvGeometry, grid, method: str, gram_steps: i
 def _symbol_upper(kernel, geom: ConvGeometry, grid):
     """:func:`_circular_upper` from the Gram symbol of ``kernel`` (see :mod:`lipnorm.conv.symbol`).
 
-    The kernel is first scaled by a power of two (max entry in [1/2, 1)) so no product
-    overflows; entries that the scaling rounds into the subnormal range move the norm by
-    at most ``T sqrt(cout_g cin_g)`` times the smallest subnormal, which is added.
+    The kernel should be scaled so that its largest entry is about 1 (products of entries
+    must neither overflow nor underflow wholesale).
     """
-    largest = float(np.max(np.abs(kernel)))
-    if largest == 0.0:
-        return 0.0, {}
-    scale = math.ldexp(1.0, -math.frexp(largest)[1])
     groups, cout_g, cin_g = kernel.shape[:3]
     taps = math.prod(kernel.shape[3:])
-    slack = taps * math.sqrt(cout_g * cin_g) * 2.0**-1074 if scale < 1.0 else 0.0
-    scaled = kernel * scale
-    lags, coefficients = lag_coefficients(scaled, geom.stride, geom.dilation)
-    error = symbol_error_bound(scaled, lags.shape[0])
+    lags, coefficients = lag_coefficients(kernel, geom.stride, geom.dilation)
+    error = symbol_error_bound(kernel, lags.shape[0])
     out_grid = tuple(n // s for n, s in zip(grid, geom.stride))
     all_freqs = half_frequencies(out_grid)
     step = max(1, _CHUNK_ENTRIES // (groups * cout_g * cout_g))
@@ -171,8 +164,30 @@ def _symbol_upper(kernel, geom: ConvGeometry, grid):
         upper_squared = max(upper_squared, certificate.upper_squared)
         floor = max(floor, float(np.max(certificate.estimates)))
         _update_top(top, certificate.estimates.reshape(groups, -1), freqs)
-    sigma = math.sqrt(upper_squared) * (1 + 4 * _U)
-    return (sigma + slack) / scale * (1 + 4 * _U), top
+    return math.sqrt(upper_squared) * (1 + 4 * _U), top
+
+
+def _power_of_two_scaled(kernel: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The kernel times a power of two ``scale`` that brings its largest entry into [1/2, 1).
+
+    Products of entries then neither overflow nor (for the entries that matter) underflow.
+    Scaling down can round entries into the subnormal range: each moves by at most the
+    smallest subnormal, so the operator norm of the scaled kernel moves by at most
+    ``slack = T sqrt(cout_g cin_g)`` smallest subnormals (each tap is a partial shift
+    times a channel matrix).
+
+    Returns
+    -------
+    scaled, scale, slack
+        ``scale`` is 0 for a zero kernel.
+    """
+    largest = float(np.max(np.abs(kernel)))
+    if largest == 0.0:
+        return kernel, 0.0, 0.0
+    scale = math.ldexp(1.0, -math.frexp(largest)[1])
+    cout_g, cin_g = kernel.shape[1:3]
+    slack = math.prod(kernel.shape[3:]) * math.sqrt(cout_g * cin_g) * 2.0**-1074 if scale < 1.0 else 0.0
+    return kernel * scale, scale, slack
 
 
 def _update_top(top: dict, ranking: np.ndarray, freqs: np.ndarray) -> None:
@@ -263,7 +278,7 @@ def _top_plane_wave(geom: ConvGeometry, grid, blocks: dict) -> np.ndarray:
 def _top_right_singular_vector(block: np.ndarray) -> np.ndarray:
     """The top right singular vector of one block, by Lanczos (a start vector, not a bound)."""
     operator = DenseOperator(block, np)
-    return np.asarray(lanczos(operator, random_vector(operator, block.shape[1], seed=0), rtol=1e-8, max_iter=500).v)
+    return np.asarray(lanczos(operator, random_vector(operator, block.shape[1], seed=0), rtol=1e-3, max_iter=500).v)
 
 
 def certified_rayleigh_lower(kernel: np.ndarray, geom: ConvGeometry, x: np.ndarray) -> float:
@@ -344,7 +359,7 @@ def circular_sigma(op) -> float:
     return best / math.sqrt(alias_count(geom.stride))
 
 
-def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, lanczos_steps: int = 16,
+def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, lanczos_steps: int = 10,
                       lanczos_rtol: float = 1e-2, dense_max_columns: int = DENSE_MAX_COLUMNS) -> SigmaInterval:
     """Certified interval for the spectral norm of a :class:`~lipnorm.conv.ConvOperator`.
 
@@ -385,21 +400,36 @@ def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, lanczos_
     kernel = to_numpy_float64(op.kernel)
     if all(k == 1 for k in geom.kernel_size):
         return _pointwise_interval(kernel, geom)
-    if geom.circular:
-        upper, top, label = _circular_upper(kernel, geom, geom.input_size, method, gram_steps)
-        lower = _circular_lower(kernel, geom, _top_blocks(kernel, geom, geom.input_size, top))
-        return SigmaInterval(lower=lower, upper=max(upper, lower), method=f"conv-circular-{label}")
-    if _is_small(geom, dense_max_columns):
+    if not geom.circular and _is_small(geom, dense_max_columns):
         interval = certified_stack_bounds(_dense_group_blocks(kernel, geom))
         return SigmaInterval(lower=interval.lower, upper=interval.upper, method="conv-dense-svd")
-    grid = embedding_grid(geom)
-    upper, top, label = _circular_upper(kernel, geom, grid, method, gram_steps)
-    if not top:  # every block is zero: so is the kernel
-        return SigmaInterval(lower=0.0, upper=upper, method=f"conv-embedding-{label}")
-    start = _top_plane_wave(geom, grid, _top_blocks(kernel, geom, grid, top))
-    x = _lanczos_refine(kernel, geom, start, lanczos_steps, lanczos_rtol)
-    lower = certified_rayleigh_lower(kernel, geom, x)
-    return SigmaInterval(lower=lower, upper=max(upper, lower), method=f"conv-embedding-{label}")
+    return _fourier_interval(kernel, geom, method, gram_steps, lanczos_steps, lanczos_rtol)
+
+
+def _fourier_interval(kernel, geom: ConvGeometry, method: str, gram_steps: int, lanczos_steps: int,
+                      lanczos_rtol: float) -> SigmaInterval:
+    """Circular padding directly, zero padding through the circular embedding.
+
+    Everything is computed for the kernel scaled by a power of two
+    (:func:`_power_of_two_scaled`) and scaled back, with the slack of the scaling.
+    """
+    where = "circular" if geom.circular else "embedding"
+    scaled, scale, slack = _power_of_two_scaled(kernel)
+    if scale == 0.0:
+        return SigmaInterval(lower=0.0, upper=0.0, method=f"conv-{where} (zero kernel)")
+    grid = tuple(geom.input_size) if geom.circular else embedding_grid(geom)
+    upper, top, label = _circular_upper(scaled, geom, grid, method, gram_steps)
+    blocks = _top_blocks(scaled, geom, grid, top)
+    if geom.circular:
+        lower = _circular_lower(scaled, geom, blocks)
+    else:
+        x = _lanczos_refine(scaled, geom, _top_plane_wave(geom, grid, blocks), lanczos_steps, lanczos_rtol)
+        lower = certified_rayleigh_lower(scaled, geom, x)
+    return SigmaInterval(
+        lower=max(lower - slack, 0.0) / scale * (1 - 4 * _U),
+        upper=(upper + slack) / scale * (1 + 4 * _U),
+        method=f"conv-{where}-{label}",
+    )
 
 
 def _pointwise_interval(kernel: np.ndarray, geom: ConvGeometry) -> SigmaInterval:

@@ -18,10 +18,10 @@ Per axis, :math:`\sum_{a=0}^{s-1} e^{2\pi i\, a M r / N} = \sum_a e^{2\pi i\, a 
     P_e = \sum_{(j - j')\delta = s e} W_j W_{j'}^T,
 
 a trigonometric polynomial in :math:`\eta` with real ``cout_g x cout_g`` coefficients, and
-the squared operator norm is :math:`\max_\eta \lambda_{\max}(Q(\eta))`. All the
-:math:`P_e` come from one product of the taps stacked (``T cout_g x cin_g``) with its
-transpose; each :math:`Q(\eta)` is then a combination of at most :math:`(2k - 1)^d` of
-them, instead of a product :math:`B B^H` per frequency. A real kernel has
+the squared operator norm is :math:`\max_\eta \lambda_{\max}(Q(\eta))`. The
+:math:`P_e` take about :math:`T^2/2` products of channel matrices in all, however large the
+grid; each :math:`Q(\eta)` is then a combination of at most :math:`(2k - 1)^d` of them,
+instead of a product :math:`B B^H` per frequency. A real kernel has
 :math:`P_{-e} = P_e^T`, so :math:`Q(-\eta) = \overline{Q(\eta)}` and the half-space of
 :math:`\eta` suffices.
 
@@ -33,11 +33,13 @@ matrices are the cheaper route (:func:`symbol_kernel` returns None).
 
 Rounding
     An entry of the computed :math:`Q(\eta)` is a sum of terms :math:`w w' \varphi` that
-    pass through one dot product of length ``cin_g`` (the stacked product), a sum of at
-    most ``T`` of those, and one real combination of ``E`` lags with computed phases
-    (each within ``64 u`` of the true one, :func:`lipnorm.conv.spectrum.block_error_bound`).
-    So the real and the imaginary part are each within :math:`\varepsilon\, (A A^T)_{ik}`,
-    :math:`A = \sum_j |W_j|`, :math:`\varepsilon = \gamma_{c_{in} + T + E + 2} + 64u`
+    pass through one dot product of length at most ``T cin_g`` (the taps of a lag side by
+    side) and one combination of ``E`` lags with computed phases
+    (each within ``64 u`` of the true one, :func:`lipnorm.conv.spectrum.block_error_bound`)
+    by a complex product whose real coefficients have exact zero imaginary parts (so at
+    most ``2E`` rounded terms). So the real and the imaginary part are each within
+    :math:`\varepsilon\, (A A^T)_{ik}`, :math:`A = \sum_j |W_j|`,
+    :math:`\varepsilon = \gamma_{T c_{in} + 2E + 2} + 64u`
     (Higham, *Accuracy and Stability*, 2nd ed., §3.1: the bound holds for any order of
     summation), and the spectral norm of the error is at most
     :math:`\sqrt{2}\, \varepsilon\, \|A\|_F^2`; see :func:`symbol_error_bound`.
@@ -90,31 +92,30 @@ def lag_coefficients(kernel: np.ndarray, stride, dilation) -> tuple[np.ndarray, 
     -------
     lags : ndarray, int64, shape (E, d)
         The lags in units of the output grid.
-    coefficients : ndarray, float64, shape (G, E, cout_g, cout_g)
+    coefficients : ndarray, complex128, shape (G, E, cout_g, cout_g)
+        Real values, stored complex for :func:`evaluate_symbol`'s complex product.
     """
     groups, cout_g, cin_g = kernel.shape[:3]
     offsets = tap_offsets(kernel.shape[3:], dilation)  # (T, d)
-    flat = kernel.reshape(groups, cout_g, cin_g, -1)
-    taps = np.ascontiguousarray(np.moveaxis(flat, 3, 0))  # (T, G, cout_g, cin_g)
-    transposed = np.ascontiguousarray(np.transpose(flat, (0, 2, 3, 1)))  # (G, cin_g, T, cout_g)
+    taps = np.ascontiguousarray(np.swapaxes(kernel.reshape(groups, cout_g, cin_g, -1), 2, 3))  # (G, c, T, cin)
     differences = offsets[:, None, :] - offsets[None, :, :]  # (T, T, d)
     kept = np.all(differences % np.asarray(stride) == 0, axis=-1)
     lags, lag_index = np.unique((differences // np.asarray(stride))[kept], axis=0, return_inverse=True)
     lag_of = np.full(kept.shape, -1)
     lag_of[kept] = lag_index.reshape(-1)
-    coefficients = np.zeros((groups, lags.shape[0], cout_g, cout_g))
-    for first in range(len(taps)):
-        # W_j W_j'^T for every j' >= j in one product (lags of one sign, and zero).
-        later = np.flatnonzero(kept[first, first:]) + first
-        partners = np.ascontiguousarray(transposed[:, :, later]).reshape(groups, cin_g, -1)
-        # one 2-D product per group: NumPy's stacked matmul is slower on a stack of one
-        row = np.stack([taps[first, g] @ partners[g] for g in range(groups)])
-        row = row.reshape(groups, cout_g, later.size, cout_g)
-        for position, second in enumerate(later):
-            coefficients[:, lag_of[first, second]] += row[:, :, position, :]
-    # The pairs j' < j give the opposite lags: P_{-e} = P_e^T, the same computed sums transposed.
-    for first, second in np.argwhere(kept & (np.arange(len(taps))[:, None] < np.arange(len(taps)))):
-        coefficients[:, lag_of[second, first]] = np.swapaxes(coefficients[:, lag_of[first, second]], 1, 2)
+    # Pairs j <= j' (C order) have lags of one sign or zero; P_e for each of those is one
+    # product of the first taps side by side with the second ones, and the opposite lag is
+    # its transpose: P_{-e} = P_e^T, the same computed sums.
+    upper_pairs = np.argwhere(np.triu(kept))
+    coefficients = np.zeros((groups, lags.shape[0], cout_g, cout_g), dtype=np.complex128)
+    for lag in np.unique(lag_of[upper_pairs[:, 0], upper_pairs[:, 1]]):
+        pairs = upper_pairs[lag_of[upper_pairs[:, 0], upper_pairs[:, 1]] == lag]
+        left = taps[:, :, pairs[:, 0]].reshape(groups, cout_g, -1)
+        right = taps[:, :, pairs[:, 1]].reshape(groups, cout_g, -1)
+        for g in range(groups):  # 2-D products: NumPy's stacked matmul is slower on a stack of one
+            coefficients[g, lag].real = left[g] @ right[g].T
+        first, second = pairs[0]
+        coefficients[:, lag_of[second, first]] = np.swapaxes(coefficients[:, lag], 1, 2)
     return lags, coefficients
 
 
@@ -134,11 +135,8 @@ def evaluate_symbol(lags: np.ndarray, coefficients: np.ndarray, out_grid, freqs:
         ``Q(eta)`` for every group and frequency; Hermitian up to rounding.
     """
     groups, count, c = coefficients.shape[:3]
-    phase = phases(lags, freqs, out_grid)  # (E, F)
-    flat = coefficients.reshape(groups, count, c * c)
-    real = np.ascontiguousarray(phase.real.T) @ flat  # (G, F, c*c)
-    imag = np.ascontiguousarray(phase.imag.T) @ flat
-    symbol = real + 1j * imag
+    phase = np.ascontiguousarray(phases(lags, freqs, out_grid).T)  # (F, E)
+    symbol = phase @ coefficients.reshape(groups, count, c * c)
     return symbol.reshape(groups, freqs.shape[0], c, c)
 
 
@@ -161,7 +159,7 @@ def symbol_error_bound(kernel: np.ndarray, lag_count: int) -> float:
     """
     groups, cout_g, cin_g = kernel.shape[:3]
     taps = math.prod(kernel.shape[3:])
-    eps = 2.0 * (gamma(cin_g + taps + lag_count + 2) + 64 * _U)
+    eps = 2.0 * (gamma(taps * cin_g + 2 * lag_count + 2) + 64 * _U)
     abs_sum = np.abs(kernel).reshape(groups, cout_g, cin_g, taps).sum(axis=-1)
     frobenius_squared = float((abs_sum**2).sum(axis=(1, 2)).max()) * (1 + gamma(taps + cout_g * cin_g + 4))
     underflow = cout_g * (cin_g * taps * taps + 4 * lag_count) * _SMALLEST_SUBNORMAL
