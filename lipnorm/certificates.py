@@ -210,14 +210,14 @@ def _top_eigenpair(matrix: np.ndarray) -> tuple[float, np.ndarray]:
 def _ranking_estimates(gram: np.ndarray) -> np.ndarray:
     """Largest Ritz value of each Hermitian matrix after a few batched Lanczos steps.
 
-    ``d / 32`` steps (2 to :data:`_RANKING_LANCZOS_STEPS`: a small share of the ``d^3 / 3``
+    ``d / 32`` steps (4 to :data:`_RANKING_LANCZOS_STEPS`: a small share of the ``d^3 / 3``
     of the Cholesky certificate, whose failures cost more on large matrices) with full
     reorthogonalization, all matrices at once. A Ritz value never exceeds the largest
     eigenvalue (up to rounding), and on the dense tops of Gram matrices it gets much
     closer than as many power steps. Only ranks the matrices.
     """
     count, dimension = gram.shape[0], gram.shape[-1]
-    steps = min(dimension, max(2, min(dimension // 32, _RANKING_LANCZOS_STEPS)))
+    steps = min(dimension, max(4, min(dimension // 32, _RANKING_LANCZOS_STEPS)))
     rng = np.random.default_rng(0)
     q = rng.standard_normal((count, dimension)).astype(gram.dtype)
     if np.iscomplexobj(gram):

@@ -85,7 +85,7 @@ def phases(offsets, freqs, grid) -> np.ndarray:
     phase = np.ones((offsets.shape[0], freqs.shape[0]), dtype=np.complex128)
     for a, n in enumerate(grid):
         turns = np.mod(np.outer(offsets[:, a], freqs[:, a]), n)  # exact integer reduction
-        phase = phase * np.exp(2j * np.pi * (turns / n))
+        phase = phase * np.exp(2j * np.pi * (np.arange(n) / n))[turns]  # one exp per residue
     return phase
 
 

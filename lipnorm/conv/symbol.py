@@ -97,7 +97,8 @@ def lag_coefficients(kernel: np.ndarray, stride, dilation) -> tuple[np.ndarray, 
     """
     groups, cout_g, cin_g = kernel.shape[:3]
     offsets = tap_offsets(kernel.shape[3:], dilation)  # (T, d)
-    taps = np.ascontiguousarray(np.swapaxes(kernel.reshape(groups, cout_g, cin_g, -1), 2, 3))  # (G, c, T, cin)
+    # W_j^T of every tap as one contiguous block: (G, T, cin_g, cout_g)
+    transposed_taps = np.ascontiguousarray(np.transpose(kernel.reshape(groups, cout_g, cin_g, -1), (0, 3, 2, 1)))
     differences = offsets[:, None, :] - offsets[None, :, :]  # (T, T, d)
     kept = np.all(differences % np.asarray(stride) == 0, axis=-1)
     lags, lag_index = np.unique((differences // np.asarray(stride))[kept], axis=0, return_inverse=True)
@@ -110,10 +111,10 @@ def lag_coefficients(kernel: np.ndarray, stride, dilation) -> tuple[np.ndarray, 
     coefficients = np.zeros((groups, lags.shape[0], cout_g, cout_g), dtype=np.complex128)
     for lag in np.unique(lag_of[upper_pairs[:, 0], upper_pairs[:, 1]]):
         pairs = upper_pairs[lag_of[upper_pairs[:, 0], upper_pairs[:, 1]] == lag]
-        left = taps[:, :, pairs[:, 0]].reshape(groups, cout_g, -1)
-        right = taps[:, :, pairs[:, 1]].reshape(groups, cout_g, -1)
+        left = transposed_taps[:, pairs[:, 0]].reshape(groups, -1, cout_g)  # W_j^T stacked
+        right = transposed_taps[:, pairs[:, 1]].reshape(groups, -1, cout_g)
         for g in range(groups):  # 2-D products: NumPy's stacked matmul is slower on a stack of one
-            coefficients[g, lag].real = left[g] @ right[g].T
+            coefficients[g, lag].real = left[g].T @ right[g]
         first, second = pairs[0]
         coefficients[:, lag_of[second, first]] = np.swapaxes(coefficients[:, lag], 1, 2)
     return lags, coefficients
