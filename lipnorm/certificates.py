@@ -219,11 +219,11 @@ def _ranking_estimates(gram: np.ndarray) -> np.ndarray:
     count, dimension = gram.shape[0], gram.shape[-1]
     steps = min(dimension, max(4, min(dimension // 32, _RANKING_LANCZOS_STEPS)))
     rng = np.random.default_rng(0)
-    q = rng.standard_normal((count, dimension)).astype(gram.dtype)
+    q = rng.standard_normal((count, dimension))
     if np.iscomplexobj(gram):
         q = q + 1j * rng.standard_normal((count, dimension))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    basis = np.zeros((count, steps, dimension), dtype=gram.dtype)
+    basis = np.zeros((count, steps, dimension), dtype=q.dtype)
     tridiagonal = np.zeros((count, steps, steps))
     for step in range(steps):
         basis[:, step] = q
@@ -235,8 +235,9 @@ def _ranking_estimates(gram: np.ndarray) -> np.ndarray:
         norm = np.linalg.norm(w, axis=1)
         if step + 1 < steps:
             tridiagonal[:, step, step + 1] = tridiagonal[:, step + 1, step] = norm
-        q = w / np.maximum(norm, np.finfo(np.float64).tiny)[:, None]
-        q[norm <= 1e-13 * np.abs(tridiagonal[:, 0, 0]) + np.finfo(np.float64).tiny] = 0.0  # invariant
+        invariant = norm <= 1e-13 * np.abs(tridiagonal[:, 0, 0]) + np.finfo(np.float64).tiny
+        q = w / np.where(invariant, 1.0, norm)[:, None]
+        q[invariant] = 0.0
     return np.linalg.eigvalsh(tridiagonal)[:, -1]
 
 
@@ -288,8 +289,8 @@ def certify_gram_stack(
     inner : int
         Inner length of the products that formed ``gram`` (bounds subnormal underflow).
     floor : float
-        A threshold known to be reached elsewhere (e.g. by an earlier chunk of the same
-        maximum): the certificate starts there and skips the exact top eigenvalue below it.
+        Where the threshold starts at the least (e.g. the square of a caller's estimate of
+        the maximum); the exact top eigenvalue is skipped when the ranking stays below it.
 
     Returns
     -------
@@ -441,8 +442,9 @@ def _shifted_cholesky_squares(gram: np.ndarray, threshold: float) -> tuple[np.nd
             shifted = -matrix
             shifted[diagonal, diagonal] += threshold
             factor, info = potrf(shifted, lower=True, clean=True, overwrite_a=True)
-            ok[index] = info == 0 and bool(np.all(np.isfinite(factor)))
-            squares[index] = np.vdot(factor, factor).real if ok[index] else 0.0
+            square = np.vdot(factor, factor).real  # not finite if any entry is not
+            ok[index] = info == 0 and bool(np.isfinite(square))
+            squares[index] = square if ok[index] else 0.0
         return ok, squares
     shifted = -gram
     shifted[..., diagonal, diagonal] += threshold

@@ -46,6 +46,7 @@ import math
 
 import numpy as np
 
+from lipnorm._parallel import parallel_map
 from lipnorm.conv.geometry import ConvGeometry, ceil_to_multiple
 from lipnorm.conv.spectrum import (
     _U,
@@ -72,7 +73,8 @@ from lipnorm.certificates import (
 __all__ = ["conv_sigma_bounds", "circular_sigma", "embedding_grid", "certified_rayleigh_lower"]
 
 _METHODS = ("svd", "gram")
-_CHUNK_ENTRIES = 4_000_000  # complex entries of blocks held at once (64 MB)
+_CHUNK_ENTRIES = 16_000_000  # complex entries of blocks held at once per thread (256 MB)
+_MIN_CHUNKS = 4  # chunks of frequencies certified in parallel, at the least
 _SCREEN_STEPS = 3  # Gram steps of the cheap per-block bound that decides which blocks to bound (method gram)
 #: Zero-padded layers whose per-group operator has at most this many columns are certified dense,
 DENSE_MAX_COLUMNS = 2048
@@ -95,14 +97,24 @@ def embedding_grid(geom: ConvGeometry) -> tuple[int, ...]:
     )
 
 
-def _frequency_chunks(kernel: np.ndarray, geom: ConvGeometry, grid):
+def _frequency_splits(count: int, entries_per_frequency: int) -> list[slice]:
+    """Split ``count`` frequencies into at least :data:`_MIN_CHUNKS` chunks (for the worker
+    threads, :mod:`lipnorm._parallel`) of at most :data:`_CHUNK_ENTRIES` entries each.
+
+    The split does not depend on the number of threads, so neither do the bounds (each
+    chunk is certified at its own threshold, which moves the last digits).
+    """
+    chunks = min(count, max(-(-count * entries_per_frequency // _CHUNK_ENTRIES), _MIN_CHUNKS))
+    edges = np.linspace(0, count, chunks + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _block_chunks(kernel: np.ndarray, geom: ConvGeometry, grid) -> tuple[np.ndarray, list[slice]]:
+    """The half-space output frequencies and their chunks for :func:`stacked_blocks`."""
     out_grid = tuple(n // s for n, s in zip(grid, geom.stride))
     freqs = half_frequencies(out_grid)
     per_freq = kernel.shape[0] * kernel.shape[1] * kernel.shape[2] * alias_count(geom.stride)
-    step = max(1, _CHUNK_ENTRIES // per_freq)
-    for start in range(0, freqs.shape[0], step):
-        chunk = freqs[start : start + step]
-        yield chunk, stacked_blocks(kernel, geom.stride, geom.dilation, grid, chunk)
+    return freqs, _frequency_splits(freqs.shape[0], per_freq)
 
 
 def _circular_upper(kernel, geom: ConvGeometry, grid, method: str, gram_steps: int):
@@ -127,15 +139,21 @@ def _circular_upper(kernel, geom: ConvGeometry, grid, method: str, gram_steps: i
     if side is not None:
         upper, top = _symbol_upper(side, geom, grid)
         return upper, top, "symbol"
-    upper, top = 0.0, {}
-    for freqs, blocks in _frequency_chunks(kernel, geom, grid):
+    freqs, chunks = _block_chunks(kernel, geom, grid)
+
+    def certify_chunk(chunk: slice):
+        blocks = stacked_blocks(kernel, geom.stride, geom.dilation, grid, freqs[chunk])
         stack = blocks.reshape((-1,) + blocks.shape[2:])
         if method == "svd":
             (_, chunk_upper), ranking = certify_stack(stack)
         else:
-            _, chunk_upper, ranking = _gram_screened_bounds(stack, upper, gram_steps)
+            _, chunk_upper, ranking = _gram_screened_bounds(stack, gram_steps)
+        return chunk_upper, ranking.reshape(blocks.shape[:2])
+
+    upper, top = 0.0, {}
+    for chunk, (chunk_upper, ranking) in zip(chunks, parallel_map(certify_chunk, chunks)):
         upper = max(upper, chunk_upper)
-        _update_top(top, ranking.reshape(blocks.shape[:2]), freqs)
+        _update_top(top, ranking, freqs[chunk])
     err = block_error_bound(kernel, geom.stride)
     return (upper + err) / math.sqrt(alias_count(geom.stride)) * (1 + 4 * _U), top, method
 
@@ -151,19 +169,18 @@ def _symbol_upper(kernel, geom: ConvGeometry, grid):
     lags, coefficients = lag_coefficients(kernel, geom.stride, geom.dilation)
     error = symbol_error_bound(kernel, lags.shape[0])
     out_grid = tuple(n // s for n, s in zip(grid, geom.stride))
-    all_freqs = half_frequencies(out_grid)
-    step = max(1, _CHUNK_ENTRIES // (groups * cout_g * cout_g))
-    upper_squared, floor, top = 0.0, 0.0, {}
-    for start in range(0, all_freqs.shape[0], step):
-        freqs = all_freqs[start : start + step]
-        symbol = evaluate_symbol(lags, coefficients, out_grid, freqs)
-        certificate = certify_gram_stack(
-            symbol.reshape(-1, cout_g, cout_g), error, complex_dtype=True,
-            inner=cin_g * taps * taps + 4 * lags.shape[0], floor=floor,
-        )
+    freqs = half_frequencies(out_grid)
+    chunks = _frequency_splits(freqs.shape[0], groups * cout_g * cout_g)
+
+    def certify_chunk(chunk: slice):
+        symbol = evaluate_symbol(lags, coefficients, out_grid, freqs[chunk])
+        return certify_gram_stack(symbol.reshape(-1, cout_g, cout_g), error, complex_dtype=True,
+                                  inner=cin_g * taps * taps + 4 * lags.shape[0])
+
+    upper_squared, top = 0.0, {}
+    for chunk, certificate in zip(chunks, parallel_map(certify_chunk, chunks)):
         upper_squared = max(upper_squared, certificate.upper_squared)
-        floor = max(floor, float(np.max(certificate.estimates)))
-        _update_top(top, certificate.estimates.reshape(groups, -1), freqs)
+        _update_top(top, certificate.estimates.reshape(groups, -1), freqs[chunk])
     return math.sqrt(upper_squared) * (1 + 4 * _U), top
 
 
@@ -215,23 +232,23 @@ def _circular_lower(kernel, geom: ConvGeometry, blocks: dict) -> float:
     return max(interval.lower - err, 0.0) / math.sqrt(alias_count(geom.stride)) * (1 - 4 * _U)
 
 
-def _gram_screened_bounds(stack: np.ndarray, upper: float, gram_steps: int):
+def _gram_screened_bounds(stack: np.ndarray, gram_steps: int):
     """Gram-iteration bounds on the largest σ₁ of a stack, certifying only what can matter.
 
     Every block first gets a cheap certified upper bound (:data:`_SCREEN_STEPS` Gram steps).
     Blocks are then bounded with ``gram_steps`` in decreasing order of that cheap bound until
-    the next cheap bound is at most the best upper bound so far (``upper`` carries it over
-    from earlier chunks); the blocks left out cannot raise the maximum.
+    the next cheap bound is at most the best upper bound so far; the blocks left out cannot
+    raise the maximum.
 
     Returns
     -------
     lower, upper : float
-        Bounds on the stack's largest σ₁ (``upper`` at least the one given).
+        Bounds on the stack's largest σ₁.
     screen : ndarray
         The cheap per-block bounds.
     """
     _, screen = gram_iteration_block_bounds(stack, steps=_SCREEN_STEPS)
-    lower = 0.0
+    lower, upper = 0.0, 0.0
     order = np.argsort(-screen)
     batch = max(4, len(order) // 16)
     for begin in range(0, len(order), batch):
@@ -354,9 +371,13 @@ def circular_sigma(op) -> float:
             "exact_sigma needs padding='circular'; for zero padding use sigma_bounds() (certified interval)"
         )
     kernel = to_numpy_float64(op.kernel)
-    best = 0.0
-    for _, blocks in _frequency_chunks(kernel, geom, geom.input_size):
-        best = max(best, float(np.linalg.svd(blocks, compute_uv=False)[..., 0].max()))
+    freqs, chunks = _block_chunks(kernel, geom, geom.input_size)
+
+    def largest(chunk: slice) -> float:
+        blocks = stacked_blocks(kernel, geom.stride, geom.dilation, geom.input_size, freqs[chunk])
+        return float(np.linalg.svd(blocks, compute_uv=False)[..., 0].max())
+
+    best = max(parallel_map(largest, chunks))
     return best / math.sqrt(alias_count(geom.stride))
 
 

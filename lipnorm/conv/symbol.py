@@ -51,6 +51,7 @@ import math
 
 import numpy as np
 
+from lipnorm._parallel import parallel_map
 from lipnorm.conv.spectrum import _U, alias_count, gamma, phases, tap_offsets
 
 __all__ = ["evaluate_symbol", "lag_coefficients", "symbol_error_bound", "symbol_kernel"]
@@ -108,14 +109,20 @@ def lag_coefficients(kernel: np.ndarray, stride, dilation) -> tuple[np.ndarray, 
     # product of the first taps side by side with the second ones, and the opposite lag is
     # its transpose: P_{-e} = P_e^T, the same computed sums.
     upper_pairs = np.argwhere(np.triu(kept))
-    coefficients = np.zeros((groups, lags.shape[0], cout_g, cout_g), dtype=np.complex128)
-    for lag in np.unique(lag_of[upper_pairs[:, 0], upper_pairs[:, 1]]):
-        pairs = upper_pairs[lag_of[upper_pairs[:, 0], upper_pairs[:, 1]] == lag]
+    pair_lags = lag_of[upper_pairs[:, 0], upper_pairs[:, 1]]
+
+    def lag_matrix(lag: int) -> np.ndarray:
+        pairs = upper_pairs[pair_lags == lag]
         left = transposed_taps[:, pairs[:, 0]].reshape(groups, -1, cout_g)  # W_j^T stacked
         right = transposed_taps[:, pairs[:, 1]].reshape(groups, -1, cout_g)
-        for g in range(groups):  # 2-D products: NumPy's stacked matmul is slower on a stack of one
-            coefficients[g, lag].real = left[g].T @ right[g]
-        first, second = pairs[0]
+        # 2-D products: NumPy's stacked matmul is slower on a stack of one
+        return np.stack([left[g].T @ right[g] for g in range(groups)])
+
+    coefficients = np.zeros((groups, lags.shape[0], cout_g, cout_g), dtype=np.complex128)
+    own_lags = np.unique(pair_lags)
+    for lag, matrix in zip(own_lags, parallel_map(lag_matrix, own_lags)):
+        coefficients[:, lag].real = matrix
+        first, second = upper_pairs[pair_lags == lag][0]
         coefficients[:, lag_of[second, first]] = np.swapaxes(coefficients[:, lag], 1, 2)
     return lags, coefficients
 
