@@ -252,7 +252,8 @@ class GramStackCertificate:
     estimates : ndarray, float64, shape (batch,)
         Estimate of each matrix's largest eigenvalue: exact (up to rounding) for the
         ranked top and for every matrix whose first certificate failed, a lower estimate
-        (Rayleigh quotient after power steps) for the others. Ranks the matrices; not a bound.
+        (the largest Ritz value of a few Lanczos steps) for the others. Ranks the
+        matrices; not a bound.
     best : int
         Index of the largest estimate.
     """
@@ -275,7 +276,7 @@ def certify_gram_stack(
     factorization fails get an exact eigenvalue and are certified again at a threshold
     above it (the failure was either a misranked matrix or rounding at a margin too
     small, which then grows 16-fold). Only the failed ones are factored again, so a
-    well-ranked stack costs one batched factorization.
+    well-ranked stack costs one factorization per matrix.
 
     Parameters
     ----------
@@ -397,7 +398,7 @@ def certify_stack(blocks: Any, *, estimate: float | None = None) -> tuple[SigmaI
     lower = _certified_lower(stack, certificate.best, vector, right=p >= q)
     upper = stack.unscale_upper(_up(math.sqrt(certificate.upper_squared)))
     estimates = np.sqrt(certificate.estimates) / stack.scale
-    return SigmaInterval(lower, max(upper, lower), "Cholesky certificate (float64)"), estimates
+    return SigmaInterval(lower, upper, "Cholesky certificate (float64)"), estimates
 
 
 def _cholesky_deltas(
