@@ -2,9 +2,8 @@
 
 NumPy and SciPy release the GIL inside their BLAS and LAPACK calls, so chunks of
 matrices certified in threads run in parallel. While they run, BLAS is limited to one
-thread (threadpoolctl): many small products and factorizations are much faster one per
-core than with BLAS's own threads competing for the same cores (on a 2-core machine,
-BLAS's threads made the certificate of a 128-channel convolution 9x slower).
+thread (threadpoolctl): many small products and factorizations run one per core instead
+of BLAS's own threads competing for the same cores.
 
 ``LIPNORM_NUM_THREADS`` sets the number of threads (default: the CPUs this process may
 use).
