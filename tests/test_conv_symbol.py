@@ -69,3 +69,13 @@ def test_wide_layer_is_certified_through_the_symbol_tightly():
     assert interval.method == "conv-embedding-symbol"
     assert interval.lower <= truth <= interval.upper
     assert interval.upper <= truth * 1.05 and interval.lower >= truth * 0.99
+
+
+@pytest.mark.parametrize("out_grid", [(1,), (2,), (5,), (9, 9), (4, 6), (3, 4, 2), (57, 57)])
+def test_half_frequencies_hold_one_of_each_conjugate_pair(out_grid):
+    grid = np.array(out_grid)
+    kept = {tuple(f) for f in half_frequencies(out_grid)}
+    negatives = {tuple(np.mod(-np.array(f), grid)) for f in kept}
+    assert len(kept | negatives) == np.prod(grid)  # every frequency or its negative
+    self_conjugate = sum(f in negatives for f in kept)
+    assert len(kept) == (np.prod(grid) + self_conjugate) // 2  # and nothing twice

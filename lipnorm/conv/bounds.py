@@ -110,7 +110,7 @@ def _frequency_splits(count: int, entries_per_frequency: int) -> list[slice]:
 
 
 def _block_chunks(kernel: np.ndarray, geom: ConvGeometry, grid) -> tuple[np.ndarray, list[slice]]:
-    """The half-space output frequencies and their chunks for :func:`stacked_blocks`."""
+    """One output frequency of each conjugate pair and their chunks for :func:`stacked_blocks`."""
     out_grid = tuple(n // s for n, s in zip(grid, geom.stride))
     freqs = half_frequencies(out_grid)
     per_freq = kernel.shape[0] * kernel.shape[1] * kernel.shape[2] * alias_count(geom.stride)
@@ -389,9 +389,11 @@ def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, lanczos_
     ----------
     op : ConvOperator
     method : {"svd", "gram"}
-        How the per-frequency blocks are certified: ``"svd"`` through
-        :func:`lipnorm.certificates.certified_stack_bounds`, ``"gram"`` by Gram iteration
-        (:func:`lipnorm.certificates.gram_iteration_block_bounds`; cheaper on wide layers).
+        How the per-frequency blocks are certified: ``"svd"`` by Cholesky certificates
+        (:func:`lipnorm.certificates.certify_gram_stack`) of the Gram symbol
+        (:mod:`lipnorm.conv.symbol`) or, where the stacked blocks are narrower, of the
+        blocks' Gram matrices; ``"gram"`` by Gram iteration on the blocks
+        (:func:`lipnorm.certificates.gram_iteration_block_bounds`; slower).
     gram_steps : int
         Gram steps for ``method="gram"``.
     lanczos_steps, lanczos_rtol : int, float
@@ -409,7 +411,10 @@ def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, lanczos_
         ``lower <= ||op||_2 <= upper``, float64 rounding included. Circular padding: both
         from the Fourier blocks. Zero padding: from the exact dense operator for small
         layers; otherwise upper from the circular embedding (:func:`embedding_grid`),
-        lower from :func:`certified_rayleigh_lower`.
+        lower from :func:`certified_rayleigh_lower`. Its ``method`` says which:
+        ``conv-pointwise-svd`` (1x1 kernels), ``conv-dense-svd``,
+        ``conv-{circular,embedding}-symbol`` (the Gram symbol),
+        ``conv-{circular,embedding}-svd`` (the blocks' Gram matrices) or ``-gram``.
 
     Raises
     ------

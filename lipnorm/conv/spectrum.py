@@ -13,7 +13,8 @@ receives the :math:`S = \prod s` aliased input frequencies :math:`\xi = \eta + a
 
 so the operator norm is :math:`\max_\eta \sigma_1([H(\eta + aM)]_a) / \sqrt{S}` (Sedghi,
 Gupta & Long 2019 for :math:`s = 1`). A real kernel gives :math:`H(-\xi) = \overline{H(\xi)}`,
-so only the half-space of :math:`\eta` with last index :math:`\le M/2` is formed.
+so the block of :math:`-\eta` is the conjugate of that of :math:`\eta` with its aliases
+permuted, and one frequency of each pair is formed (:func:`half_frequencies`).
 
 The blocks are computed by direct summation over the few kernel taps (a matrix product
 with exactly reduced phases), which has a simple rigorous error bound; see
@@ -68,12 +69,22 @@ def alias_count(stride) -> int:
 
 
 def half_frequencies(out_grid) -> np.ndarray:
-    """Output frequencies with last index in ``0 .. M_last // 2``, shape (F, d), int64.
+    """One output frequency of each pair ``{eta, -eta}`` (mod the grid), shape (F, d), int64.
 
-    Together with their negatives they cover the whole output grid.
+    ``eta`` is kept when it is not lexicographically above ``-eta mod M``, so the
+    self-conjugate frequencies are kept once and the others once per pair: together with
+    their negatives they cover the whole output grid, ``(prod M + s) / 2`` of them where
+    ``s`` is the number of self-conjugate ones.
     """
-    axes = [range(m) for m in out_grid[:-1]] + [range(out_grid[-1] // 2 + 1)]
-    return np.array(list(product(*axes)), dtype=np.int64).reshape(-1, len(out_grid))
+    grid = np.asarray(out_grid, dtype=np.int64)
+    freqs = np.array(list(product(*(range(m) for m in out_grid))), dtype=np.int64).reshape(-1, len(out_grid))
+    negated = np.mod(-freqs, grid)
+    # lexicographic comparison of each frequency with its negative, first differing axis decides
+    differs = freqs != negated
+    first = np.argmax(differs, axis=1)
+    rows = np.arange(freqs.shape[0])
+    keep = ~differs.any(axis=1) | (freqs[rows, first] < negated[rows, first])
+    return freqs[keep]
 
 
 def phases(offsets, freqs, grid) -> np.ndarray:

@@ -22,8 +22,8 @@ the squared operator norm is :math:`\max_\eta \lambda_{\max}(Q(\eta))`. The
 :math:`P_e` take about :math:`T^2/2` products of channel matrices in all, however large the
 grid; each :math:`Q(\eta)` is then a combination of at most :math:`(2k - 1)^d` of them,
 instead of a product :math:`B B^H` per frequency. A real kernel has
-:math:`P_{-e} = P_e^T`, so :math:`Q(-\eta) = \overline{Q(\eta)}` and the half-space of
-:math:`\eta` suffices.
+:math:`P_{-e} = P_e^T`, so :math:`Q(-\eta) = \overline{Q(\eta)}` and one frequency of each
+pair ``{eta, -eta}`` suffices (:func:`lipnorm.conv.spectrum.half_frequencies`).
 
 The output side is the small one when ``cout_g <= S cin_g``. For stride 1 with
 ``cin_g < cout_g`` the kernel with transposed channel matrices is used instead (its
