@@ -128,7 +128,7 @@ def _circular_upper(kernel, geom: ConvGeometry, grid, method: str, gram_steps: i
     Returns
     -------
     upper : float
-        Rounding of the blocks and the scaling included.
+        For the kernel as given, the rounding of the blocks (or of the symbol) included.
     top : dict
         Per group, ``(ranking value, frequency)`` of its highest-ranked block (where the
         lower bound's start vector comes from); empty if the kernel is zero.
