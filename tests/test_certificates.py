@@ -108,3 +108,28 @@ def test_ranked_estimates_that_miss_the_top_block_fall_back_to_exact_ones(monkey
     assert_contains(interval, truth)
     assert interval.upper <= truth * (1 + 1e-9)
     assert int(np.argmax(estimates)) == 17
+
+
+def test_matrices_no_factorization_certifies_fall_back_to_a_sound_frobenius_bound(monkeypatch):
+    """If the Cholesky certificate never succeeds for some matrix, its bound is its
+    Frobenius norm (plus the formation error): looser, never below the truth."""
+    import lipnorm.certificates as certificates
+
+    original = certificates._shifted_cholesky_squares
+
+    def never_for_the_first(gram, threshold):
+        ok, squares = original(gram, threshold)
+        if gram.shape[0] == 6:  # the first attempt covers the whole stack: fail matrix 0 always
+            ok[0] = False
+        elif gram.shape[0] == 1:
+            ok[:] = False
+        return ok, squares
+
+    monkeypatch.setattr(certificates, "_shifted_cholesky_squares", never_for_the_first)
+    blocks = np.random.default_rng(4).standard_normal((6, 10, 7))
+    blocks[0] *= 5.0  # the failing matrix holds the maximum
+    interval = certified_stack_bounds(blocks)
+    truth = _stack_truth(blocks)
+    assert_contains(interval, truth)
+    frobenius_of_gram = np.linalg.norm(blocks[0].T @ blocks[0])
+    assert interval.upper >= np.sqrt(frobenius_of_gram) * (1 - 1e-12)  # the fallback was used
