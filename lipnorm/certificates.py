@@ -256,11 +256,14 @@ class GramStackCertificate:
         matrices; not a bound.
     best : int
         Index of the largest estimate.
+    vector : ndarray or None
+        Top eigenvector of matrix ``best`` when it was computed on the way, else None.
     """
 
     upper_squared: float
     estimates: np.ndarray
     best: int
+    vector: np.ndarray | None = None
 
 
 def certify_gram_stack(
@@ -301,8 +304,9 @@ def certify_gram_stack(
     errors = np.broadcast_to(np.asarray(formation_error, dtype=np.float64), (count,))
     estimates = _ranking_estimates(gram)
     best = int(np.argmax(estimates))
+    vectors = {}
     if estimates[best] >= floor:
-        estimates[best] = _exact_top_values(gram[best : best + 1])[0]
+        estimates[best], vectors[best] = _top_eigenpair(gram[best])
     estimates = np.maximum(estimates, 0.0)
     threshold = max(float(np.max(estimates)), floor, np.finfo(np.float64).tiny)
     margin = 16 * dimension * _UNIT_ROUNDOFF
@@ -326,10 +330,9 @@ def certify_gram_stack(
         squares = np.sum(np.abs(gram[pending]) ** 2, axis=(-2, -1))
         squares *= 1.0 + _gamma(dimension * dimension + 2, complex_dtype)
         certified[pending] = np.sqrt(squares) * (1.0 + 4 * _UNIT_ROUNDOFF) + errors[pending]
+    best = int(np.argmax(estimates))
     return GramStackCertificate(
-        upper_squared=_up(float(np.max(certified))),
-        estimates=estimates,
-        best=int(np.argmax(estimates)),
+        upper_squared=_up(float(np.max(certified))), estimates=estimates, best=best, vector=vectors.get(best)
     )
 
 
@@ -394,7 +397,9 @@ def certify_stack(blocks: Any, *, estimate: float | None = None) -> tuple[SigmaI
     formation_error = _gamma(inner + 2, stack.complex_dtype) * stack.frobenius_upper()
     certificate = certify_gram_stack(gram, formation_error, complex_dtype=stack.complex_dtype,
                                      inner=inner, floor=floor)
-    _, vector = _top_eigenpair(gram[certificate.best])
+    vector = certificate.vector
+    if vector is None:
+        _, vector = _top_eigenpair(gram[certificate.best])
     lower = _certified_lower(stack, certificate.best, vector, right=p >= q)
     upper = stack.unscale_upper(_up(math.sqrt(certificate.upper_squared)))
     estimates = np.sqrt(certificate.estimates) / stack.scale
