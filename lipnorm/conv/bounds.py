@@ -109,21 +109,34 @@ def _frequency_splits(count: int, entries_per_frequency: int) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _block_chunks(kernel: np.ndarray, geom: ConvGeometry, grid) -> tuple[np.ndarray, list[slice]]:
-    """One output frequency of each conjugate pair and their chunks for :func:`stacked_blocks`."""
+def _frequency_chunks(geom: ConvGeometry, grid, entries_per_frequency: int):
+    """The output grid, one output frequency of each conjugate pair, and their chunks.
+
+    Returns
+    -------
+    out_grid : tuple of int
+    freqs : ndarray of int, shape (F, d)
+    chunks : list of slice
+        From :func:`_frequency_splits`, for ``entries_per_frequency`` entries held per frequency.
+    """
     out_grid = tuple(n // s for n, s in zip(grid, geom.stride))
     freqs = half_frequencies(out_grid)
-    per_freq = kernel.shape[0] * kernel.shape[1] * kernel.shape[2] * alias_count(geom.stride)
-    return freqs, _frequency_splits(freqs.shape[0], per_freq)
+    return out_grid, freqs, _frequency_splits(freqs.shape[0], entries_per_frequency)
+
+
+def _block_entries(kernel: np.ndarray, geom: ConvGeometry) -> int:
+    """Entries of the stacked blocks of one frequency, all groups (:func:`stacked_blocks`)."""
+    return kernel.shape[0] * kernel.shape[1] * kernel.shape[2] * alias_count(geom.stride)
 
 
 def _circular_upper(kernel, geom: ConvGeometry, grid, method: str, gram_steps: int):
     """Certified upper bound on the norm of the circular convolution on ``grid``.
 
     ``"svd"``: from the Gram symbol (:mod:`lipnorm.conv.symbol`) where its blocks are the
-    smaller ones, else from the stacked blocks, each chunk certified whole by one batched
-    Cholesky certificate (:func:`lipnorm.certificates.certify_stack`). ``"gram"``: the
-    blocks by Gram iteration (:func:`_gram_screened_bounds`).
+    smaller ones, else from the stacked blocks' Gram matrices, a Cholesky certificate per
+    block (:func:`lipnorm.certificates.certify_stack`). ``"gram"``: the blocks by Gram
+    iteration (:func:`_gram_screened_bounds`). Chunks of frequencies run in threads
+    (:func:`lipnorm._parallel.parallel_map`).
 
     Returns
     -------
@@ -139,7 +152,7 @@ def _circular_upper(kernel, geom: ConvGeometry, grid, method: str, gram_steps: i
     if side is not None:
         upper, top = _symbol_upper(side, geom, grid)
         return upper, top, "symbol"
-    freqs, chunks = _block_chunks(kernel, geom, grid)
+    _, freqs, chunks = _frequency_chunks(geom, grid, _block_entries(kernel, geom))
 
     def certify_chunk(chunk: slice):
         blocks = stacked_blocks(kernel, geom.stride, geom.dilation, grid, freqs[chunk])
@@ -168,9 +181,7 @@ def _symbol_upper(kernel, geom: ConvGeometry, grid):
     taps = math.prod(kernel.shape[3:])
     lags, coefficients = lag_coefficients(kernel, geom.stride, geom.dilation)
     error = symbol_error_bound(kernel, lags.shape[0])
-    out_grid = tuple(n // s for n, s in zip(grid, geom.stride))
-    freqs = half_frequencies(out_grid)
-    chunks = _frequency_splits(freqs.shape[0], groups * cout_g * cout_g)
+    out_grid, freqs, chunks = _frequency_chunks(geom, grid, groups * cout_g * cout_g)
 
     def certify_chunk(chunk: slice):
         symbol = evaluate_symbol(lags, coefficients, out_grid, freqs[chunk])
@@ -371,7 +382,7 @@ def circular_sigma(op) -> float:
             "exact_sigma needs padding='circular'; for zero padding use sigma_bounds() (certified interval)"
         )
     kernel = to_numpy_float64(op.kernel)
-    freqs, chunks = _block_chunks(kernel, geom, geom.input_size)
+    _, freqs, chunks = _frequency_chunks(geom, geom.input_size, _block_entries(kernel, geom))
 
     def largest(chunk: slice) -> float:
         blocks = stacked_blocks(kernel, geom.stride, geom.dilation, geom.input_size, freqs[chunk])
