@@ -1,7 +1,8 @@
 """Host threads for the certified computations: independent chunks of work on every core.
 
-NumPy and SciPy release the GIL inside their BLAS and LAPACK calls, so chunks of
-matrices certified in threads run in parallel. While they run, BLAS is limited to one
+NumPy releases the GIL inside its BLAS and LAPACK calls, so chunks of matrices
+certified in threads run in parallel (SciPy's LAPACK wrappers, such as
+``scipy.linalg.lapack.zpotrf``, hold it: code run here factors through NumPy). While they run, BLAS is limited to one
 thread (threadpoolctl): many small products and factorizations run one per core instead
 of BLAS's own threads competing for the same cores.
 
@@ -45,9 +46,11 @@ def parallel_map(function: Callable[[Item], Result], items: Iterable[Item]) -> l
     """``[function(item) for item in items]``, in threads, with single-threaded BLAS.
 
     Results come back in the order of ``items``; the first exception raised by a call
-    is raised here.
+    is raised here. A single item runs in the calling thread with BLAS's own threads.
     """
     items = list(items)
+    if len(items) == 1:
+        return [function(items[0])]
     workers = min(worker_count(), len(items))
     with threadpool_limits(limits=1, user_api="blas"):
         if workers <= 1:

@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
-from scipy.linalg import get_lapack_funcs
 
+from lipnorm._parallel import parallel_map
 from lipnorm._xp import array_namespace, to_numpy
 from lipnorm.krylov import lanczos, random_vector
 from lipnorm.operators import DenseOperator
@@ -46,6 +46,7 @@ __all__ = [
     "GramStackCertificate",
     "SigmaInterval",
     "certified_stack_bounds",
+    "certify_gram_chunks",
     "certify_gram_stack",
     "certify_stack",
     "gram_iteration_block_bounds",
@@ -57,9 +58,8 @@ _SMALLEST_SUBNORMAL = 2.0**-1074
 #: Blocks up to this size get their exact estimate from a dense eigen-decomposition, larger
 #: ones from Lanczos.
 _DENSE_ESTIMATE_LIMIT = 256
-#: Matrices at least this large are Cholesky-factored one LAPACK call at a time, smaller
-#: ones in NumPy batches.
-_LAPACK_LOOP_MIN_DIMENSION = 32
+#: Matrices at least this large are Cholesky-factored one at a time, smaller ones in batches.
+_SINGLE_FACTOR_MIN_DIMENSION = 32
 _RANKING_LANCZOS_STEPS = 16
 
 
@@ -243,7 +243,7 @@ def _ranking_estimates(gram: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class GramStackCertificate:
-    """What :func:`certify_gram_stack` proved and the estimates it used.
+    """What :func:`certify_gram_chunks` proved and the estimates it used.
 
     Attributes
     ----------
@@ -272,14 +272,8 @@ def certify_gram_stack(
     """Certified upper bound on the largest eigenvalue over a stack of Hermitian matrices.
 
     The matrices are computed approximations of positive semidefinite ones (Gram matrices,
-    a convolution's Gram symbol); only their lower triangles are read.
-
-    Every matrix is certified at one shared threshold ``t`` (a little above the largest
-    estimate) by the Cholesky certificate of the module docstring; the matrices whose
-    factorization fails get an exact eigenvalue and are certified again at a threshold
-    above it (the failure was either a misranked matrix or rounding at a margin too
-    small, which then grows 16-fold). Only the failed ones are factored again, so a
-    well-ranked stack costs one factorization per matrix.
+    a convolution's Gram symbol); only their lower triangles are read. One chunk of
+    :func:`certify_gram_chunks`, which describes the certificate.
 
     Parameters
     ----------
@@ -288,27 +282,120 @@ def certify_gram_stack(
     formation_error : float or ndarray, shape (batch,)
         Bound on the spectral norm of the difference between each computed matrix and
         the exact one it stands for.
-    complex_dtype : bool
-        Whether the arithmetic that formed ``gram`` was complex (sets the rounding constants).
-    inner : int
-        Inner length of the products that formed ``gram`` (bounds subnormal underflow).
-    floor : float
-        Where the threshold starts at the least (e.g. the square of a caller's estimate of
-        the maximum); the exact top eigenvalue is skipped when the ranking stays below it.
+    complex_dtype, inner, floor
+        As for :func:`certify_gram_chunks`.
 
     Returns
     -------
     GramStackCertificate
     """
+    return certify_gram_chunks(lambda _: (gram, formation_error), 1, complex_dtype=complex_dtype,
+                               inner=inner, floor=floor)
+
+
+def certify_gram_chunks(
+    chunk: Callable[[int], tuple[np.ndarray, Any]],
+    count: int,
+    *,
+    complex_dtype: bool,
+    inner: int,
+    floor: float = 0.0,
+    keep: bool = True,
+) -> GramStackCertificate:
+    """Certified upper bound on the largest eigenvalue over a stack given in chunks.
+
+    Every matrix is certified at one shared threshold ``t``, a little above the exact
+    largest eigenvalue of the matrix that a few Lanczos steps rank highest over all
+    chunks, by the Cholesky certificate of the module docstring. A matrix whose
+    factorization fails gets an exact eigenvalue and is certified again at a threshold
+    above it (the failure was either a misranked matrix or rounding at a margin too
+    small, which then grows 16-fold); only the failed ones of a chunk are factored again,
+    so a well-ranked stack costs one factorization per matrix.
+
+    The chunks run in threads (:func:`lipnorm._parallel.parallel_map`) twice: once to
+    rank their matrices, once to certify them at the shared threshold.
+
+    Parameters
+    ----------
+    chunk : callable
+        ``chunk(i)`` for ``i < count`` returns the computed matrices of chunk ``i``
+        (ndarray, float64 or complex128, shape (batch_i, d, d), scaled so that no entry
+        overflows; Hermitian, approximating positive semidefinite ones) and a bound on
+        the spectral norm of each one's difference from the exact matrix it stands for
+        (float or ndarray of shape (batch_i,)).
+    count : int
+        Number of chunks.
+    complex_dtype : bool
+        Whether the arithmetic that formed the matrices was complex (sets the rounding
+        constants).
+    inner : int
+        Inner length of the products that formed the matrices (bounds subnormal underflow).
+    floor : float
+        Where the threshold starts at the least (e.g. the square of a caller's estimate of
+        the maximum); the exact top eigenvalue is skipped when the ranking stays below it.
+    keep : bool
+        Hold every chunk's matrices from the ranking to the certificates; False calls
+        ``chunk`` again instead (memory for one chunk per thread).
+
+    Returns
+    -------
+    GramStackCertificate
+        Its estimates and ``best`` index the chunks' matrices in order, one after the other.
+    """
+
+    def rank(index: int):
+        gram, error = chunk(index)
+        return _ranking_estimates(gram), ((gram, error) if keep else None)
+
+    ranked = parallel_map(rank, range(count))
+    held = [matrices for _, matrices in ranked]
+    estimates = [ranking for ranking, _ in ranked]
+    del ranked
+
+    def matrices_of(index: int):
+        return held[index] if keep else chunk(index)
+
+    starts = np.cumsum([0] + [ranking.size for ranking in estimates])
+    ranking = np.concatenate(estimates)
+    best = int(np.argmax(ranking))
+    vector = None
+    if ranking[best] >= floor:
+        best_chunk = int(np.searchsorted(starts, best, side="right")) - 1
+        top, vector = _top_eigenpair(matrices_of(best_chunk)[0][best - starts[best_chunk]])
+        estimates[best_chunk][best - starts[best_chunk]] = top
+    threshold = max(float(np.max(np.concatenate(estimates))), floor, np.finfo(np.float64).tiny)
+
+    def certify(index: int):
+        gram, error = matrices_of(index)
+        return _certify_above(gram, error, estimates[index], threshold, inner, complex_dtype)
+
+    results = parallel_map(certify, range(count))
+    estimates = np.concatenate([chunk_estimates for _, chunk_estimates in results])
+    final_best = int(np.argmax(estimates))
+    return GramStackCertificate(
+        upper_squared=_up(max(upper for upper, _ in results)),
+        estimates=estimates,
+        best=final_best,
+        vector=vector if final_best == best else None,
+    )
+
+
+def _certify_above(
+    gram: np.ndarray, formation_error: Any, estimates: np.ndarray, threshold: float, inner: int,
+    complex_dtype: bool,
+) -> tuple[float, np.ndarray]:
+    """Cholesky certificates of one chunk of :func:`certify_gram_chunks`, starting at ``threshold``.
+
+    Returns
+    -------
+    upper_squared : float
+        Certified bound on the largest eigenvalue of the chunk's exact matrices.
+    estimates : ndarray, float64, shape (batch,)
+        ``estimates`` (not changed), with the exact eigenvalues of the failed matrices.
+    """
     count, dimension = gram.shape[0], gram.shape[-1]
     errors = np.broadcast_to(np.asarray(formation_error, dtype=np.float64), (count,))
-    estimates = _ranking_estimates(gram)
-    best = int(np.argmax(estimates))
-    vectors = {}
-    if estimates[best] >= floor:
-        estimates[best], vectors[best] = _top_eigenpair(gram[best])
     estimates = np.maximum(estimates, 0.0)
-    threshold = max(float(np.max(estimates)), floor, np.finfo(np.float64).tiny)
     margin = 16 * dimension * _UNIT_ROUNDOFF
     certified = np.full(count, np.inf)
     pending = np.arange(count)
@@ -330,10 +417,7 @@ def certify_gram_stack(
         squares = np.sum(np.abs(gram[pending]) ** 2, axis=(-2, -1))
         squares *= 1.0 + _gamma(dimension * dimension + 2, complex_dtype)
         certified[pending] = np.sqrt(squares) * (1.0 + 4 * _UNIT_ROUNDOFF) + errors[pending]
-    best = int(np.argmax(estimates))
-    return GramStackCertificate(
-        upper_squared=_up(float(np.max(certified))), estimates=estimates, best=best, vector=vectors.get(best)
-    )
+    return float(np.max(certified)), estimates
 
 
 def certified_stack_bounds(blocks: Any, *, estimate: float | None = None) -> SigmaInterval:
@@ -441,15 +525,19 @@ def _shifted_cholesky_squares(gram: np.ndarray, threshold: float) -> tuple[np.nd
     count, dimension = gram.shape[0], gram.shape[-1]
     diagonal = np.arange(dimension)
     ok, squares = np.zeros(count, dtype=bool), np.zeros(count)
-    if dimension >= _LAPACK_LOOP_MIN_DIMENSION:
-        # LAPACK one matrix at a time: reports which fail, and each shifted copy stays in cache.
-        (potrf,) = get_lapack_funcs(("potrf",), (gram[0],))
+    if dimension >= _SINGLE_FACTOR_MIN_DIMENSION:
+        # One matrix at a time: reports which fail, and each shifted copy stays in cache.
+        # NumPy, not SciPy's LAPACK wrapper: NumPy releases the GIL, so chunks factor in
+        # parallel threads.
         for index, matrix in enumerate(gram):
             shifted = -matrix
             shifted[diagonal, diagonal] += threshold
-            factor, info = potrf(shifted, lower=True, clean=True, overwrite_a=True)
+            try:
+                factor = np.linalg.cholesky(shifted)
+            except np.linalg.LinAlgError:
+                continue
             square = np.vdot(factor, factor).real  # not finite if any entry is not
-            ok[index] = info == 0 and bool(np.isfinite(square))
+            ok[index] = bool(np.isfinite(square))
             squares[index] = square if ok[index] else 0.0
         return ok, squares
     shifted = -gram

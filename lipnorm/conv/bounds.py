@@ -65,7 +65,7 @@ from lipnorm.operators import DenseOperator
 from lipnorm.certificates import (
     SigmaInterval,
     certified_stack_bounds,
-    certify_gram_stack,
+    certify_gram_chunks,
     certify_stack,
     gram_iteration_block_bounds,
 )
@@ -75,6 +75,7 @@ __all__ = ["conv_sigma_bounds", "circular_sigma", "embedding_grid", "certified_r
 _METHODS = ("svd", "gram")
 _CHUNK_ENTRIES = 16_000_000  # complex entries of blocks held at once per thread (256 MB)
 _MIN_CHUNKS = 4  # chunks of frequencies certified in parallel, at the least
+_KEPT_ENTRIES = 16_000_000  # symbol entries held from ranking to certificates, at most (256 MB)
 _SCREEN_STEPS = 3  # Gram steps of the cheap per-block bound that decides which blocks to bound (method gram)
 #: Zero-padded layers whose per-group operator has at most this many columns are certified dense,
 DENSE_MAX_COLUMNS = 2048
@@ -183,16 +184,19 @@ def _symbol_upper(kernel, geom: ConvGeometry, grid):
     error = symbol_error_bound(kernel, lags.shape[0])
     out_grid, freqs, chunks = _frequency_chunks(geom, grid, groups * cout_g * cout_g)
 
-    def certify_chunk(chunk: slice):
-        symbol = evaluate_symbol(lags, coefficients, out_grid, freqs[chunk])
-        return certify_gram_stack(symbol.reshape(-1, cout_g, cout_g), error, complex_dtype=True,
-                                  inner=cin_g * taps * taps + 4 * lags.shape[0])
+    def symbol_chunk(index: int):
+        symbol = evaluate_symbol(lags, coefficients, out_grid, freqs[chunks[index]])
+        return symbol.reshape(-1, cout_g, cout_g), error
 
-    upper_squared, top = 0.0, {}
-    for chunk, certificate in zip(chunks, parallel_map(certify_chunk, chunks)):
-        upper_squared = max(upper_squared, certificate.upper_squared)
-        _update_top(top, certificate.estimates.reshape(groups, -1), freqs[chunk])
-    return math.sqrt(upper_squared) * (1 + 4 * _U), top
+    certificate = certify_gram_chunks(
+        symbol_chunk, len(chunks), complex_dtype=True, inner=cin_g * taps * taps + 4 * lags.shape[0],
+        keep=freqs.shape[0] * groups * cout_g * cout_g <= _KEPT_ENTRIES,
+    )
+    top = {}
+    sizes = [groups * (chunk.stop - chunk.start) for chunk in chunks]
+    for chunk, estimates in zip(chunks, np.split(certificate.estimates, np.cumsum(sizes)[:-1])):
+        _update_top(top, estimates.reshape(groups, -1), freqs[chunk])
+    return math.sqrt(certificate.upper_squared) * (1 + 4 * _U), top
 
 
 def _power_of_two_scaled(kernel: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -401,7 +405,7 @@ def conv_sigma_bounds(op, *, method: str = "svd", gram_steps: int = 10, lanczos_
     op : ConvOperator
     method : {"svd", "gram"}
         How the per-frequency blocks are certified: ``"svd"`` by Cholesky certificates
-        (:func:`lipnorm.certificates.certify_gram_stack`) of the Gram symbol
+        (:func:`lipnorm.certificates.certify_gram_chunks`) of the Gram symbol
         (:mod:`lipnorm.conv.symbol`) or, where the stacked blocks are narrower, of the
         blocks' Gram matrices; ``"gram"`` by Gram iteration on the blocks
         (:func:`lipnorm.certificates.gram_iteration_block_bounds`; slower).
