@@ -133,3 +133,31 @@ def test_matrices_no_factorization_certifies_fall_back_to_a_sound_frobenius_boun
     assert_contains(interval, truth)
     frobenius_of_gram = np.linalg.norm(blocks[0].T @ blocks[0])
     assert interval.upper >= np.sqrt(frobenius_of_gram) * (1 - 1e-12)  # the fallback was used
+
+
+@settings(max_examples=NUMERIC_EXAMPLES)
+@given(blocks=stacks(), chunk_count=st.integers(1, 6), keep=st.booleans())
+def test_chunked_gram_certificate_contains_the_max_over_all_chunks(blocks, chunk_count, keep):
+    """Chunks share one threshold: the bound holds for the whole stack however it is split,
+    whether the chunks are held between the passes or formed again, and its estimates
+    index the chunks' matrices in order."""
+    from lipnorm.certificates import certify_gram_chunks
+
+    blocks = blocks / np.max(np.abs(blocks))  # Gram entries at most 24: no overflow
+    gram = np.conj(np.swapaxes(blocks, -1, -2)) @ blocks
+    chunks = np.array_split(np.arange(gram.shape[0]), min(chunk_count, gram.shape[0]))
+    calls = []
+
+    def chunk(index):
+        calls.append(index)
+        return gram[chunks[index]], 1e-12
+
+    certificate = certify_gram_chunks(chunk, len(chunks), complex_dtype=bool(np.iscomplexobj(gram)),
+                                      inner=blocks.shape[-2], keep=keep)
+    values = np.linalg.eigvalsh(gram)[:, -1]
+    assert certificate.upper_squared >= values.max()
+    assert certificate.upper_squared <= values.max() * (1 + 1e-6) + 1e-9
+    assert certificate.estimates.shape == values.shape
+    np.testing.assert_allclose(certificate.estimates[certificate.best], values.max(), rtol=1e-8)
+    # held: each chunk formed once; not held: once per pass, and the best chunk once more
+    assert len(calls) == (len(chunks) if keep else 2 * len(chunks) + 1)
