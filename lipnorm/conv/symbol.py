@@ -114,7 +114,11 @@ def lag_coefficients(kernel: np.ndarray, stride, dilation) -> tuple[np.ndarray, 
     def lag_matrix(lag: int) -> np.ndarray:
         pairs = upper_pairs[pair_lags == lag]
         left = transposed_taps[:, pairs[:, 0]].reshape(groups, -1, cout_g)  # W_j^T stacked
-        right = transposed_taps[:, pairs[:, 1]].reshape(groups, -1, cout_g)
+        # the zero lag pairs every tap with itself: one array, whose product NumPy computes
+        # as a symmetric rank-k update (half the work)
+        right = left
+        if np.any(pairs[:, 0] != pairs[:, 1]):
+            right = transposed_taps[:, pairs[:, 1]].reshape(groups, -1, cout_g)
         # 2-D products: NumPy's stacked matmul is slower on a stack of one
         return np.stack([left[g].T @ right[g] for g in range(groups)])
 
