@@ -7,7 +7,9 @@ Every method runs in this one process on the same float32 matrices, medians over
   products are counted in a separate run through a counting ``LinearOperator``;
 - ``np.linalg.norm(W, 2)`` and ``torch.linalg.matrix_norm(W, 2)`` (full SVDs);
 - plain power iteration stopping when σ changes by less than 1e-6 relative;
-- ``lipnorm.sigma_bounds(W)``: time and upper/lower.
+- ``lipnorm.sigma_bounds(W)``: time and upper/lower;
+- on the 4096×4096 matrix, the time of ``W @ X`` for ``X`` with 1 to 16 columns: what a
+  block Krylov method (several vectors per pass over W) would pay per vector.
 
 Errors are relative to ``scipy.linalg.svdvals`` of the same matrix in float64. "Krylov
 minimum" is the fewest products with W and Wᵀ after which the best estimate in the Krylov
@@ -207,6 +209,18 @@ def measure(
     return results, interval, bounds_seconds
 
 
+def product_costs(matrix: np.ndarray, widths=(1, 2, 4, 8, 16), repeats: int = 20) -> list[str]:
+    """Table rows: median time of ``matrix @ X`` for ``X`` with each number of columns."""
+    rows = []
+    single = None
+    for width in widths:
+        block = np.ones((matrix.shape[1], width) if width > 1 else matrix.shape[1], dtype=matrix.dtype)
+        seconds, _ = median_time(lambda r: float((matrix @ block).ravel()[0]), repeats)
+        single = seconds if single is None else single
+        rows.append(f"| {width} | {_seconds(seconds)} | {_seconds(seconds / width)} | {seconds / single:.1f}× |")
+    return rows
+
+
 def versions() -> str:
     names = ["lipnorm", "numpy", "scipy", "torch", "array-api-compat"]
     found = []
@@ -292,6 +306,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{lipnorm_result.matvecs} / {arpack_default.matvecs} / {minimum} |"
         )
         print("\n".join(lines[-12:]), file=sys.stderr, flush=True)
+    square = benchmark_matrices()["Gaussian 4096×4096"]
+    lines += [
+        "## Products with several vectors (Gaussian 4096×4096)",
+        "",
+        "A block Krylov method multiplies W by b vectors per pass over the matrix. Median of "
+        "20 products `W @ X`, X with b columns (b = 1: a matrix-vector product):",
+        "",
+        "| b | time | per vector | vs b = 1 |",
+        "|---:|---:|---:|---:|",
+        *product_costs(square),
+        "",
+    ]
     load_after = os.getloadavg()
     lines[6:6] = [
         f"Load average (1 min) of the machine, which other jobs shared: {load_before[0]:.1f} at the "
