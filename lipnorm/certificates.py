@@ -45,6 +45,7 @@ from lipnorm.operators import DenseOperator
 __all__ = [
     "GramStackCertificate",
     "SigmaInterval",
+    "block_grams",
     "certified_stack_bounds",
     "certify_gram_chunks",
     "certify_gram_stack",
@@ -156,20 +157,30 @@ class _HostStack:
     def unscale_lower(self, value: float) -> float:
         return _down(value / self.scale - self.absolute_slack)
 
-    def frobenius_upper(self) -> np.ndarray:
-        """Per-block upper bounds on ``||A_b||_F^2`` (scaled)."""
-        squares = np.sum(np.abs(self.blocks) ** 2, axis=(-2, -1))
-        p, q = self.blocks.shape[-2:]
-        return squares * (1.0 + _gamma(p * q + 2, self.complex_dtype))
 
+def block_grams(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The smaller Gram matrix of each block, with a bound on its formation error.
 
-def _gram(blocks: np.ndarray) -> tuple[np.ndarray, int]:
-    """The smaller Gram matrix of each block and the inner dimension of the product."""
+    Parameters
+    ----------
+    blocks : ndarray, float64 or complex128, shape (batch, p, q)
+        On the host, scaled so that no product of entries overflows.
+
+    Returns
+    -------
+    gram : ndarray, shape (batch, min(p, q), min(p, q))
+        ``A^H A`` or ``A A^H``, whichever is smaller; its inner length is ``max(p, q)``.
+    formation_error : ndarray, float64, shape (batch,)
+        Bound on the spectral norm of each computed Gram matrix's error,
+        ``gamma_{max(p, q) + 2} ||A||_F^2`` (Higham §3.5), for :func:`certify_gram_chunks`
+        (which adds the underflow of the products).
+    """
     p, q = blocks.shape[-2:]
+    complex_dtype = bool(np.iscomplexobj(blocks))
     adjoint = np.conj(np.swapaxes(blocks, -1, -2))
-    if p >= q:
-        return adjoint @ blocks, p
-    return blocks @ adjoint, q
+    gram = adjoint @ blocks if p >= q else blocks @ adjoint
+    squares = np.sum(np.abs(blocks) ** 2, axis=(-2, -1)) * (1.0 + _gamma(p * q + 2, complex_dtype))
+    return gram, _gamma(max(p, q) + 2, complex_dtype) * squares
 
 
 def _certified_lower(stack: _HostStack, index: int, vector: np.ndarray, right: bool) -> float:
@@ -475,12 +486,11 @@ def certify_stack(blocks: Any, *, estimate: float | None = None) -> tuple[SigmaI
     stack = _HostStack.from_any(blocks)
     if not np.any(stack.blocks):
         return SigmaInterval(0.0, 0.0, "zero matrix"), np.zeros(stack.blocks.shape[0])
-    gram, inner = _gram(stack.blocks)
+    gram, formation_error = block_grams(stack.blocks)
     p, q = stack.blocks.shape[-2:]
     floor = (float(estimate) * stack.scale) ** 2 if estimate is not None else 0.0
-    formation_error = _gamma(inner + 2, stack.complex_dtype) * stack.frobenius_upper()
     certificate = certify_gram_stack(gram, formation_error, complex_dtype=stack.complex_dtype,
-                                     inner=inner, floor=floor)
+                                     inner=max(p, q), floor=floor)
     vector = certificate.vector
     if vector is None:
         _, vector = _top_eigenpair(gram[certificate.best])
@@ -617,16 +627,13 @@ def gram_iteration_block_bounds(blocks: Any, *, steps: int = 8) -> tuple[np.ndar
     rank = min(current.shape[-2:])
     steps_taken = []
     for _ in range(steps):
-        frobenius = np.sum(np.abs(current) ** 2, axis=(-2, -1)) * (
-            1.0 + _gamma(current.shape[-1] * current.shape[-2] + 2, stack.complex_dtype)
-        )
-        current, inner = _gram(current)
+        current, formation_error = block_grams(current)
         # Rescale each block by an exact power of two (zero blocks keep exponent 0).
         exponents = np.frexp(np.max(np.abs(current), axis=(-2, -1)))[1]
         current = current * np.ldexp(1.0, -exponents)[:, None, None]
         # With H_{j+1} = fl(H_j^H H_j) / 2^e exactly:
         # |sigma(H_j)^2 - 2^e sigma(H_{j+1})| <= gamma * ||H_j||_F^2.
-        steps_taken.append((exponents, _gamma(inner + 2, stack.complex_dtype) * frobenius))
+        steps_taken.append((exponents, formation_error))
     final_squares = np.sum(np.abs(current) ** 2, axis=(-2, -1))
     rounding = _gamma(current.shape[-1] * current.shape[-2] + 2, stack.complex_dtype)
     upper = np.sqrt(final_squares * (1.0 + rounding)) * (1.0 + 4 * _UNIT_ROUNDOFF)

@@ -163,3 +163,21 @@ def test_pointwise_convolutions_are_bounded_by_their_channel_matrices(padding, s
     interval = op.sigma_bounds()
     assert interval.method == expected
     assert interval.lower <= truth <= interval.upper <= truth * (1 + 1e-12) + 1e-300
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1.0, 1e200])
+@pytest.mark.parametrize("padding", [1, "circular"])
+def test_strided_layer_with_narrow_input_is_certified_through_its_blocks(scale, padding):
+    """3 -> 16 channels at stride 2 (S * cin = 12 < 16, like ResNet's stem): the stacked
+    blocks' Gram matrices, one certificate threshold over all frequencies."""
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((16, 3, 3, 3))
+    op = conv_operator(weight * scale, (3, 10, 10), stride=2, padding=padding)
+    truth = np.linalg.norm(conv_operator(weight, (3, 10, 10), stride=2, padding=padding).to_dense(), 2) * scale
+    interval = op.sigma_bounds(dense_max_columns=0)
+    assert interval.method == ("conv-circular-svd" if padding == "circular" else "conv-embedding-svd")
+    assert interval.lower <= truth <= interval.upper
+    if padding == "circular":  # exact up to rounding
+        assert interval.upper <= truth * (1 + 1e-9) and interval.lower >= truth * (1 - 1e-9)
+    else:
+        assert interval.upper <= truth * 1.1 and interval.lower >= truth * 0.9

@@ -64,6 +64,7 @@ from lipnorm.krylov import lanczos, random_vector
 from lipnorm.operators import DenseOperator
 from lipnorm.certificates import (
     SigmaInterval,
+    block_grams,
     certified_stack_bounds,
     certify_gram_chunks,
     certify_stack,
@@ -134,8 +135,9 @@ def _circular_upper(kernel, geom: ConvGeometry, grid, method: str, gram_steps: i
     """Certified upper bound on the norm of the circular convolution on ``grid``.
 
     ``"svd"``: from the Gram symbol (:mod:`lipnorm.conv.symbol`) where its blocks are the
-    smaller ones, else from the stacked blocks' Gram matrices, a Cholesky certificate per
-    block (:func:`lipnorm.certificates.certify_stack`). ``"gram"``: the blocks by Gram
+    smaller ones, else from the stacked blocks' Gram matrices (:func:`_blocks_upper`); both
+    by Cholesky certificates at one threshold over all frequencies
+    (:func:`lipnorm.certificates.certify_gram_chunks`). ``"gram"``: the blocks by Gram
     iteration (:func:`_gram_screened_bounds`). Chunks of frequencies run in threads
     (:func:`lipnorm._parallel.parallel_map`).
 
@@ -149,27 +151,53 @@ def _circular_upper(kernel, geom: ConvGeometry, grid, method: str, gram_steps: i
     label : str
         ``"symbol"`` or ``method``: what certified the bound.
     """
-    side = symbol_kernel(kernel, geom.stride) if method == "svd" else None
-    if side is not None:
-        upper, top = _symbol_upper(side, geom, grid)
-        return upper, top, "symbol"
+    if method == "svd":
+        side = symbol_kernel(kernel, geom.stride)
+        if side is not None:
+            return (*_symbol_upper(side, geom, grid), "symbol")
+        return (*_blocks_upper(kernel, geom, grid), "svd")
     _, freqs, chunks = _frequency_chunks(geom, grid, _block_entries(kernel, geom))
 
     def certify_chunk(chunk: slice):
         blocks = stacked_blocks(kernel, geom.stride, geom.dilation, grid, freqs[chunk])
-        stack = blocks.reshape((-1,) + blocks.shape[2:])
-        if method == "svd":
-            (_, chunk_upper), ranking = certify_stack(stack)
-        else:
-            _, chunk_upper, ranking = _gram_screened_bounds(stack, gram_steps)
+        _, chunk_upper, ranking = _gram_screened_bounds(blocks.reshape((-1,) + blocks.shape[2:]), gram_steps)
         return chunk_upper, ranking.reshape(blocks.shape[:2])
 
     upper, top = 0.0, {}
     for chunk, (chunk_upper, ranking) in zip(chunks, parallel_map(certify_chunk, chunks)):
         upper = max(upper, chunk_upper)
         _update_top(top, ranking, freqs[chunk])
+    return _blocks_to_operator(upper, kernel, geom), top, method
+
+
+def _blocks_to_operator(blocks_upper: float, kernel, geom: ConvGeometry) -> float:
+    """The circular operator's bound from one on the computed stacked blocks: their rounding
+    added, divided by ``sqrt(S)``."""
     err = block_error_bound(kernel, geom.stride)
-    return (upper + err) / math.sqrt(alias_count(geom.stride)) * (1 + 4 * _U), top, method
+    return (blocks_upper + err) / math.sqrt(alias_count(geom.stride)) * (1 + 4 * _U)
+
+
+def _blocks_upper(kernel, geom: ConvGeometry, grid):
+    """:func:`_circular_upper` from the stacked blocks' Gram matrices, one Cholesky
+    certificate threshold over all frequencies (:func:`lipnorm.certificates.certify_gram_chunks`).
+
+    The kernel should be scaled so that its largest entry is about 1.
+    """
+    groups = kernel.shape[0]
+    _, freqs, chunks = _frequency_chunks(geom, grid, _block_entries(kernel, geom))
+
+    def gram_chunk(index: int):
+        blocks = stacked_blocks(kernel, geom.stride, geom.dilation, grid, freqs[chunks[index]])
+        return block_grams(blocks.reshape((-1,) + blocks.shape[2:]))
+
+    rows, columns = kernel.shape[1], kernel.shape[2] * alias_count(geom.stride)
+    certificate = certify_gram_chunks(
+        gram_chunk, len(chunks), complex_dtype=True, inner=max(rows, columns),
+        keep=freqs.shape[0] * groups * min(rows, columns) ** 2 <= _KEPT_ENTRIES,
+    )
+    top = {}
+    _update_chunk_tops(top, np.sqrt(certificate.estimates), groups, chunks, freqs)
+    return _blocks_to_operator(math.sqrt(certificate.upper_squared) * (1 + 4 * _U), kernel, geom), top
 
 
 def _symbol_upper(kernel, geom: ConvGeometry, grid):
@@ -193,9 +221,7 @@ def _symbol_upper(kernel, geom: ConvGeometry, grid):
         keep=freqs.shape[0] * groups * cout_g * cout_g <= _KEPT_ENTRIES,
     )
     top = {}
-    sizes = [groups * (chunk.stop - chunk.start) for chunk in chunks]
-    for chunk, estimates in zip(chunks, np.split(certificate.estimates, np.cumsum(sizes)[:-1])):
-        _update_top(top, estimates.reshape(groups, -1), freqs[chunk])
+    _update_chunk_tops(top, certificate.estimates, groups, chunks, freqs)
     return math.sqrt(certificate.upper_squared) * (1 + 4 * _U), top
 
 
@@ -220,6 +246,14 @@ def _power_of_two_scaled(kernel: np.ndarray) -> tuple[np.ndarray, float, float]:
     cout_g, cin_g = kernel.shape[1:3]
     slack = math.prod(kernel.shape[3:]) * math.sqrt(cout_g * cin_g) * 2.0**-1074 if scale < 1.0 else 0.0
     return kernel * scale, scale, slack
+
+
+def _update_chunk_tops(top: dict, estimates: np.ndarray, groups: int, chunks, freqs: np.ndarray) -> None:
+    """:func:`_update_top` for estimates of all chunks one after the other, each chunk's
+    group by group (as :func:`certify_gram_chunks` returns them)."""
+    sizes = [groups * (chunk.stop - chunk.start) for chunk in chunks]
+    for chunk, chunk_estimates in zip(chunks, np.split(estimates, np.cumsum(sizes)[:-1])):
+        _update_top(top, chunk_estimates.reshape(groups, -1), freqs[chunk])
 
 
 def _update_top(top: dict, ranking: np.ndarray, freqs: np.ndarray) -> None:
