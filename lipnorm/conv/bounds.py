@@ -76,7 +76,7 @@ __all__ = ["conv_sigma_bounds", "circular_sigma", "embedding_grid", "certified_r
 _METHODS = ("svd", "gram")
 _CHUNK_ENTRIES = 16_000_000  # complex entries of blocks held at once per thread (256 MB)
 _MIN_CHUNKS = 4  # chunks of frequencies certified in parallel, at the least
-_KEPT_ENTRIES = 16_000_000  # symbol entries held from ranking to certificates, at most (256 MB)
+_KEPT_ENTRIES = 16_000_000  # entries of Gram matrices (symbol or blocks) held from ranking to certificates, at most
 _SCREEN_STEPS = 3  # Gram steps of the cheap per-block bound that decides which blocks to bound (method gram)
 #: Zero-padded layers whose per-group operator has at most this many columns are certified dense,
 DENSE_MAX_COLUMNS = 2048
