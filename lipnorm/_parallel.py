@@ -2,9 +2,10 @@
 
 NumPy releases the GIL inside its BLAS and LAPACK calls, so chunks of matrices
 certified in threads run in parallel (SciPy's LAPACK wrappers, such as
-``scipy.linalg.lapack.zpotrf``, hold it: code run here factors through NumPy). While they run, BLAS is limited to one
-thread (threadpoolctl): many small products and factorizations run one per core instead
-of BLAS's own threads competing for the same cores.
+``scipy.linalg.lapack.zpotrf``, hold it: code run here factors through NumPy). While
+they run, BLAS is limited to one thread (threadpoolctl): many small products and
+factorizations run one per core instead of BLAS's own threads competing for the same
+cores.
 
 ``LIPNORM_NUM_THREADS`` sets the number of threads (default: the CPUs this process may
 use).

@@ -402,7 +402,8 @@ def _certify_above(
     upper_squared : float
         Certified bound on the largest eigenvalue of the chunk's exact matrices.
     estimates : ndarray, float64, shape (batch,)
-        ``estimates`` (not changed), with the exact eigenvalues of the failed matrices.
+        A copy of ``estimates`` (clipped at 0) with the exact eigenvalues of the matrices
+        whose first certificate failed.
     """
     count, dimension = gram.shape[0], gram.shape[-1]
     errors = np.broadcast_to(np.asarray(formation_error, dtype=np.float64), (count,))

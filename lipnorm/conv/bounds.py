@@ -103,8 +103,9 @@ def _frequency_splits(count: int, entries_per_frequency: int) -> list[slice]:
     """Split ``count`` frequencies into at least :data:`_MIN_CHUNKS` chunks (for the worker
     threads, :mod:`lipnorm._parallel`) of at most :data:`_CHUNK_ENTRIES` entries each.
 
-    The split does not depend on the number of threads, so neither do the bounds (each
-    chunk is certified at its own threshold, which moves the last digits).
+    The split does not depend on the number of threads, so neither do the bounds (where
+    the chunk boundaries fall moves their last digits: each chunk's matrices are ranked
+    from their own random start vectors).
     """
     chunks = min(count, max(-(-count * entries_per_frequency // _CHUNK_ENTRIES), _MIN_CHUNKS))
     edges = np.linspace(0, count, chunks + 1).round().astype(int)
@@ -191,13 +192,9 @@ def _blocks_upper(kernel, geom: ConvGeometry, grid):
         return block_grams(blocks.reshape((-1,) + blocks.shape[2:]))
 
     rows, columns = kernel.shape[1], kernel.shape[2] * alias_count(geom.stride)
-    certificate = certify_gram_chunks(
-        gram_chunk, len(chunks), complex_dtype=True, inner=max(rows, columns),
-        keep=freqs.shape[0] * groups * min(rows, columns) ** 2 <= _KEPT_ENTRIES,
-    )
-    top = {}
-    _update_chunk_tops(top, np.sqrt(certificate.estimates), groups, chunks, freqs)
-    return _blocks_to_operator(math.sqrt(certificate.upper_squared) * (1 + 4 * _U), kernel, geom), top
+    grams_upper, top = _certify_frequency_grams(gram_chunk, chunks, freqs, groups, min(rows, columns),
+                                                inner=max(rows, columns))
+    return _blocks_to_operator(grams_upper, kernel, geom), top
 
 
 def _symbol_upper(kernel, geom: ConvGeometry, grid):
@@ -216,12 +213,33 @@ def _symbol_upper(kernel, geom: ConvGeometry, grid):
         symbol = evaluate_symbol(lags, coefficients, out_grid, freqs[chunks[index]])
         return symbol.reshape(-1, cout_g, cout_g), error
 
+    return _certify_frequency_grams(symbol_chunk, chunks, freqs, groups, cout_g,
+                                    inner=cin_g * taps * taps + 4 * lags.shape[0])
+
+
+def _certify_frequency_grams(gram_chunk, chunks, freqs: np.ndarray, groups: int, side: int, inner: int):
+    """Certified bound on ``sqrt(lambda_max)`` over the Gram matrices of every frequency and
+    group (:func:`lipnorm.certificates.certify_gram_chunks`, one threshold for all).
+
+    ``gram_chunk(i)`` gives the ``side x side`` matrices of the frequencies ``chunks[i]``
+    group by group, with their formation error; ``inner`` is the inner length of the
+    products that formed them. They are held between the certificate's two passes when all
+    of them fit in :data:`_KEPT_ENTRIES`.
+
+    Returns
+    -------
+    upper : float
+    top : dict
+        As for :func:`_circular_upper`.
+    """
     certificate = certify_gram_chunks(
-        symbol_chunk, len(chunks), complex_dtype=True, inner=cin_g * taps * taps + 4 * lags.shape[0],
-        keep=freqs.shape[0] * groups * cout_g * cout_g <= _KEPT_ENTRIES,
+        gram_chunk, len(chunks), complex_dtype=True, inner=inner,
+        keep=freqs.shape[0] * groups * side * side <= _KEPT_ENTRIES,
     )
     top = {}
-    _update_chunk_tops(top, certificate.estimates, groups, chunks, freqs)
+    sizes = [groups * (chunk.stop - chunk.start) for chunk in chunks]
+    for chunk, estimates in zip(chunks, np.split(certificate.estimates, np.cumsum(sizes)[:-1])):
+        _update_top(top, estimates.reshape(groups, -1), freqs[chunk])
     return math.sqrt(certificate.upper_squared) * (1 + 4 * _U), top
 
 
@@ -246,14 +264,6 @@ def _power_of_two_scaled(kernel: np.ndarray) -> tuple[np.ndarray, float, float]:
     cout_g, cin_g = kernel.shape[1:3]
     slack = math.prod(kernel.shape[3:]) * math.sqrt(cout_g * cin_g) * 2.0**-1074 if scale < 1.0 else 0.0
     return kernel * scale, scale, slack
-
-
-def _update_chunk_tops(top: dict, estimates: np.ndarray, groups: int, chunks, freqs: np.ndarray) -> None:
-    """:func:`_update_top` for estimates of all chunks one after the other, each chunk's
-    group by group (as :func:`certify_gram_chunks` returns them)."""
-    sizes = [groups * (chunk.stop - chunk.start) for chunk in chunks]
-    for chunk, chunk_estimates in zip(chunks, np.split(estimates, np.cumsum(sizes)[:-1])):
-        _update_top(top, chunk_estimates.reshape(groups, -1), freqs[chunk])
 
 
 def _update_top(top: dict, ranking: np.ndarray, freqs: np.ndarray) -> None:
