@@ -10,8 +10,8 @@ met. Nothing here imports a framework to ask what an array is.
 The core calls only these namespace functions (the TensorFlow shim implements
 exactly this list): ``asarray``, ``astype``, ``reshape``, ``permute_dims``,
 ``matmul``, ``conj``, ``abs``, ``max``, ``sum``, ``sqrt``, ``isfinite``, ``all``,
-``stack``, ``isdtype``, ``linalg.vector_norm`` and the dtype objects
-``float32``, ``float64``, ``complex64``, ``complex128``.
+``stack``, ``isdtype``, ``finfo`` (its ``bits`` and ``max``), ``linalg.vector_norm``
+and the dtype objects ``float32``, ``float64``, ``complex64``, ``complex128``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def array_namespace(*arrays: Any) -> Any:
     Raises
     ------
     TypeError
-        If the arrays come from different libraries, or an input is not an array.
+        If the arrays come from different libraries, or an input is not an array
+        (or is a NumPy masked array).
 
     Examples
     --------
@@ -92,6 +93,11 @@ def array_namespace(*arrays: Any) -> Any:
         module = importlib.import_module("lipnorm.backends.tensorflow")
         return module.namespace
     for a in arrays:
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError(
+                "NumPy masked arrays are not supported (their masked entries would count); "
+                "pass weight.filled(0)"
+            )
         if not array_api_compat.is_array_api_obj(a):
             raise TypeError(
                 f"expected an array (NumPy, CuPy, PyTorch, TensorFlow, JAX, Dask or any "

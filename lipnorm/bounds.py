@@ -132,7 +132,7 @@ def concatenation(bounds: Iterable[float]) -> float:
     Returns
     -------
     float
-        The rounded-up root of the sum of squares.
+        The rounded-up root of the sum of squares (``inf`` past the float range).
 
     Example
     -------
@@ -144,10 +144,8 @@ def concatenation(bounds: Iterable[float]) -> float:
         checked = Fraction(_checked(bound))
         total += checked * checked
     root = _sqrt_near(total)
-    if math.isinf(root):
-        return root
-    while Fraction(root) ** 2 < total:
-        root = round_up(root)
+    while math.isfinite(root) and Fraction(root) ** 2 < total:
+        root = math.nextafter(root, math.inf)  # inf once past the largest float
     return root
 
 

@@ -142,7 +142,9 @@ class _HostStack:
         largest = float(np.max(np.abs(host)))
         if largest == 0.0:
             return cls(host, 1.0, 0.0, complex_dtype)
-        exponent = math.frexp(largest)[1]
+        # 2**1022 is about the largest power of two a float holds: a matrix of subnormals
+        # is scaled by it, which brings its largest entry to at least 2**-52.
+        exponent = max(math.frexp(largest)[1], -1022)
         scale = math.ldexp(1.0, -exponent)
         slack = 0.0
         if scale < 1.0:

@@ -31,10 +31,30 @@ import numpy as np
 
 from lipnorm.operators import LinearOperator
 
-__all__ = ["IterationResult", "lanczos", "power_iteration", "random_vector", "vector_norm"]
+__all__ = [
+    "IterationResult",
+    "ScaleError",
+    "lanczos",
+    "power_iteration",
+    "random_vector",
+    "scaled_by_power_of_two",
+    "times_power_of_two",
+    "vector_norm",
+]
 
 #: Largest Krylov basis kept before Lanczos restarts from its best Ritz vector.
 MAX_BASIS = 256
+
+
+class ScaleError(ValueError):
+    """The operator's products are too small or too large for the working dtype.
+
+    Raised on the first product, before anything is computed from it: products
+    near the dtype's underflow threshold lose their digits (subnormal numbers),
+    products near its overflow threshold overflow, and either would make the
+    iteration converge to a wrong value. :func:`lipnorm.estimate_sigma` scales a
+    matrix by a power of two (exactly) and runs again.
+    """
 
 
 @dataclasses.dataclass
@@ -86,15 +106,31 @@ def vector_norm(xp: Any, x: Any) -> float:
             "the operator produced NaN or Inf in a matrix-vector product; "
             "check the weights or the operator's matvec"
         )
-    # Scale the largest entry into [0.5, 1) by exact powers of two. Multiplying (not dividing
-    # by ``largest``) keeps denormal inputs finite: 1 / largest can overflow, 2**-60 cannot.
+    # Scale the largest entry into [0.5, 1) by an exact power of two.
     exponent = math.frexp(largest)[1]
-    shift = -exponent
-    while shift:
-        step = max(-60, min(60, shift))
+    return times_power_of_two(float(xp.linalg.vector_norm(scaled_by_power_of_two(x, -exponent))), exponent)
+
+
+def times_power_of_two(value: float, exponent: int) -> float:
+    """``value * 2**exponent`` as a Python float, ``inf`` past the float range."""
+    try:
+        return math.ldexp(value, exponent)
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def scaled_by_power_of_two(x: Any, exponent: int) -> Any:
+    """``x * 2**exponent``, exact unless entries leave the dtype's range.
+
+    Multiplies in steps of at most ``2**60``, a factor every floating dtype from
+    single precision up holds (``2**exponent`` itself may not, and ``1 / largest``
+    of a subnormal overflows).
+    """
+    while exponent:
+        step = max(-60, min(60, exponent))
         x = x * 2.0**step
-        shift -= step
-    return math.ldexp(float(xp.linalg.vector_norm(x)), exponent)
+        exponent -= step
+    return x
 
 
 def random_vector(operator: LinearOperator, length: int, seed: Any) -> Any:
@@ -116,6 +152,34 @@ def _epsilon(xp: Any, dtype: Any) -> float:
     """Machine epsilon of the working dtype (single or double precision)."""
     single = dtype == xp.float32 or dtype == xp.complex64
     return 2.0**-23 if single else 2.0**-52
+
+
+def _first_product_norm(xp: Any, product: Any, dtype: Any) -> float:
+    """Norm of the first product ``A v`` (``v`` a unit vector), checked for range.
+
+    Raises
+    ------
+    ScaleError
+        If the product overflowed, or its norm is outside ``[2**-e, 2**e]``
+        (``e`` = 64 in single precision, 900 in double): beyond it, the
+        products' entries come near the subnormal or overflow thresholds. A zero
+        norm is allowed (``v`` in the null space of ``A``).
+    """
+    try:
+        norm = vector_norm(xp, product)
+    except ValueError:
+        raise ScaleError(
+            "the operator produced NaN or Inf in a matrix-vector product (its first): it "
+            "holds NaN/Inf or is too large for its dtype; check the weights or the "
+            "operator's matvec, or scale it down by a power of two"
+        ) from None
+    exponent = 64 if _epsilon(xp, dtype) == 2.0**-23 else 900
+    if norm != 0.0 and not 2.0**-exponent <= norm <= 2.0**exponent:
+        raise ScaleError(
+            f"the operator's products are of order {norm:.1e}, outside [2**-{exponent}, "
+            f"2**{exponent}] where its dtype keeps its precision; scale it by a power of two"
+        )
+    return norm
 
 
 def _check_finite(value: float) -> float:
@@ -145,12 +209,22 @@ def power_iteration(
     Returns
     -------
     IterationResult
+
+    Raises
+    ------
+    ScaleError
+        If the first product is out of the working dtype's accurate range.
+    ValueError
+        If a later product has NaN or Inf entries.
     """
     xp = operator.xp
     sigma, residual, u = 0.0, math.inf, None
     for iteration in range(1, max_iter + 1):
         u = operator.matvec(v)
-        first = _check_finite(vector_norm(xp, u))
+        if iteration == 1:
+            first = _first_product_norm(xp, u, operator.dtype)
+        else:
+            first = _check_finite(vector_norm(xp, u))
         if first == 0.0:
             return IterationResult(0.0, u, v, 0.0, True, iteration, 2 * iteration - 1)
         u = u / first
@@ -198,6 +272,13 @@ def lanczos(operator: LinearOperator, v: Any, *, rtol: float, max_iter: int) -> 
     Returns
     -------
     IterationResult
+
+    Raises
+    ------
+    ScaleError
+        If the first product is out of the working dtype's accurate range.
+    ValueError
+        If a later product has NaN or Inf entries.
     """
     xp = operator.xp
     complex_dtype = bool(xp.isdtype(operator.dtype, "complex floating"))
@@ -216,7 +297,10 @@ def lanczos(operator: LinearOperator, v: Any, *, rtol: float, max_iter: int) -> 
             p = operator.matvec(right[-1])
             if left:
                 p = _orthogonalize(xp, p - betas[-1] * left[-1], left, complex_dtype)
-            alpha = _check_finite(vector_norm(xp, p))
+            if iterations == 1:
+                alpha = _first_product_norm(xp, p, operator.dtype)
+            else:
+                alpha = _check_finite(vector_norm(xp, p))
             if not alphas and alpha == 0.0:
                 # A v = 0 for a random start: A is the zero operator.
                 return IterationResult(0.0, p, v, 0.0, True, iterations, 2 * iterations - 1)

@@ -34,6 +34,7 @@ __all__ = [
     "ForeignOperator",
     "LinearOperator",
     "as_operator",
+    "dense_from_products",
     "matrix_view",
 ]
 
@@ -154,11 +155,7 @@ class ForeignOperator(LinearOperator):
         self._sparse = _is_scipy_sparse(operator)
         dtype = operator.dtype
         if self.xp.__name__.endswith("numpy"):
-            dtype = np.dtype(dtype)
-            if not np.issubdtype(dtype, np.inexact):
-                dtype = np.dtype(np.float64)
-            elif dtype.itemsize < 4:
-                dtype = np.dtype(np.float32)
+            dtype = compute_dtype(self.xp, np.dtype(dtype))
         self.dtype = dtype
 
     def matvec(self, x: Any) -> Any:
@@ -176,12 +173,32 @@ class ForeignOperator(LinearOperator):
             return np.asarray(self.operator.toarray(), dtype=self.dtype)
         if hasattr(self.operator, "to_dense"):
             return self.operator.to_dense()
-        columns = []
-        for j in range(self.shape[1]):
-            basis = np.zeros(self.shape[1], dtype=to_numpy_dtype(self.dtype))
-            basis[j] = 1
-            columns.append(to_numpy(self.matvec(self.xp.asarray(basis, device=self.device))))
-        return self.xp.asarray(np.stack(columns, axis=1), device=self.device)
+        return super().to_dense()
+
+
+def dense_from_products(operator: LinearOperator) -> Any:
+    """The ``(m, n)`` matrix of an operator, from its products with the basis vectors.
+
+    ``matvec`` of the ``n`` basis vectors gives the columns, or, when ``m < n``,
+    ``rmatvec`` of the ``m`` basis vectors gives the conjugated rows: one product
+    per unit of the smaller side.
+
+    Parameters
+    ----------
+    operator : LinearOperator
+
+    Returns
+    -------
+    array, shape (m, n)
+        In the operator's namespace, dtype and device.
+    """
+    m, n = operator.shape
+    by_rows = m < n
+    product = operator.rmatvec if by_rows else operator.matvec
+    basis = np.eye(min(m, n), dtype=to_numpy_dtype(operator.dtype))
+    vectors = [to_numpy(product(operator.xp.asarray(unit, device=operator.device))) for unit in basis]
+    dense = np.conj(np.stack(vectors)) if by_rows else np.stack(vectors, axis=1)
+    return operator.xp.asarray(dense, device=operator.device)
 
 
 def to_numpy_dtype(dtype: Any) -> np.dtype:
@@ -253,8 +270,9 @@ def _check_nonempty(shape: tuple[int, ...]) -> None:
 def compute_dtype(xp: Any, dtype: Any) -> Any:
     """The dtype lipnorm computes in for input ``dtype``.
 
-    float32/float64/complex64/complex128 are kept; float16 and bfloat16 are
-    computed in float32; integers in the namespace's default real float.
+    float32/float64/complex64/complex128 are kept; narrower floats (float16,
+    bfloat16, complex32) are computed in float32/complex64, wider ones (long
+    double) in float64/complex128; integers in the namespace's default real float.
 
     Raises
     ------
@@ -274,11 +292,12 @@ def compute_dtype(xp: Any, dtype: Any) -> Any:
         )
     if is_integral:
         return xp.__array_namespace_info__().default_dtypes()["real floating"]
+    if any(dtype == kept for kept in (xp.float32, xp.float64, xp.complex64, xp.complex128)):
+        return dtype
+    wide = xp.finfo(dtype).bits > 64
     if is_complex:
-        return dtype
-    if dtype == xp.float32 or dtype == xp.float64:
-        return dtype
-    return xp.float32
+        return xp.complex128 if wide else xp.complex64
+    return xp.float64 if wide else xp.float32
 
 
 def matrix_view(weight: Any, dim: int | None = None) -> tuple[Any, Any]:
@@ -302,12 +321,17 @@ def matrix_view(weight: Any, dim: int | None = None) -> tuple[Any, Any]:
     Raises
     ------
     TypeError
-        Non-numeric or boolean dtype; not an array.
+        Non-numeric or boolean dtype; not an array; a sparse torch tensor.
     ValueError
         0-d input, N-D input without ``dim``, ``dim`` out of range, an empty
         array, or NaN/Inf entries.
     """
     xp = array_namespace(weight)
+    if library_name(weight) == "torch" and str(weight.layout) != "torch.strided":
+        raise TypeError(
+            f"the torch tensor has layout {weight.layout}; sigma needs a dense (strided) "
+            "tensor: pass weight.to_dense(), or a scipy.sparse matrix"
+        )
     shape = tuple(int(s) for s in weight.shape)
     ndim = len(shape)
     if ndim == 0:

@@ -17,7 +17,14 @@ import numpy as np
 from lipnorm import krylov
 from lipnorm._xp import array_namespace, library_name, to_numpy
 from lipnorm.certificates import SigmaInterval, certified_stack_bounds, gram_iteration_bounds
-from lipnorm.operators import DaskOperator, DenseOperator, LinearOperator, as_operator
+from lipnorm.operators import (
+    DaskOperator,
+    DenseOperator,
+    LinearOperator,
+    as_operator,
+    dense_from_products,
+    matrix_view,
+)
 
 __all__ = [
     "ConvergenceWarning",
@@ -48,10 +55,11 @@ class SigmaState:
 
     Attributes
     ----------
-    u : array, shape (m,)
-        Unit left singular vector estimate.
-    v : array, shape (n,)
-        Unit right singular vector estimate.
+    u : array, shape (m,), or None
+        Unit left singular vector estimate (None from ``method="svd"``, which
+        computes no vectors; such a state starts the next call from a random vector).
+    v : array, shape (n,), or None
+        Unit right singular vector estimate (None from ``method="svd"``).
     sigma : float
         The estimate.
     residual : float
@@ -79,12 +87,13 @@ class SigmaState:
 
 
 def _output_dtype(xp: Any, dtype: Any, working: Any) -> Any:
-    """The real dtype sigma is returned in: the input's float dtype, or the working one."""
+    """The real dtype sigma is returned in: the input's real float dtype, else the working
+    one (complex64 and complex128 working dtypes give float32 and float64)."""
     if xp.isdtype(dtype, "real floating"):
         return dtype
-    if dtype == xp.complex64:
+    if working == xp.complex64:
         return xp.float32
-    if dtype == xp.complex128:
+    if working == xp.complex128:
         return xp.float64
     return working
 
@@ -104,6 +113,8 @@ def _start_vector(operator: LinearOperator, state: SigmaState | None, seed: Any)
         return krylov.random_vector(operator, n, seed)
     if not isinstance(state, SigmaState):
         raise TypeError(f"state must be a SigmaState from estimate_sigma, got {type(state).__name__}")
+    if state.v is None:  # from method="svd", which computes no vectors
+        return krylov.random_vector(operator, n, seed)
     if array_namespace(state.v) is not operator.xp:
         raise TypeError(
             f"the state holds {library_name(state.v)} arrays but the weight needs "
@@ -121,8 +132,23 @@ def _start_vector(operator: LinearOperator, state: SigmaState | None, seed: Any)
     return v / norm
 
 
+def _dense(operator: LinearOperator) -> Any:
+    """The operator's matrix: its ``to_dense()``, else its products with the basis vectors
+    of its smaller side (at most :data:`DENSIFY_LIMIT` of them)."""
+    try:
+        return operator.to_dense()
+    except NotImplementedError:
+        if min(operator.shape) > DENSIFY_LIMIT:
+            raise ValueError(
+                f"the operator of shape {operator.shape} has no dense form (to_dense) and is "
+                "too large to densify from its products; give it a to_dense() or "
+                "sigma_bounds() method"
+            ) from None
+    return dense_from_products(operator)
+
+
 def _svd_state(operator: LinearOperator) -> SigmaState:
-    dense = operator.to_dense()
+    dense = _dense(operator)
     xp = operator.xp
     svdvals = getattr(getattr(xp, "linalg", None), "svdvals", None)
     if svdvals is not None:
@@ -200,7 +226,11 @@ def estimate_sigma(
     TypeError
         Non-numeric or boolean dtype, arrays of different libraries, not an array.
     ValueError
-        NaN/Inf entries, an empty or 0-d array, N-D without ``dim``, bad options.
+        NaN/Inf entries, an empty or 0-d array, N-D without ``dim``, bad options;
+        a sigma beyond the range of the dtype it is returned in; an operator
+        (not an array, which is scaled by a power of two instead) whose products
+        are too small or too large for its dtype
+        (:class:`lipnorm.krylov.ScaleError`).
 
     Warns
     -----
@@ -224,7 +254,7 @@ def estimate_sigma(
         start = _start_vector(operator, state, seed)
         run = krylov.lanczos if method == "lanczos" else krylov.power_iteration
         limit = max_iter if max_iter is not None else (2000 if method == "lanczos" else 10000)
-        found = run(operator, start, rtol=rtol, max_iter=limit)
+        found = _iterate(run, operator, start, rtol=rtol, max_iter=limit)
         result = SigmaState(
             found.u,
             found.v,
@@ -247,11 +277,59 @@ def estimate_sigma(
     return (sigma, result) if return_state else sigma
 
 
+def _iterate(run: Any, operator: LinearOperator, start: Any, *, rtol: float, max_iter: int
+             ) -> krylov.IterationResult:
+    """``run`` (a method of :mod:`lipnorm.krylov`) on the operator, scaled if need be.
+
+    A matrix whose products are out of its dtype's accurate range
+    (:class:`lipnorm.krylov.ScaleError`: entries near the subnormal or overflow
+    thresholds), or whose products all vanished, is multiplied by the power of two
+    that brings its largest entry into [0.5, 1), which is exact, and run again;
+    sigma and the residual are scaled back (``inf`` past the float range).
+    Other operators cannot be scaled: for them the error is raised.
+    """
+    dense = isinstance(operator, DenseOperator)
+    try:
+        with np.errstate(over="ignore"):  # an overflowing first product raises ScaleError
+            found = run(operator, start, rtol=rtol, max_iter=max_iter)
+    except krylov.ScaleError:
+        if not dense:
+            raise
+    else:
+        if found.sigma != 0.0 or not dense:
+            return found
+    xp = operator.xp
+    largest = float(xp.max(xp.abs(operator.matrix)))
+    if largest == 0.0:
+        return found  # the zero matrix (a ScaleError needs a nonzero product)
+    exponent = math.frexp(largest)[1]
+    scaled = type(operator)(krylov.scaled_by_power_of_two(operator.matrix, -exponent), xp)
+    found = run(scaled, start, rtol=rtol, max_iter=max_iter)
+    return dataclasses.replace(
+        found,
+        sigma=krylov.times_power_of_two(found.sigma, exponent),
+        residual=krylov.times_power_of_two(found.residual, exponent),
+    )
+
+
 def _as_output(operator: LinearOperator, weight: Any, value: float) -> Any:
-    """``value`` as a 0-d array in the weight's namespace, real dtype and device."""
+    """``value`` as a 0-d array in the weight's namespace, real dtype and device.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is beyond the range of that dtype (it would become ``inf``).
+    """
     xp = operator.xp
     input_dtype = weight.dtype if isinstance(operator, DenseOperator) else operator.dtype
-    sigma = xp.asarray(value, dtype=_output_dtype(xp, input_dtype, operator.dtype), device=operator.device)
+    dtype = _output_dtype(xp, input_dtype, operator.dtype)
+    largest = float(xp.finfo(dtype).max)
+    if not value <= largest:
+        raise ValueError(
+            f"sigma ({value:.4g}) does not fit in {getattr(dtype, 'name', dtype)}, whose largest "
+            f"value is {largest:.4g}; pass the weight in a wider dtype, or scaled down"
+        )
+    sigma = xp.asarray(value, dtype=dtype, device=operator.device)
     if isinstance(operator, DaskOperator):
         import dask.array
 
@@ -267,10 +345,12 @@ def sigma_bounds(
     Parameters
     ----------
     weight : array or linear operator
-        As for :func:`estimate_sigma`. An operator that defines its own
+        As for :func:`estimate_sigma`; integer arrays are bounded as the
+        integers they hold (in float64 on the host), not as their compute
+        dtype rounds them. An operator that defines its own
         ``sigma_bounds()`` (e.g. :func:`lipnorm.conv_operator`) is asked for it.
-        Other operators are made dense through ``to_dense()`` or, for at most
-        4096 columns, by applying them to the basis vectors.
+        Other operators are made dense through ``to_dense()`` or, when their
+        smaller side is at most 4096, from their products with the basis vectors.
     dim : int, optional
         As for :func:`estimate_sigma`.
     method : {"cholesky", "gram"}
@@ -303,16 +383,11 @@ def sigma_bounds(
     if callable(own_bounds):
         return own_bounds()
     operator = as_operator(weight, dim=dim)
-    try:
-        dense = operator.to_dense()
-    except NotImplementedError:
-        if min(operator.shape) > DENSIFY_LIMIT:
-            raise ValueError(
-                f"cannot certify sigma of a {type(weight).__name__} operator of shape "
-                f"{operator.shape}: it has no dense form (to_dense) and is too large to densify; "
-                "give it a to_dense() or sigma_bounds() method"
-            ) from None
-        raise
+    if isinstance(operator, DenseOperator) and operator.xp.isdtype(weight.dtype, "integral"):
+        # The compute dtype can round integers (float32 above 2**24): certify the host copy.
+        dense = matrix_view(to_numpy(weight), dim=dim)[0]
+    else:
+        dense = _dense(operator)
     if method == "gram":
         return gram_iteration_bounds(dense, steps=steps)
     return certified_stack_bounds(dense)

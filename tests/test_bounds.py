@@ -129,8 +129,10 @@ def test_concatenation_is_the_smallest_float_above_the_root_at_any_scale(values)
     assert Fraction(root) ** 2 >= exact > Fraction(math.nextafter(root, 0.0)) ** 2
 
 
-def test_concatenation_past_the_float_range_is_infinite():
-    assert concatenation([1.7e308, 1.7e308]) == math.inf
+@pytest.mark.parametrize("values", [[1.7e308, 1.7e308], [1.7976931348623157e308, 1e160],
+                                    [1.7976931348623157e308, 5e-324]])
+def test_concatenation_past_the_float_range_is_infinite(values):
+    assert concatenation(values) == math.inf
 
 
 def test_algebra_rejects_bad_bounds():

@@ -161,3 +161,16 @@ def test_chunked_gram_certificate_contains_the_max_over_all_chunks(blocks, chunk
     np.testing.assert_allclose(certificate.estimates[certificate.best], values.max(), rtol=1e-8)
     # held: each chunk formed once; not held: once per pass, and the best chunk once more
     assert len(calls) == (len(chunks) if keep else 2 * len(chunks) + 1)
+
+
+def test_subnormal_matrices_are_bounded():
+    """A matrix whose entries are all subnormal: scaled up by the largest power of two a
+    float holds, and still bounded soundly (the scaled matrices are exact, so the truth is)."""
+    base = np.random.default_rng(5).standard_normal((7, 5))
+    for largest in (1e-310, 1e-320, 5e-324):
+        matrix = base / np.max(np.abs(base)) * largest
+        truth = _stack_truth(matrix[None] * 2.0**1000)  # exact scaling of subnormals
+        for interval in (certified_stack_bounds(matrix), gram_iteration_bounds(matrix, steps=4)):
+            assert 0.0 <= interval.lower * 2.0**1000 <= truth <= interval.upper * 2.0**1000, (
+                largest, interval, truth * 2.0**-1000)
+            assert interval.upper <= 2 * truth * 2.0**-1000 + 1e-322  # still tight

@@ -194,6 +194,16 @@ def test_tensor_lipnorm_rejects_gets_an_error_row_and_exit_1(capsys, tmp_path):
     assert "error:" in capsys.readouterr().out
 
 
+def test_sparse_tensor_in_a_checkpoint_gets_an_error_row(capsys, tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "w.pt"
+    torch.save({"dense": torch.eye(3), "sparse": torch.eye(3).to_sparse()}, path)
+    assert main(["sigma", str(path), "--json"]) == 1
+    dense, sparse = json.loads(capsys.readouterr().out)
+    assert dense["error"] is None and dense["sigma"] == 1.0
+    assert sparse["sigma"] is None and "to_dense()" in sparse["error"]
+
+
 def test_unknown_method_and_missing_command_are_usage_errors(capsys, npz_file):
     with pytest.raises(SystemExit) as exit_info:
         main(["sigma", str(npz_file), "--method", "qr"])

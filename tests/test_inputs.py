@@ -116,3 +116,58 @@ def test_extreme_scales_keep_full_accuracy():
             lower, upper = lipnorm.sigma_bounds(matrix)
             exact = np.linalg.norm(matrix.astype(np.float64), 2)
             assert lower <= exact <= upper, (scale, dtype, lower, exact, upper)
+
+
+@pytest.mark.parametrize("make", ["csr_matrix", "aslinearoperator"])
+def test_boolean_operators_are_refused(make):
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    import scipy.sparse.linalg
+
+    maker = {"csr_matrix": scipy_sparse.csr_matrix, "aslinearoperator": scipy.sparse.linalg.aslinearoperator}
+    operator = maker[make](np.ones((3, 3), dtype=bool))
+    with pytest.raises(TypeError, match="numeric"):
+        lipnorm.estimate_sigma(operator)
+    with pytest.raises(TypeError, match="numeric"):
+        lipnorm.sigma_bounds(operator)
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).bits <= 64, reason="long double is double here")
+def test_long_double_is_computed_in_double():
+    top = 1 + 2.0**-30  # not a float32
+    matrix = np.diag(np.array([top, 0.5], dtype=np.longdouble))
+    lower, upper = lipnorm.sigma_bounds(matrix)
+    assert lower <= top <= upper
+    sigma = lipnorm.estimate_sigma(matrix, rtol=1e-14)
+    assert sigma.dtype == np.longdouble
+    assert abs(float(sigma) - top) <= 1e-14
+    huge = np.array([[1e300]], dtype=np.longdouble)  # beyond float32
+    assert float(lipnorm.estimate_sigma(huge)) == 1e300
+    complex_sigma = lipnorm.estimate_sigma(matrix.astype(np.clongdouble))
+    assert complex_sigma.dtype.kind == "f"
+    assert abs(float(complex_sigma) - top) <= 1e-14
+
+
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr"])
+def test_sparse_torch_tensors_name_the_fix(layout):
+    torch = pytest.importorskip("torch")
+    weight = getattr(torch.eye(3), f"to_{layout.replace('_coo', '')}")()
+    with pytest.raises(TypeError, match=r"layout torch\.%s.*to_dense\(\)" % layout):
+        lipnorm.estimate_sigma(weight)
+    with pytest.raises(TypeError, match="to_dense"):
+        lipnorm.sigma_bounds(weight)
+
+
+def test_state_of_the_svd_method_can_be_passed_back():
+    matrix = np.random.default_rng(2).standard_normal((10, 8))
+    sigma, state = lipnorm.estimate_sigma(matrix, return_state=True)  # small: "svd"
+    assert state.method == "svd" and state.v is None
+    again, warm = lipnorm.estimate_sigma(matrix, state=state, return_state=True)
+    assert warm.converged
+    np.testing.assert_allclose(float(again), float(sigma), rtol=1e-6)
+
+
+def test_masked_arrays_are_refused():
+    masked = np.ma.array(np.eye(3), mask=np.eye(3, dtype=bool))
+    for function in (lipnorm.estimate_sigma, lipnorm.sigma_bounds):
+        with pytest.raises(TypeError, match=r"masked arrays .*filled\(0\)"):
+            function(masked)

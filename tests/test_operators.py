@@ -8,6 +8,7 @@ import scipy.sparse
 import scipy.sparse.linalg
 
 import lipnorm
+from lipnorm._xp import array_namespace
 from lipnorm.operators import LinearOperator
 from tests.helpers import assert_contains, assert_relative_close, true_sigma
 
@@ -89,3 +90,53 @@ def test_large_operator_without_dense_form_is_refused():
 
     with pytest.raises(ValueError, match="too large to densify"):
         lipnorm.sigma_bounds(Huge())
+
+
+class CountingOperator(DuckOperator):
+    """A duck operator that counts its products."""
+
+    def __init__(self, matrix):
+        super().__init__(matrix)
+        self.products = 0
+
+    def matvec(self, x):
+        self.products += 1
+        return super().matvec(x)
+
+    def rmatvec(self, y):
+        self.products += 1
+        return super().rmatvec(y)
+
+
+@pytest.mark.parametrize("shape", [(45, 3), (3, 45)], ids=["tall", "wide"])
+def test_operator_is_densified_through_its_smaller_side(shape):
+    values = RNG.standard_normal(shape) + 1j * RNG.standard_normal(shape)
+    operator = CountingOperator(values)
+    assert_contains(lipnorm.sigma_bounds(operator), true_sigma(values))
+    assert operator.products == 3
+    assert_relative_close(float(lipnorm.estimate_sigma(CountingOperator(values), method="svd")),
+                          true_sigma(values), 1e-12, "svd")
+
+
+def test_lipnorm_operator_without_dense_form_is_densified():
+    class Products(LinearOperator):
+        shape = DENSE.shape
+        dtype = np.dtype(np.float64)
+        xp = array_namespace(DENSE)
+        device = "cpu"
+
+        def matvec(self, x):
+            return DENSE @ x
+
+        def rmatvec(self, y):
+            return DENSE.T @ y
+
+    assert_contains(lipnorm.sigma_bounds(Products()), true_sigma(DENSE))
+
+
+def test_large_duck_operator_is_refused_before_any_product():
+    huge = CountingOperator(np.zeros((1, 1)))
+    huge.shape = (10_000, 5_000)
+    with pytest.raises(ValueError, match="too large to densify"):
+        lipnorm.sigma_bounds(huge)
+    assert huge.products == 0

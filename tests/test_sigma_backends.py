@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lipnorm
-from lipnorm._xp import library_name
+from lipnorm._xp import array_namespace, library_name
 from tests.helpers import (
     assert_contains,
     assert_relative_close,
@@ -99,3 +99,60 @@ def test_vector_norm_and_dim_rule(backend):
         moved = np.moveaxis(kernel, dim, 0).reshape(kernel.shape[dim], -1)
         sigma = lipnorm.estimate_sigma(backend.asarray(kernel), dim=dim)
         assert_relative_close(float(sigma), true_sigma(moved), 1e-6, f"dim={dim}")
+
+
+def test_integer_bounds_hold_for_the_integers_as_given(backend):
+    """Integers are certified as stored, not as the compute dtype rounds them (float32
+    holds integers exactly only up to 2**24)."""
+    top = 2**24 + 1
+    lower, upper = lipnorm.sigma_bounds(backend.asarray(np.array([[top, 0], [0, 1]], dtype=np.int64)))
+    assert lower <= top <= upper, (lower, upper)
+
+
+def test_sigma_beyond_the_output_dtype_is_an_error_not_inf(backend):
+    if backend.name == "array_api_strict":
+        pytest.skip("array_api_strict has no float16")
+    weight = backend.asarray(np.full((100, 100), 1000.0, dtype=np.float16))  # sigma = 1e5
+    for method in ("svd", "lanczos"):
+        with pytest.raises(ValueError, match="does not fit in .*float16"):
+            lipnorm.estimate_sigma(weight, method=method)
+
+
+@pytest.mark.parametrize(("dtype", "entry"), [(np.float32, 1e38), (np.float64, 1e308)])
+def test_sigma_beyond_single_and_double_range_is_an_error(dtype, entry):
+    with pytest.raises(ValueError, match="does not fit in float"):
+        lipnorm.estimate_sigma(np.full((4, 4), entry, dtype=dtype), method="svd")
+
+
+#: Largest entries near the ends of each dtype's range, subnormal numbers included, where
+#: every sigma still fits in the dtype.
+EXTREME_SCALES = [
+    (np.float32, 1e-44), (np.float32, 1e-39), (np.float32, 1e-25), (np.float32, 1e25),
+    (np.float32, 1e36), (np.float64, 1e-320), (np.float64, 1e-300), (np.float64, 1e300),
+]
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+@pytest.mark.parametrize(("dtype", "largest"), EXTREME_SCALES)
+def test_matrices_at_the_ends_of_the_float_range(backend, method, dtype, largest):
+    """Products of such matrices underflow to subnormals or overflow; the iteration runs on
+    the matrix scaled by a power of two instead, and keeps its accuracy."""
+    values = (MATRIX / np.abs(MATRIX).max() * largest).astype(dtype)
+    weight = backend.asarray(values)
+    xp = array_namespace(weight)
+    if float(xp.max(xp.abs(weight))) == 0.0:
+        pytest.skip(f"{backend.name}'s arithmetic flushes subnormal {np.dtype(dtype).name} to zero")
+    _, state = lipnorm.estimate_sigma(weight, method=method, return_state=True, seed=0)
+    assert state.converged
+    precision = 2e-6 if dtype == np.float32 else 1e-6
+    assert_relative_close(state.sigma, true_sigma(values), precision, f"{backend}/{method}")
+
+
+def test_operators_out_of_their_dtype_range_are_an_error():
+    """An operator cannot be scaled from outside: its subnormal products are refused."""
+    import scipy.sparse.linalg
+
+    values = (MATRIX / np.abs(MATRIX).max() * 1e-40).astype(np.float32)
+    operator = scipy.sparse.linalg.aslinearoperator(values)
+    with pytest.raises(ValueError, match="scale it by a power of two"):
+        lipnorm.estimate_sigma(operator, method="lanczos", seed=0)

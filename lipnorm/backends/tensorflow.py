@@ -121,6 +121,14 @@ def isdtype(dtype: Any, kind: Any) -> bool:
     return tf.as_dtype(dtype) == tf.as_dtype(kind)
 
 
+def finfo(dtype: Any) -> types.SimpleNamespace:
+    """Machine limits of a floating dtype: ``bits`` and ``max`` (the fields the core uses)."""
+    dtype = tf.as_dtype(dtype)
+    if dtype.is_complex:
+        dtype = dtype.real_dtype
+    return types.SimpleNamespace(bits=8 * dtype.size, max=float(dtype.max))
+
+
 def _vector_norm(x: tf.Tensor, axis: Any = None, keepdims: bool = False, ord: Any = 2) -> tf.Tensor:
     """Euclidean norm (the only order the core uses)."""
     if ord != 2:
@@ -154,6 +162,7 @@ namespace = types.SimpleNamespace(
     all=all,
     stack=stack,
     isdtype=isdtype,
+    finfo=finfo,
     linalg=types.SimpleNamespace(vector_norm=_vector_norm),
     __array_namespace_info__=lambda: types.SimpleNamespace(default_dtypes=_default_dtypes),
     float16=tf.float16,
