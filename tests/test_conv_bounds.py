@@ -181,3 +181,17 @@ def test_strided_layer_with_narrow_input_is_certified_through_its_blocks(scale, 
         assert interval.upper <= truth * (1 + 1e-9) and interval.lower >= truth * (1 - 1e-9)
     else:
         assert interval.upper <= truth * 1.1 and interval.lower >= truth * 0.9
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dense_max_columns", [0, DENSE_MAX_COLUMNS])
+def test_low_precision_torch_kernels_are_certified(dtype, dense_max_columns):
+    """A half-precision kernel is widened exactly to float64 for the certificate."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    kernel = torch.from_numpy(rng.standard_normal((4, 2, 3, 3))).to(getattr(torch, dtype))
+    op = conv_operator(kernel, (2, 8, 8), padding=1)
+    exact = conv_operator(kernel.to(torch.float64).numpy(), (2, 8, 8), padding=1)
+    truth = np.linalg.norm(exact.to_dense(), 2)
+    lower, upper = op.sigma_bounds(dense_max_columns=dense_max_columns)
+    assert lower <= truth <= upper

@@ -176,6 +176,12 @@ def test_matvec_runs_on_array_api_strict():
         (dict(kernel_shape=(2, 4, 3, 3), input_shape=(2, 4, 4), transposed=True, stride=2, output_padding=2),
          "must be smaller than stride"),
         (dict(kernel_shape=(4, 2, 3, 3), input_shape=(2, 8, 8), output_padding=1), "transposed convolutions only"),
+        (dict(kernel_shape=(2, 4, 3), input_shape=(2, 4), transposed=True, padding="Circular"), "zero padding only"),
+        (dict(kernel_shape=(4, 2, 0, 3), input_shape=(2, 8, 8)), "kernel of shape .* is empty"),
+        (dict(kernel_shape=(0, 2, 3, 3), input_shape=(2, 8, 8)), "kernel of shape .* is empty"),
+        (dict(kernel_shape=(4, 0, 3, 3), input_shape=(0, 8, 8)), "every size must be >= 1"),
+        (dict(kernel_shape=(4, 2, 3, 3), input_shape=(2, 0, 8), padding=2), "every size must be >= 1"),
+        (dict(kernel_shape=(4, 2, 3, 3), input_shape=(2, 8.5, 8)), "input_shape must hold integers"),
     ],
 )
 def test_bad_input_is_refused(kwargs, message):
@@ -184,6 +190,16 @@ def test_bad_input_is_refused(kwargs, message):
     input_shape = kwargs.pop("input_shape")
     with pytest.raises(ValueError, match=message):
         conv_operator(kernel, input_shape, **kwargs)
+
+
+@pytest.mark.parametrize("spelling", ["SAME", "Same", "VALID"])
+def test_transposed_padding_strings_are_case_insensitive(spelling):
+    """As for forward convolutions (and in Keras), the case of ``"same"``/``"valid"`` does not matter."""
+    kernel = np.ones((2, 4, 2))
+    reference = conv_operator(kernel, (2, 3), stride=3, padding=spelling.lower(), transposed=True)
+    op = conv_operator(kernel, (2, 3), stride=3, padding=spelling, transposed=True)
+    assert op.shape == reference.shape
+    assert op.geometry == reference.geometry
 
 
 def test_nan_and_integer_kernels_are_refused():

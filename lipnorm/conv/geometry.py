@@ -106,7 +106,9 @@ def resolve_padding(padding, input_size, kernel_size, stride, dilation):
         ``"same"`` follows TensorFlow/Keras: output ``ceil(n / stride)``, total padding
         ``max((m - 1) * stride + extent - n, 0)``, the odd element after (for stride 1
         this is also torch's ``padding="same"``). ``"circular"`` is the periodic
-        convolution on the torus of size ``n`` with the same offset as ``"same"``.
+        convolution on the torus of size ``n`` with offset ``pad_lo = (extent - 1) // 2``
+        on every axis (that of ``"same"`` for stride 1; for an odd extent, torch's
+        ``padding_mode="circular"`` with ``padding=(extent - 1) // 2``).
     input_size, kernel_size, stride, dilation : tuple of int, shape (d,)
 
     Returns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 from array_api_compat import device as array_device
 
@@ -201,8 +202,9 @@ def conv_operator(
     ------
     ValueError
         Kernel rank or channel count not matching ``input_shape`` and ``layout``, stride or
-        dilation < 1, negative padding, groups not dividing the channels, non-finite or
-        non-floating kernel, empty output, unsupported combination.
+        dilation < 1, negative padding, groups not dividing the channels, non-finite,
+        non-floating or empty kernel, non-integer or empty ``input_shape``, empty output,
+        unsupported combination.
 
     Examples
     --------
@@ -215,19 +217,28 @@ def conv_operator(
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be 'torch' or 'keras', got {layout!r}")
+    if isinstance(padding, str):
+        padding = padding.lower()
     xp = array_namespace(kernel)
-    input_shape = tuple(int(v) for v in input_shape)
+    try:
+        input_shape = tuple(operator.index(v) for v in input_shape)
+    except TypeError:
+        raise ValueError(f"input_shape must hold integers, got {tuple(input_shape)}") from None
     ndim = len(input_shape) - 1
     if ndim not in (1, 2, 3):
         raise ValueError(
             f"input_shape must be one sample's shape with 1 to 3 spatial axes plus a channel axis "
             f"(no batch axis), got {input_shape}"
         )
+    if min(input_shape) < 1:
+        raise ValueError(f"input_shape {input_shape} has an empty axis; every size must be >= 1")
     if kernel.ndim != ndim + 2:
         raise ValueError(
             f"a {ndim}-D convolution needs a kernel with {ndim + 2} axes, got shape {tuple(kernel.shape)} "
             f"for input_shape {input_shape} (layout={layout!r})"
         )
+    if 0 in tuple(kernel.shape):
+        raise ValueError(f"kernel of shape {tuple(kernel.shape)} is empty; every axis must have length >= 1")
     if not xp.isdtype(kernel.dtype, "real floating"):
         raise ValueError(f"kernel must have a real floating dtype, got {kernel.dtype}; cast it first")
     if not bool(xp.all(xp.isfinite(kernel))):

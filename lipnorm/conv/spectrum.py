@@ -32,6 +32,8 @@ from itertools import product
 
 import numpy as np
 
+from lipnorm._xp import to_numpy
+
 __all__ = [
     "alias_count",
     "block_error_bound",
@@ -51,16 +53,12 @@ def gamma(n: int) -> float:
 
 
 def to_numpy_float64(array) -> np.ndarray:
-    """Copy a (small) array of any supported library to a host NumPy float64 array."""
-    if hasattr(array, "detach"):  # torch tensors that require grad refuse export
-        array = array.detach()
-    if hasattr(array, "cpu"):
-        array = array.cpu()
-    if type(array).__module__.startswith("cupy"):
-        array = array.get()
-    if hasattr(array, "__dlpack__") and not isinstance(array, np.ndarray):
-        array = np.from_dlpack(array)
-    return np.asarray(array, dtype=np.float64)
+    """Copy a (small) array of any supported library to a host NumPy float64 array.
+
+    Goes through :func:`lipnorm._xp.to_numpy`, which widens half precision (float16,
+    bfloat16) to float32 exactly; every float dtype then widens exactly to float64.
+    """
+    return np.asarray(to_numpy(array), dtype=np.float64)
 
 
 def alias_count(stride) -> int:
