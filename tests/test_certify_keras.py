@@ -186,3 +186,37 @@ def test_keras_refusals_name_the_layer():
     with pytest.raises(NotCertifiableError, match=r"'sq' \(Lambda\)"):
         certify(lam)
     assert certify(lam, rules={"Lambda": 2.0}).upper == 2.0
+
+
+def functional(shape, build):
+    inputs = keras.Input(shape)
+    return keras.Model(inputs, build(inputs))
+
+
+@pytest.mark.parametrize("build, shape, truth", [
+    (lambda x: layers.Flatten()(layers.RepeatVector(4)(x)), (3,), 2.0),
+    (lambda x: x + np.zeros((4, 5), "float32"), (1, 5), 2.0),
+    (lambda x: layers.Add()([x, layers.Reshape((4, 5))(
+        layers.Dense(20, kernel_initializer="zeros")(layers.Flatten()(x)))]),
+     (1, 5), 2.0),
+], ids=["repeat-vector", "add-constant", "add-layer"])
+def test_copies_of_an_input_count_in_the_bound(build, shape, truth):
+    assert certify(functional(shape, build)).upper >= truth
+
+
+def test_a_normalization_over_several_axes_scales_each_entry():
+    rng = np.random.default_rng(0)
+    normalization = layers.Normalization(axis=(1, 2))
+    normalization.adapt(rng.standard_normal((64, 2, 2, 4)) * np.array([[0.05, 3], [1, 2]]).reshape(1, 2, 2, 1))
+    dense = layers.Dense(3)
+    model = functional((2, 2, 4), lambda x: dense(normalization(x)))
+    scale = 1 / np.sqrt(np.asarray(normalization.variance, dtype=np.float64))
+    truth = np.max(scale) * np.linalg.norm(np.asarray(dense.kernel, dtype=np.float64), 2)
+    assert certify(model).upper >= truth * (1 - 1e-6)
+
+
+def test_a_rescaling_by_a_row_merges_with_the_next_dense_layer():
+    dense = layers.Dense(2)
+    model = functional((3,), lambda x: dense(layers.Rescaling(np.array([[1.0, 5.0, 0.1]]))(x)))
+    truth = np.linalg.norm(np.asarray(dense.kernel, dtype=np.float64).T * np.array([1.0, 5.0, 0.1]), 2)
+    np.testing.assert_allclose(certify(model).upper, truth, rtol=1e-6)

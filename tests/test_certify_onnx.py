@@ -90,3 +90,41 @@ def test_malformed_onnx_file_gets_a_clear_error(tmp_path):
     path.write_bytes(export(nn.Linear(2, 2).eval(), (2,)).SerializeToString()[:40])
     with pytest.raises(ValueError, match="is not a valid ONNX model"):
         certify(str(path))
+
+
+def onnx_graph(nodes, shape, constants=(), opset=18):
+    """A float32 ONNX model reading ``x`` of shape (1, *shape) and writing ``y``."""
+    helper = onnx.helper
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, *shape])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.asarray(value), name) for name, value in constants])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("nodes, shape, constants, truth", [
+    ([("Add", ["x", "c"])], (1, 5), [("c", np.zeros((4, 5), np.float32))], 2.0),
+    ([("Mul", ["x", "c"])], (1, 5), [("c", np.ones((4, 5), np.float32))], 2.0),
+    ([("ReduceSum", ["x", "axes"], {"keepdims": 1}), ("Add", ["x", "s"])], (5,),
+     [("axes", np.array([1], np.int64))], 6.0),
+    ([("ReduceSum", ["x", "axes"], {"keepdims": 1})], (5,), [("axes", np.array([], np.int64))], 5**0.5),
+], ids=["add-constant", "mul-constant", "add-sum", "sum-empty-axes"])
+def test_onnx_copies_of_an_input_count_in_the_bound(nodes, shape, constants, truth):
+    outputs = ["s"] * (len(nodes) - 1) + ["y"]
+    proto = onnx_graph([onnx.helper.make_node(op, inputs, [out], **(rest[0] if rest else {}))
+                        for (op, inputs, *rest), out in zip(nodes, outputs)], shape, constants)
+    assert certify(proto).upper >= truth
+
+
+@pytest.mark.parametrize("nodes, constants, match", [
+    ([("Cast", ["x"], ["i"], {"to": onnx.TensorProto.INT32}),
+      ("Cast", ["i"], ["y"], {"to": onnx.TensorProto.FLOAT})], [], "non-floating"),
+    ([("Dropout", ["x", "ratio", "training"], ["y"], {})],
+     [("ratio", np.array(0.5, np.float32)), ("training", np.array(True))], "training mode"),
+    ([("Celu", ["x"], ["y"], {"alpha": -1.0})], [], "alpha > 0"),
+], ids=["integer-cast", "dropout-in-training", "celu"])
+def test_onnx_maps_without_a_lipschitz_constant_are_refused(nodes, constants, match):
+    proto = onnx_graph([onnx.helper.make_node(op, inputs, outputs, **attributes)
+                        for op, inputs, outputs, attributes in nodes], (3,), constants)
+    with pytest.raises(NotCertifiableError, match=match):
+        certify(proto)

@@ -279,3 +279,99 @@ def test_certificate_reports(tmp_path):
     certificate.plot(tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert "lower bound" in certificate.table()
+
+
+class Lambda(nn.Module):
+    """forward(x) = function(self, x), with an optional constant buffer ``c``."""
+
+    def __init__(self, function, constant=None, **modules):
+        super().__init__()
+        self.function = function
+        if constant is not None:
+            self.register_buffer("c", constant)
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+    def forward(self, x):
+        return self.function(self, x)
+
+
+def jacobian_norm(model, shape, seed=0):
+    """‖J(x)‖₂ of the model at one Gaussian input, in float64."""
+    model = model.double()
+    x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(lambda z: model(z).reshape(-1), x)
+    return float(torch.linalg.matrix_norm(jacobian.reshape(-1, x.numel()), 2))
+
+
+@pytest.mark.parametrize("function, constant, shape, truth", [
+    (lambda m, x: x + x.mean(-1, keepdim=True), None, (5,), 2.0),
+    (lambda m, x: x + x.sum(-1, keepdim=True), None, (5,), 6.0),
+    (lambda m, x: x * m.c, torch.ones(4, 5), (1, 5), 2.0),
+    (lambda m, x: x + m.c, torch.zeros(4, 5), (1, 5), 2.0),
+    (lambda m, x: x[:, [0, 0, 0, 1]], None, (3,), 3**0.5),
+    (lambda m, x: x.sum(dim=[]), None, (2, 3), 6**0.5),
+], ids=["add-mean", "add-sum", "mul-constant", "add-constant", "repeated-index", "sum-empty-dims"])
+def test_copies_of_an_input_count_in_the_bound(function, constant, shape, truth):
+    model = Lambda(function, constant).eval()
+    np.testing.assert_allclose(jacobian_norm(model, shape), truth, rtol=1e-12)
+    assert certify(model.float(), shape).upper >= truth
+
+
+def test_a_permuting_index_keeps_the_bound_at_one():
+    assert certify(Lambda(lambda m, x: x[:, [2, 0, 1]]).eval(), (3,)).upper == 1.0
+
+
+class Pair(nn.Module):
+    def forward(self, a, b):
+        return a + b
+
+
+def dropout_left_in_training():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)).eval()
+    model[1].train()
+    return model
+
+
+@pytest.mark.parametrize("model, shape, match", [
+    (Lambda(lambda m, x: torch.add(torch.ones(3), x, alpha=5)).eval(), (3,), "alpha"),
+    (Lambda(lambda m, x: torch.div(x, 0.01, rounding_mode="floor")).eval(), (3,), "discontinuous"),
+    (Lambda(lambda m, x: x.to(torch.int32)).eval(), (3,), "non-floating"),
+    (nn.CELU(alpha=-1.0).eval(), (3,), "alpha > 0"),
+    (Lambda(lambda m, x: nn.functional.celu(x, alpha=-1.0)).eval(), (3,), "alpha > 0"),
+    (Lambda(lambda m, x: nn.functional.dropout(x, 0.5)).eval(), (3,), "dropout"),
+    (dropout_left_in_training(), (3,), "dropout"),
+    (Lambda(lambda m, x: m.bilinear(x, x), bilinear=nn.Bilinear(3, 3, 2)).eval(), (3,), "several input-dependent"),
+], ids=["add-alpha", "rounding-division", "integer-cast", "celu", "functional-celu",
+        "functional-dropout", "dropout-in-training", "two-inputs"])
+def test_maps_without_a_lipschitz_constant_are_refused(model, shape, match):
+    with pytest.raises(NotCertifiableError, match=match):
+        certify(model, shape)
+
+
+def test_local_response_norm_has_no_epsilon_bound():
+    model = nn.LocalResponseNorm(2, k=1e-8)
+    x = torch.full((1, 4, 3), 1e-6, dtype=torch.float64)
+    slope = torch.autograd.functional.jacobian(model, x).reshape(12, 12)
+    assert float(torch.linalg.matrix_norm(slope, 2)) > 1e5  # far above max|γ|/√ε ≈ 316
+    with pytest.raises(NotCertifiableError, match="LocalResponseNorm"):
+        certify(model.eval(), (4, 3), rules={"LocalResponseNorm": "epsilon"})
+
+
+def test_a_rule_bounds_a_layer_of_several_inputs_jointly():
+    model = Lambda(lambda m, x: m.pair(x, 100 * x), pair=Pair()).eval()
+    certificate = certify(model, (3,), rules={"pair": 2**0.5})  # a + b is √2-Lipschitz in (a, b)
+    assert certificate.upper >= jacobian_norm(model, (3,)) * (1 - FLOAT64_EVALUATION_SLACK)
+
+
+def test_functional_batch_norm_reads_its_arguments_by_name():
+    bn = nn.BatchNorm1d(3).eval()
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor([0.01, 1.0, 4.0]))
+        bn.running_mean.copy_(torch.tensor([5.0, -3.0, 2.0]))
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    model = Lambda(lambda m, x: nn.functional.batch_norm(
+        x, m.bn.running_mean, m.bn.running_var, m.bn.weight, m.bn.bias, False, 0.1, m.bn.eps), bn=bn)
+    upper = certify(model.eval(), (3,)).upper
+    assert upper == certify(nn.Sequential(bn).eval(), (3,)).upper
+    np.testing.assert_allclose(upper, jacobian_norm(model, (3,)), rtol=1e-6)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lipnorm.bounds import activation_lipschitz
+import math
+
+from lipnorm.bounds import activation_lipschitz, round_up
 from lipnorm.certify.errors import NotCertifiableError
 from lipnorm.certify.graph import Concat, Graph, Linear, Lipschitz, Sum
 from lipnorm.certify.layers import normalization_bound
@@ -35,12 +37,17 @@ class GraphBuilder:
         self.rules = rules
         self.skipped: list[tuple[str, str]] = []
 
-    def user_rule(self, name: str, layer_type: str, layer, source: str) -> str | None:
-        """Add a node for a user rule matching this layer; None when no rule matches."""
+    def user_rule(self, name: str, layer_type: str, layer, sources: list[str]) -> str | None:
+        """Add a node for a user rule matching this layer; None when no rule matches.
+
+        The rule bounds the layer as a map of all its input-dependent inputs together:
+        a layer reading several is applied to their concatenation.
+        """
         rule = lookup_rule(self.rules, name, layer_type)
         if rule is None or rule == EPSILON_RULE:
             return None
         bound = user_bound(rule, layer, name, layer_type)
+        source = sources[0] if len(sources) == 1 else self.concat(f"{name}.inputs", layer_type, sources)
         return self.graph.add(name, layer_type, [source], Lipschitz(bound, "user rule"))
 
     def linear(self, name: str, layer_type: str, source: str, linear_map) -> str:
@@ -57,6 +64,26 @@ class GraphBuilder:
             raise NotCertifiableError(name, layer_type, f"uses an activation with no known "
                                       f"Lipschitz constant ({error.args[0]})") from None
         return self.lipschitz(name, layer_type, source, bound, f"activation {activation}")
+
+    def celu(self, name: str, layer_type: str, source: str, alpha: float) -> str:
+        """CELU(α): 1-Lipschitz for α > 0; for α < 0 its slope e^{x/α} on x < 0 is unbounded."""
+        if not alpha > 0:
+            raise NotCertifiableError(name, layer_type, f"has alpha={alpha}; CELU is Lipschitz "
+                                      "only for alpha > 0 (its slope is exp(x/alpha) for x < 0)")
+        return self.activation(name, layer_type, source, "celu")
+
+    def broadcast(self, name: str, layer_type: str, source: str, in_shape, out_shape) -> str:
+        """An operand of an elementwise operation, broadcast to the output's shape.
+
+        Broadcasting copies every entry the same number of times, numel(out)/numel(in),
+        so its norm is the root of that. Returns ``source`` itself when nothing is copied.
+        ``None`` dimensions (an unknown batch size) count as 1 on both sides.
+        """
+        copies = _numel(out_shape) // _numel(in_shape)
+        if copies <= 1:
+            return source
+        return self.linear(f"{name}.broadcast", f"{layer_type} (broadcast)", source,
+                           FixedMap(round_up(math.sqrt(copies)), f"broadcast to {copies} copies: √copies"))
 
     def reshape(self, name: str, layer_type: str, source: str) -> str:
         """A reshape, permutation, slice or crop: norm ≤ 1 (blocks merging across it)."""
@@ -83,3 +110,7 @@ class GraphBuilder:
     @staticmethod
     def refuse(name: str, layer_type: str, reason: str = "has no known Lipschitz rule"):
         raise NotCertifiableError(name, layer_type, reason)
+
+
+def _numel(shape) -> int:
+    return math.prod(1 if n is None else int(n) for n in shape)

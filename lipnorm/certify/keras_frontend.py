@@ -13,7 +13,7 @@ import numpy as np
 
 from lipnorm.backends._keras_kernel_views import kernel_views
 from lipnorm.backends.keras import SpectralNormalization
-from lipnorm.bounds import max_pool_lipschitz
+from lipnorm.bounds import max_pool_lipschitz, round_up
 from lipnorm.certify.builder import ATTENTION_REASON, GraphBuilder
 from lipnorm.certify.layers import (
     average_pool_map,
@@ -31,10 +31,11 @@ L = keras.layers
 _PASSTHROUGH = (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
                 L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization,
                 L.Identity, L.InputLayer)
-_RESHAPES = (L.Flatten, L.Reshape, L.Permute, L.Cropping1D, L.Cropping2D, L.Cropping3D,
-             L.RepeatVector)
+_RESHAPES = (L.Flatten, L.Reshape, L.Permute, L.Cropping1D, L.Cropping2D, L.Cropping3D)
 _NORMALIZATIONS = (L.LayerNormalization, L.GroupNormalization, L.UnitNormalization)
 _ATTENTION = (L.MultiHeadAttention, L.Attention, L.AdditiveAttention, L.GroupQueryAttention)
+# layers combining their inputs entry by entry, which broadcast them to one shape
+_ELEMENTWISE = (L.Add, L.Subtract, L.Average, L.Maximum, L.Minimum)
 _CONVS = (L.Conv1D, L.Conv2D, L.Conv3D)
 _CONV_TRANSPOSES = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
 
@@ -101,9 +102,15 @@ class _Walker:
                 layer = node.operation
                 if isinstance(layer, L.InputLayer):
                     continue
-                inputs = [tensors[id(t)] for t in node.input_tensors if id(t) in tensors]
-                if not inputs:
+                dynamic = [t for t in node.input_tensors if id(t) in tensors]
+                if not dynamic:
                     continue  # a constant branch
+                inputs = [tensors[id(t)] for t in dynamic]
+                if isinstance(layer, _ELEMENTWISE) or type(layer).__name__ in {"Add", "Subtract"}:
+                    out_shape = node.output_tensors[0].shape
+                    inputs = [self.builder.broadcast(prefix + layer.name, type(layer).__name__, source,
+                                                     t.shape, out_shape)
+                              for source, t in zip(inputs, dynamic)]
                 outputs = self.layer(layer, node, inputs, prefix)
                 for tensor, name in zip(node.output_tensors, outputs):
                     tensors[id(tensor)] = name
@@ -112,7 +119,7 @@ class _Walker:
     def layer(self, layer, node, sources: list[str], prefix: str) -> list[str]:
         b = self.builder
         name, kind = prefix + layer.name, type(layer).__name__
-        rule = b.user_rule(name, kind, layer, sources[0])
+        rule = b.user_rule(name, kind, layer, sources)
         if rule is not None:
             return [rule]
         if isinstance(layer, keras.Model):
@@ -172,6 +179,8 @@ class _Walker:
             return [source]
         if isinstance(layer, _RESHAPES):
             return [b.reshape(name, kind, source)]
+        if isinstance(layer, L.RepeatVector):
+            return [b.broadcast(name, kind, source, in_shape, node.output_tensors[0].shape)]
         if isinstance(layer, (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D)):
             return [b.lipschitz(name, kind, source, max_pool_lipschitz(
                 layer.pool_size, layer.strides, None), "max pooling √m")]
@@ -198,17 +207,14 @@ class _Walker:
                 1.0 if math.prod(size) == 1 else math.nextafter(math.sqrt(math.prod(size)), math.inf),
                 "nearest upsampling √copies"))]
         if isinstance(layer, L.Rescaling):
-            scale = np.asarray(layer.scale, dtype=np.float64)
-            return [b.linear(name, kind, source, ScaleMap(scale, None if scale.ndim == 0 else rank - 1))]
+            return [b.linear(name, kind, source, _scale_map(layer.scale, rank, 0.0))]
         if isinstance(layer, L.Normalization):
             if layer.invert:
-                return [b.linear(name, kind, source, ScaleMap(
-                    np.sqrt(_numpy(layer.variance)).ravel(), rank - 1, error=2.0**-50))]
-            std = np.maximum(np.sqrt(_numpy(layer.variance)), keras.backend.epsilon()).ravel()
-            scale = 1.0 / std
-            return [b.linear(name, kind, source, ScaleMap(
-                scale if scale.size > 1 else scale.reshape(()), rank - 1 if scale.size > 1 else None,
-                error=4 * 2.0**-53 * float(np.max(np.abs(scale)))))]
+                return [b.linear(name, kind, source, _scale_map(
+                    np.sqrt(_numpy(layer.variance)), rank, 2.0**-50))]
+            scale = 1.0 / np.maximum(np.sqrt(_numpy(layer.variance)), keras.backend.epsilon())
+            return [b.linear(name, kind, source, _scale_map(
+                scale, rank, 4 * 2.0**-53 * float(np.max(np.abs(scale)))))]
         if isinstance(layer, _NORMALIZATIONS):
             if isinstance(layer, L.UnitNormalization):
                 b.refuse(name, kind, "divides by the input's norm, which is not globally Lipschitz")
@@ -300,6 +306,35 @@ class _Walker:
             before, after = same_padding(n, k, s) if layer.padding == "same" else (0, 0)
             axes.append((n, torch_pool_windows(n, k, s, before, after)))
         return average_pool_map(axes, count_include_pad=False)
+
+
+def _scale_map(scale, rank: int, error: float) -> ScaleMap | FixedMap:
+    """x ↦ s ⊙ x for a scale broadcast against activations of rank ``rank`` (batch included).
+
+    A scalar, or a scale varying along one axis, is a :class:`ScaleMap` on that axis (so
+    it merges with its linear neighbours); a scale varying along several axes is bounded
+    by max |s|.
+
+    Parameters
+    ----------
+    scale : array_like
+        Broadcastable against the activations.
+    rank : int
+        Rank of the activations, batch axis included.
+    error : float
+        Upper bound of the error of ``scale`` against the model's exact scale.
+
+    Returns
+    -------
+    ScaleMap or FixedMap
+    """
+    scale = np.asarray(scale, dtype=np.float64)
+    shape = (1,) * (rank - scale.ndim) + scale.shape
+    varying = [axis for axis, n in enumerate(shape) if n > 1]
+    if len(varying) > 1:
+        return FixedMap(round_up(float(np.max(np.abs(scale))) + error), "max |scale|")
+    return ScaleMap(scale.ravel() if varying else scale.reshape(()),
+                    varying[0] if varying else None, error)
 
 
 def _spatial(shape, data_format) -> tuple[int, ...]:

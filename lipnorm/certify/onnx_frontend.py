@@ -30,12 +30,16 @@ __all__ = ["build_graph", "load_onnx"]
 
 _ACTIVATIONS = {
     "Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softplus": "softplus",
-    "Softsign": "softsign", "HardSwish": "hard_swish", "Mish": "mish", "Celu": "celu",
+    "Softsign": "softsign", "HardSwish": "hard_swish", "Mish": "mish",
     "Softmax": "softmax", "Clip": "hardtanh", "Abs": "abs",
 }
 _RESHAPES = {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split",
              "SpaceToDepth", "DepthToSpace"}
 _PASSTHROUGH = {"Identity", "Dropout", "Cast"}
+# elementwise operators with more than one operand, which broadcast their inputs
+_ELEMENTWISE = {"Add", "Sub", "Sum", "Mul", "Div", "Max", "Min"}
+_FLOATING = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+             onnx.TensorProto.BFLOAT16}
 _NORMALIZATIONS = {"LayerNormalization", "GroupNormalization", "InstanceNormalization",
                    "RMSNormalization"}
 
@@ -155,7 +159,12 @@ class _Translator:
                     self.constants[output] = self.evaluated[output]
             return
         name = node.name or f"{node.op_type}_{node.output[0]}"
-        outputs = self._translate(node, name, [self.values[i] for i in dynamic])
+        sources = [self.values[i] for i in dynamic]
+        if node.op_type in _ELEMENTWISE:
+            out_shape = self.shape(node.output[0])
+            sources = [self.builder.broadcast(name, node.op_type, source, self.shape(i), out_shape)
+                       for source, i in zip(sources, dynamic)]
+        outputs = self._translate(node, name, sources)
         for output, graph_node in zip(node.output, outputs):
             self.values[output] = graph_node
 
@@ -163,7 +172,7 @@ class _Translator:
         b = self.builder
         op = node.op_type
         a = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
-        rule = b.user_rule(name, op, node, sources[0])
+        rule = b.user_rule(name, op, node, sources)
         if rule is not None:
             return [rule] * len(node.output)
         if op in {"Add", "Sub", "Sum"}:
@@ -232,6 +241,8 @@ class _Translator:
             return [b.activation(name, op, source, _ACTIVATIONS[op])]
         if op == "LeakyRelu":
             return [b.activation(name, op, source, "leaky_relu", negative_slope=a.get("alpha", 0.01))]
+        if op == "Celu":
+            return [b.celu(name, op, source, a.get("alpha", 1.0))]
         if op == "Elu":
             return [b.activation(name, op, source, "elu", alpha=a.get("alpha", 1.0))]
         if op == "Selu":
@@ -246,6 +257,11 @@ class _Translator:
         if op == "Gelu":
             return [b.activation(name, op, source,
                                  "gelu_tanh" if a.get("approximate", b"none") in (b"tanh", "tanh") else "gelu")]
+        if op == "Cast" and a["to"] not in _FLOATING:
+            b.refuse(name, op, "converts to a non-floating type, which rounds (discontinuous)")
+        if op == "Dropout" and len(node.input) > 2 and node.input[2] and bool(self.constant(
+                node, 2, "training_mode")):
+            b.refuse(name, op, "runs in training mode, which is random and has no Lipschitz constant")
         if op in _PASSTHROUGH:
             b.passthrough(name, op, source)
             return sources
@@ -266,7 +282,8 @@ class _Translator:
                 axes = a.get("axes")
                 if axes is None and len(node.input) > 1 and node.input[1]:
                     axes = [int(i) for i in self.constant(node, 1, "axes")]
-                axes = list(range(len(in_shape))) if axes is None else axes
+                if not axes and not a.get("noop_with_empty_axes", 0):
+                    axes = range(len(in_shape))  # no axes, or empty axes: every axis
             count = math.prod(in_shape[i] for i in axes)
             factor = math.sqrt(count) if op == "ReduceSum" else 1.0 / math.sqrt(count)
             return [b.linear(name, op, source, FixedMap(

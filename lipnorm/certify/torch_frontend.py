@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from lipnorm.bounds import max_pool_lipschitz
 from lipnorm.certify.builder import ATTENTION_REASON, GraphBuilder
@@ -35,7 +35,7 @@ _ACTIVATION_MODULES = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
     nn.Hardtanh: "hardtanh", nn.Hardsigmoid: "hard_sigmoid", nn.Hardswish: "hard_swish",
     nn.Softplus: "softplus", nn.Softsign: "softsign", nn.LogSigmoid: "log_sigmoid",
-    nn.Tanhshrink: "tanhshrink", nn.Softshrink: "softshrink", nn.CELU: "celu",
+    nn.Tanhshrink: "tanhshrink", nn.Softshrink: "softshrink",
     nn.SiLU: "silu", nn.Mish: "mish", nn.SELU: "selu", nn.Softmax: "softmax",
     nn.Softmax2d: "softmax", nn.Identity: None,
 }
@@ -43,18 +43,21 @@ _ACTIVATION_FUNCTIONS = {
     "relu": "relu", "relu_": "relu", "relu6": "relu6", "tanh": "tanh", "sigmoid": "sigmoid",
     "hardtanh": "hardtanh", "hardsigmoid": "hard_sigmoid", "hardswish": "hard_swish",
     "softplus": "softplus", "softsign": "softsign", "logsigmoid": "log_sigmoid",
-    "silu": "silu", "mish": "mish", "selu": "selu", "celu": "celu", "softmax": "softmax",
+    "silu": "silu", "mish": "mish", "selu": "selu", "softmax": "softmax",
     "tanhshrink": "tanhshrink", "softshrink": "softshrink",
 }
 _RESHAPES = {"flatten", "reshape", "view", "permute", "transpose", "squeeze", "unsqueeze",
              "getitem", "narrow", "chunk", "split", "unbind", "movedim", "t", "flip", "roll",
              "expand_as_shape"}
 _PASSTHROUGH = {"contiguous", "clone", "dropout", "alpha_dropout", "feature_alpha_dropout",
-                "dropout1d", "dropout2d", "dropout3d", "float", "detach", "to", "type_as"}
+                "dropout1d", "dropout2d", "dropout3d", "float", "detach", "to", "type_as",
+                "_to_copy", "alias", "lift_fresh_copy"}
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
 _NORMALIZATIONS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
-                   nn.InstanceNorm3d, nn.LocalResponseNorm, nn.RMSNorm)
+                   nn.InstanceNorm3d, nn.RMSNorm)
+_ACTIVE_DROPOUT_REASON = ("applies dropout (training mode), which is random and has no "
+                         "Lipschitz constant; call model.eval() or pass training=False")
 _ATTENTION = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer,
               nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder)
 
@@ -163,7 +166,7 @@ def _sequential_graph(model: nn.Sequential, example: torch.Tensor, rules) -> Gra
     with torch.no_grad():
         for name, module in _flat_children(model):
             y = module(x)
-            source = translator.module(name, module, source, tuple(x.shape), tuple(y.shape))
+            source = translator.module(name, module, [source], tuple(x.shape), tuple(y.shape))
             x = y
     builder.graph.outputs = [source]
     return builder
@@ -184,12 +187,17 @@ class _ModuleTranslator:
     def __init__(self, builder: GraphBuilder):
         self.builder = builder
 
-    def module(self, name: str, module: nn.Module, source: str, in_shape, out_shape) -> str:
+    def module(self, name: str, module: nn.Module, sources: list[str], in_shape, out_shape) -> str:
         b = self.builder
         kind = type(module).__name__
-        added = b.user_rule(name, kind, module, source)
+        added = b.user_rule(name, kind, module, sources)
         if added is not None:
             return added
+        if isinstance(module, _ATTENTION):
+            b.refuse(name, kind, ATTENTION_REASON)
+        if len(sources) > 1:
+            b.refuse(name, kind, "reads several input-dependent tensors")
+        source = sources[0]
         rank = len(in_shape)
         if isinstance(module, nn.Linear):
             return b.linear(name, kind, source, DenseMap(_numpy(module.weight), rank - 1))
@@ -212,6 +220,8 @@ class _ModuleTranslator:
             return b.activation(name, kind, source, activation)
         if isinstance(module, nn.LeakyReLU):
             return b.activation(name, kind, source, "leaky_relu", negative_slope=module.negative_slope)
+        if isinstance(module, nn.CELU):
+            return b.celu(name, kind, source, module.alpha)
         if isinstance(module, nn.ELU):
             return b.activation(name, kind, source, "elu", alpha=module.alpha)
         if isinstance(module, nn.PReLU):
@@ -221,6 +231,8 @@ class _ModuleTranslator:
             return b.activation(name, kind, source,
                                 "gelu_tanh" if module.approximate == "tanh" else "gelu")
         if isinstance(module, _DROPOUT):
+            if module.training and module.p > 0:
+                b.refuse(name, kind, _ACTIVE_DROPOUT_REASON)
             b.passthrough(name, kind, source)
             return source
         if isinstance(module, (nn.Flatten, nn.Unflatten)):
@@ -260,8 +272,6 @@ class _ModuleTranslator:
             gamma = getattr(module, "weight", None)
             return b.normalization(name, kind, source, None if gamma is None else _numpy(gamma),
                                    getattr(module, "eps", 1e-5))
-        if isinstance(module, _ATTENTION):
-            b.refuse(name, kind, ATTENTION_REASON)
         b.refuse(name, kind)
 
     def _conv(self, name, kind, module, source, in_shape) -> str:
@@ -326,7 +336,7 @@ class _FxTranslator:
         if node.op == "call_module":
             module = self.traced.get_submodule(node.target)
             in_shape = _shape(node.args[0])
-            self.dynamic[node.name] = self.modules.module(name, module, sources[0], in_shape, _shape(node))
+            self.dynamic[node.name] = self.modules.module(name, module, sources, in_shape, _shape(node))
             return
         self.dynamic[node.name] = self._function(node, name, sources)
 
@@ -336,31 +346,43 @@ class _FxTranslator:
         kind = target
         args, kwargs = node.args, node.kwargs
         if target in {"add", "iadd", "sub", "isub"}:
-            if len(sources) > 1:
-                if kwargs.get("alpha", 1) != 1:
-                    b.refuse(name, kind, "uses alpha; write the scaling as a separate multiplication")
-                return b.add_sum(name, kind, sources)
+            if kwargs.get("alpha", 1) != 1 and not (len(sources) == 1 and self._is_dynamic(args[0])):
+                b.refuse(name, kind, "scales an input-dependent operand by alpha; write the scaling "
+                         "as a separate multiplication")
+            operands = self._broadcast_operands(node, name, kind)
+            if len(operands) > 1:
+                return b.add_sum(name, kind, operands)
+            if operands[0] != sources[0]:  # shifted by a larger constant: the copies remain
+                return operands[0]
             b.passthrough(name, f"{kind} (constant shift)", sources[0])
             return sources[0]
         if target in {"mul", "imul", "truediv", "div", "neg"}:
             if len(sources) > 1:
                 b.refuse(name, kind, "multiplies two inputs-dependent tensors, which is not "
                          "globally Lipschitz")
+            if kwargs.get("rounding_mode") is not None:
+                b.refuse(name, kind, "rounds its result, which is discontinuous")
             factor = self._constant_factor(node, target)
-            return b.linear(name, kind, sources[0], factor)
+            return b.linear(name, kind, self._broadcast_operands(node, name, kind)[0], factor)
         if target in {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}:
             return b.concat(name, kind, sources)
+        if target == "getitem" and isinstance(args[0].meta["tensor_meta"], TensorMetadata):
+            return b.linear(name, kind, sources[0], self._indexing_map(node))
         if target in _RESHAPES:
             return b.reshape(name, kind, sources[0])
         if target in _PASSTHROUGH:
+            if not _meta(node).dtype.is_floating_point:
+                b.refuse(name, kind, "converts to a non-floating dtype, which rounds (discontinuous)")
+            if "dropout" in target and self._dropout_is_active(node, name, kind):
+                b.refuse(name, kind, _ACTIVE_DROPOUT_REASON)
             b.passthrough(name, kind, sources[0])
             return sources[0]
         if target in {"mean", "sum"}:
             dims = args[1] if len(args) > 1 else kwargs.get("dim")
             shape = _shape(args[0])
-            if dims is None:
+            dims = [dims] if isinstance(dims, int) else list(dims or ())
+            if not dims:  # no dims, or an empty list: torch reduces over every axis
                 dims = range(len(shape))
-            dims = [dims] if isinstance(dims, int) else list(dims)
             count = math.prod(shape[d] for d in dims)
             factor = 1 / math.sqrt(count) if target == "mean" else math.sqrt(count)
             return b.linear(name, kind, sources[0], FixedMap(
@@ -370,6 +392,8 @@ class _FxTranslator:
         if target in {"leaky_relu", "leaky_relu_"}:
             slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
             return b.activation(name, kind, sources[0], "leaky_relu", negative_slope=slope)
+        if target in {"celu", "celu_"}:
+            return b.celu(name, kind, sources[0], args[1] if len(args) > 1 else kwargs.get("alpha", 1.0))
         if target in {"elu", "elu_"}:
             return b.activation(name, kind, sources[0], "elu",
                                 alpha=args[1] if len(args) > 1 else kwargs.get("alpha", 1.0))
@@ -385,9 +409,6 @@ class _FxTranslator:
             return self._functional_conv(node, name, target, sources[0])
         if target in {"batch_norm", "_native_batch_norm_legit_no_training"}:
             return self._functional_batch_norm(node, name, target, sources[0])
-        if target in {"_to_copy", "alias", "lift_fresh_copy"}:
-            b.passthrough(name, kind, sources[0])
-            return sources[0]
         if target == "max_pool2d_with_indices":
             return self._functional_layer(node, name, "max_pool2d", sources[0])
         if target == "scaled_dot_product_attention":
@@ -411,7 +432,7 @@ class _FxTranslator:
         else:  # linear
             weight = self._constant_arg(node, 1, "weight")
             return self.builder.linear(name, target, source, DenseMap(weight, len(in_shape) - 1))
-        return self.modules.module(name, module, source, in_shape, out_shape)
+        return self.modules.module(name, module, [source], in_shape, out_shape)
 
     def _functional_conv(self, node, name, target, source):
         """F.conv*d / aten.conv*d / aten.convolution with a constant kernel."""
@@ -443,24 +464,57 @@ class _FxTranslator:
             output_padding=_tuple(output_padding or 0, d) if transposed else ()))
 
     def _functional_batch_norm(self, node, name, target, source):
-        """aten.batch_norm(x, w, b, mean, var, training, momentum, eps) or the exported
-        _native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps)."""
-        args = node.args
-        if target == "batch_norm":
-            if args[5]:
-                self.builder.refuse(name, target, "runs in training mode (batch statistics)")
-            eps = args[7]
-        else:
-            eps = args[6]
-        gamma = None if args[1] is None else self._constant_arg(node, 1, "weight")
+        """F.batch_norm, torch.batch_norm (aten's argument order) or the exported
+        _native_batch_norm_legit_no_training, read by argument name."""
+        named = self._named_arguments(node, name, target)
+        if named.get("training"):
+            self.builder.refuse(name, target, "runs in training mode (batch statistics)")
+        gamma = None if named.get("weight") is None else self._constant(node, named["weight"], "weight")
         return self.builder.linear(name, target, source, batch_norm_map(
-            gamma, self._constant_arg(node, 4, "running_var"), eps, 1))
+            gamma, self._constant(node, named["running_var"], "running_var"), named["eps"], 1))
+
+    def _named_arguments(self, node, name, target) -> dict:
+        """A call's arguments by parameter name, defaults included."""
+        arguments = node.normalized_arguments(self.traced, normalize_to_only_use_kwargs=True)
+        if arguments is None:
+            self.builder.refuse(name, target, "has arguments lipnorm cannot match to a signature")
+        return arguments.kwargs
+
+    def _dropout_is_active(self, node, name, target) -> bool:
+        named = self._named_arguments(node, name, target)
+        return bool(named.get("training", named.get("train"))) and named.get("p", 0.5) > 0
+
+    def _indexing_map(self, node) -> FixedMap:
+        """Indexing a tensor: √(most copies of one entry), from indexing the entries' positions.
+
+        Basic indexing (integers, slices, None) copies nothing; advanced indexing copies
+        an entry once per repetition of its index.
+        """
+        in_shape = _shape(node.args[0])
+        positions = torch.arange(math.prod(in_shape)).reshape(in_shape)
+        index = fx.node.map_arg(node.args[1], lambda n: self._constant_tensor(node, n, "index"))
+        taken = positions[index].reshape(-1).numpy()
+        return selection_map([taken], [positions.numel()], "indexing √copies")
+
+    def _broadcast_operands(self, node, name, kind) -> list[str]:
+        """The input-dependent operands of an elementwise call, broadcast to its output's shape."""
+        return [self.builder.broadcast(name, kind, self.dynamic[n.name], _shape(n), _shape(node))
+                for n in _flatten_nodes((node.args, node.kwargs)) if self._is_dynamic(n)]
+
+    def _is_dynamic(self, value) -> bool:
+        return isinstance(value, fx.Node) and value.name in self.dynamic
 
     def _constant_arg(self, node, index, keyword):
         value = node.args[index] if len(node.args) > index else node.kwargs.get(keyword)
+        return self._constant(node, value, keyword)
+
+    def _constant(self, node, value, what) -> np.ndarray:
+        return _numpy(self._constant_tensor(node, value, what))
+
+    def _constant_tensor(self, node, value, what):
         if isinstance(value, fx.Node) and value.name in self.constants:
-            return _numpy(self.constants[value.name])
-        self.builder.refuse(node.name, str(node.target), f"has a {keyword} that is not a constant")
+            return self.constants[value.name]
+        self.builder.refuse(node.name, str(node.target), f"has a {what} that is not a constant")
 
     def _constant_factor(self, node, target):
         """The constant operand of a multiplication/division as a ScaleMap or FixedMap."""
@@ -523,10 +577,14 @@ def _is_tensor(node: fx.Node) -> bool:
 
 
 def _shape(node) -> tuple[int, ...]:
+    return tuple(_meta(node).shape)
+
+
+def _meta(node) -> TensorMetadata:
     meta = node.meta.get("tensor_meta")
-    while not hasattr(meta, "shape"):  # a tuple of outputs: the first one
+    while not isinstance(meta, TensorMetadata):  # a tuple of outputs: the first one
         meta = meta[0]
-    return tuple(meta.shape)
+    return meta
 
 
 def _flatten_nodes(value):
