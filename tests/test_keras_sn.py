@@ -106,6 +106,7 @@ FAMILIES = {
         (2, 3, 5),
     ),
     "conv1d": (lambda: keras.layers.Conv1D(4, 3, padding="same", activation="relu"), (2, 9, 3)),
+    "conv1d_causal": (lambda: keras.layers.Conv1D(3, 3, padding="causal", dilation_rate=2), (2, 9, 2)),
     "conv2d": (lambda: keras.layers.Conv2D(4, 3, strides=2), (2, 9, 9, 3)),
     "conv3d": (lambda: keras.layers.Conv3D(2, 2), (1, 4, 4, 4, 2)),
     "conv2d_transpose": (lambda: keras.layers.Conv2DTranspose(5, 3, strides=2), (2, 5, 5, 3)),
@@ -410,6 +411,33 @@ def test_mixed_precision_iterates_in_float32_without_nan(policy):
     )
 
 
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize(
+    "family", ["dense", "einsum_dense", "depthwise_conv2d", "separable_conv2d", "embedding"]
+)
+def test_mixed_precision_runs_every_family_in_the_compute_dtype(policy, family):
+    """Called on its own and after a low-precision layer, in training and in inference."""
+    keras.config.set_dtype_policy(policy)
+    compute_dtype = policy.split("_")[1]
+    make, shape = FAMILIES[family]
+    inputs = family_inputs(shape)
+    wrapper = SpectralNormalization(make())
+    if shape is None:
+        model = keras.Sequential([keras.Input(inputs.shape[1:], dtype="int32"), wrapper])
+    else:
+        model = keras.Sequential([keras.Input(shape[1:]), keras.layers.Identity(), wrapper])
+    for call in (wrapper, model):
+        for training in (True, False):
+            outputs = call(inputs, training=training)
+            assert keras.backend.standardize_dtype(outputs.dtype) == compute_dtype
+    assert all(w.dtype == "float32" for pair in wrapper._vectors for w in pair)
+    sigmas = [float(to_numpy(s)) for s in wrapper.sigmas()]
+    expected = reference_output(wrapper.layer, inputs, sigmas, wrapper._views)
+    np.testing.assert_allclose(
+        to_numpy(ops.cast(outputs, "float32")), expected.astype("float32"), rtol=3e-2, atol=3e-2
+    )
+
+
 def test_save_and_load_round_trip(tmp_path):
     x, y = digits()
     model = keras.Sequential(
@@ -556,6 +584,12 @@ def test_operator_mode_needs_known_input_size():
     wrapper = SpectralNormalization(keras.layers.Conv2D(2, 3), mode="operator")
     with pytest.raises(ValueError, match="operator mode needs the full input shape"):
         keras.Sequential([keras.Input((None, None, 3)), wrapper])
+
+
+def test_operator_mode_refuses_causal_padding():
+    wrapper = SpectralNormalization(keras.layers.Conv1D(2, 3, padding="causal"), mode="operator")
+    with pytest.raises(ValueError, match="padding='causal'.*use mode='matrix'"):
+        wrapper(np.zeros((1, 6, 2), "float32"))
 
 
 def test_operator_mode_refuses_grouped_convolution():

@@ -148,6 +148,7 @@ def _gradcheck_scaled_map(function, layer_map, view, x, weight, bias, u, v, chec
 
     x.requires_grad_(check_x)
     assert torch.autograd.gradcheck(normalized, (x, weight, bias), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradgradcheck(normalized, (x, weight, bias), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("function", list(FUNCTIONS))
@@ -179,6 +180,28 @@ def test_gradcheck_conv(mode, transposed, function):
     bias = torch.randn(layer_map.apply(x, weight.detach()).shape[1], dtype=torch.float64, requires_grad=True)
     for check_x in (True, False):
         _gradcheck_scaled_map(FUNCTIONS[function], layer_map, view, x, weight, bias, u, v, check_x)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Linear(12, 9), (2, 12)),
+    (lambda: nn.Linear(4, 3), (8, 4)),
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)),
+    (lambda: nn.Conv2d(3, 4, 3), (1, 3, 3, 3)),
+    (lambda: nn.ConvTranspose2d(3, 2, 3, stride=2), (2, 3, 4, 4)),
+], ids=["linear_output_scaled", "linear_weight_scaled", "conv2d_weight_scaled", "conv2d_output_scaled",
+        "conv_transpose2d"])
+def test_gradient_penalty_double_backward_matches_torch(make, shape):
+    """A gradient penalty (create_graph=True) differentiates the input gradient once more."""
+    reference, ours = _torch_and_lipnorm(make, torch.float64)
+    x = torch.randn(shape, dtype=torch.float64)
+    penalty_grads = []
+    for layer, weight in ((reference, reference.parametrizations.weight.original), (ours, ours.weight_orig)):
+        x_layer = x.clone().requires_grad_(True)
+        y = layer(x_layer)
+        grad_x, = torch.autograd.grad(y.square().sum(), x_layer, create_graph=True)
+        penalty_grads.append(torch.autograd.grad(grad_x.square().sum(), (weight, layer.bias, x_layer)))
+    for g_ours, g_ref in zip(penalty_grads[1], penalty_grads[0]):
+        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-10, atol=1e-10 * g_ref.abs().max().item())
 
 
 # --------------------------------------------------------------------------- the pain points
@@ -410,6 +433,19 @@ def test_conv_transpose_output_size_argument():
     y_ref, y_ours = reference(x, output_size=(10, 10)), ours(x, output_size=(10, 10))
     assert y_ours.shape == (1, 3, 10, 10)
     np.testing.assert_allclose(y_ours.detach(), y_ref.detach(), rtol=1e-12)
+
+
+def test_operator_mode_conv_transpose_output_size_recreates_u():
+    """output_size changes a transposed convolution's output padding, hence its operator."""
+    layer = spectral_norm(nn.ConvTranspose2d(2, 3, 3, stride=2).double(), mode="operator")
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    assert layer(x).shape == (1, 3, 9, 9)
+    y = layer(x, output_size=(10, 10))
+    assert y.shape == (1, 3, 10, 10) and layer.weight_u.shape == (1, 3, 10, 10)
+    layer.eval()
+    expected = nn.functional.conv_transpose2d(x, layer.weight_orig / sigma_of(layer), layer.bias, stride=2,
+                                              output_padding=1)
+    np.testing.assert_allclose(layer(x, output_size=(10, 10)).detach(), expected.detach(), rtol=1e-12)
 
 
 def test_sigma_of_and_sigmas_report_each_layer():

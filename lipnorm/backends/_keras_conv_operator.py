@@ -113,12 +113,18 @@ def conv_operator_map(layer, input_shape):
     Raises
     ------
     ValueError
-        For grouped convolutions, which ``keras.ops.conv_transpose`` cannot express.
+        For grouped convolutions, which ``keras.ops.conv_transpose`` cannot express, and
+        for causal padding, which ``keras.ops.conv`` does not take.
     """
     if getattr(layer, "groups", 1) != 1:
         raise ValueError(
             f"operator mode does not support grouped convolutions ({type(layer).__name__} "
             f"with groups={layer.groups}); use mode='matrix'."
+        )
+    if layer.padding == "causal":
+        raise ValueError(
+            f"operator mode supports padding 'valid' and 'same', not {type(layer).__name__} "
+            "with padding='causal'; use mode='matrix'."
         )
     output_shape = tuple(layer.compute_output_shape(input_shape))
     dilation = tuple(layer.dilation_rate)

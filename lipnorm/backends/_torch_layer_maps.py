@@ -69,6 +69,19 @@ class ConvMap(NamedTuple):
             self.transposed, self.output_padding, self.groups,
         )
 
+    def output_spatial_shape(self, input_spatial: tuple[int, ...], kernel_spatial: tuple[int, ...]
+                             ) -> tuple[int, ...]:
+        """Return the spatial shape of the output for an input of spatial shape ``input_spatial``."""
+        shape = []
+        for n, k, s, p, d, op in zip(input_spatial, kernel_spatial, self.stride, self.padding,
+                                     self.dilation, self.output_padding):
+            extent = d * (k - 1) + 1
+            if self.transposed:
+                shape.append((n - 1) * s - 2 * p + extent + op)
+            else:
+                shape.append((n + 2 * p - extent) // s + 1)
+        return tuple(shape)
+
     def backward(self, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                  output_mask: tuple[bool, bool, bool]):
         """Return the gradients ``(input, weight, bias)`` of the convolution plus bias, in one

@@ -25,6 +25,11 @@ then computes ``A_{W_s}(x) + b`` with ``W_s = W / sigma`` in one native call, an
 
 with a weight-sized temporary ``W_s`` but no extra pass over activations.
 ``normalized_layer`` picks the cheaper of the two.
+
+These formulas treat ``sigma`` as a number, so their results cannot be differentiated
+again. When the backward is itself recorded (``create_graph=True``, as gradient penalties
+do), both Functions instead differentiate the layer recomputed with ``sigma`` as a
+function of ``W`` (``recorded_gradients``), which autograd can differentiate once more.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class OutputScaledMap(torch.autograd.Function):
             y.add_(layer_map.bias_view(bias))
         # t = <g_s, A_W(x)> needs A_W(x) when no input gradient A_W^T(g_s) is computed.
         kept_output = unscaled if not x.requires_grad else None
-        ctx.save_for_backward(x, weight, inv_sigma, u, v, kept_output)
+        ctx.save_for_backward(x, weight, bias, sigma, u, v, kept_output)
         ctx.layer_map = layer_map
         ctx.view = view
         ctx.has_bias = bias is not None
@@ -72,7 +77,10 @@ class OutputScaledMap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, inv_sigma, u, v, kept_output = ctx.saved_tensors
+        x, weight, bias, sigma, u, v, kept_output = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return recorded_gradients(ctx, grad_out, x, weight, bias, sigma, u, v)
+        inv_sigma = sigma.reciprocal()
         layer_map, view = ctx.layer_map, ctx.view
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         grad_scaled = grad_out * inv_sigma.to(grad_out.dtype)
@@ -112,22 +120,57 @@ class WeightScaledMap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, sigma, u, v, layer_map, view):
-        inv_sigma = sigma.reciprocal()
-        scaled_weight = weight * inv_sigma.to(weight.dtype)
-        ctx.save_for_backward(x, scaled_weight, inv_sigma, u, v)
+        scaled_weight = weight * sigma.reciprocal().to(weight.dtype)
+        ctx.save_for_backward(x, weight, bias, scaled_weight, sigma, u, v)
         ctx.layer_map = layer_map
         ctx.view = view
         return layer_map.apply(x, scaled_weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, scaled_weight, inv_sigma, u, v = ctx.saved_tensors
+        x, weight, bias, scaled_weight, sigma, u, v = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return recorded_gradients(ctx, grad_out, x, weight, bias, sigma, u, v)
+        inv_sigma = sigma.reciprocal()
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         grad_x, grad_w, grad_b = ctx.layer_map.backward(grad_out, x, scaled_weight, (needs_x, needs_w, needs_b))
         if needs_w:
             ctx.view.add_sigma_grad_(grad_w, u, v, -inner(grad_w, scaled_weight))
             grad_w.mul_(inv_sigma.to(grad_w.dtype))
         return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def recorded_gradients(ctx, grad_out, x, weight, bias, sigma, u, v):
+    """Return the gradients of ``A_{W/sigma}(x) + b`` as a graph autograd can differentiate again.
+
+    Used by the backward of ``OutputScaledMap`` and ``WeightScaledMap`` when it is recorded
+    (``create_graph=True``). The layer is recomputed with ``sigma`` as a function of ``W``:
+    ``sigma + (s - s.detach())`` with ``s = <u, A_W v>`` has the forward's value (eps clamp
+    included) and the gradient ``d<u, A_W v>/dW`` (``u``, ``v`` held constant), to every
+    order since ``s`` is linear in ``W``, so the result equals torch's ``W / sigma``.
+
+    Parameters
+    ----------
+    ctx
+        The Function's context (``layer_map``, ``view``, ``needs_input_grad``).
+    grad_out : torch.Tensor
+        Gradient of the loss with respect to the layer's output.
+    x, weight, bias, sigma, u, v : torch.Tensor
+        The forward's arguments (``bias`` may be None).
+
+    Returns
+    -------
+    tuple
+        One entry per argument of ``apply``: the gradients of ``x``, ``weight``, ``bias``
+        where needed, None elsewhere.
+    """
+    estimate = inner(u, ctx.view.matvec(ctx.view.operand(weight.to(u.dtype)), v))
+    differentiable_sigma = sigma + (estimate - estimate.detach())
+    y = ctx.layer_map.apply(x, weight / differentiable_sigma.to(weight.dtype), bias)
+    needs = ctx.needs_input_grad[:3]
+    wanted = [tensor for tensor, needed in zip((x, weight, bias), needs) if needed]
+    grads = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True))
+    return tuple(next(grads) if needed else None for needed in needs) + (None,) * 5
 
 
 def normalized_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

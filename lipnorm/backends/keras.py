@@ -9,7 +9,6 @@ and inference uses sigma from the stored power-iteration vectors.
 
 from __future__ import annotations
 
-import inspect
 import numbers
 
 import keras
@@ -93,8 +92,9 @@ class SpectralNormalization(keras.layers.Wrapper):
     Dense, Conv1D/2D/3D and Conv*Transpose scale their input by ``1 / sigma``
     (``(x / sigma) W + b``, the same values and gradients as using ``W / sigma``,
     without a weight-sized temporary), Embedding its output; EinsumDense, DepthwiseConv,
-    SeparableConv (each of its two kernels) and other layers with a ``kernel``
-    run through ``layer.stateless_call`` with ``W / sigma`` substituted.
+    SeparableConv (each of its two kernels), Conv1D with causal padding and other
+    layers with a ``kernel`` run their own ``call`` with ``W / sigma`` substituted
+    (in a ``keras.StatelessScope``).
 
     The power iteration always runs in float32 or wider (also under the
     ``mixed_float16`` / ``mixed_bfloat16`` policies). ``u`` and ``v`` are
@@ -184,15 +184,21 @@ class SpectralNormalization(keras.layers.Wrapper):
         self.power_iterations = int(power_iterations)
         self.mode = mode
         self.eps = float(eps)
-        self._scales_operand = isinstance(
-            layer,
-            CONV_LAYERS
-            + CONV_TRANSPOSE_LAYERS
-            + (keras.layers.Dense, keras.layers.Embedding),
-        ) and type(layer).call in (
-            keras.layers.Dense.call,
-            keras.layers.Embedding.call,
-            *(cls.call for cls in CONV_LAYERS + CONV_TRANSPOSE_LAYERS),
+        # Conv1D pads causal inputs in its own call, which _scaled_linear_part does not.
+        self._scales_operand = (
+            isinstance(
+                layer,
+                CONV_LAYERS
+                + CONV_TRANSPOSE_LAYERS
+                + (keras.layers.Dense, keras.layers.Embedding),
+            )
+            and type(layer).call
+            in (
+                keras.layers.Dense.call,
+                keras.layers.Embedding.call,
+                *(cls.call for cls in CONV_LAYERS + CONV_TRANSPOSE_LAYERS),
+            )
+            and getattr(layer, "padding", None) != "causal"
         )
         if layer.built:
             kernel_views(layer)
@@ -219,6 +225,7 @@ class SpectralNormalization(keras.layers.Wrapper):
                 name=f"{view.attribute}_u",
                 dtype=dtype,
                 aggregation="only_first_replica",
+                autocast=False,
             )
             v = self.add_weight(
                 shape=v_shape,
@@ -227,6 +234,7 @@ class SpectralNormalization(keras.layers.Wrapper):
                 name=f"{view.attribute}_v",
                 dtype=dtype,
                 aggregation="only_first_replica",
+                autocast=False,
             )
             self._maps.append(linear_map)
             self._vectors.append((u, v))
@@ -301,10 +309,15 @@ class SpectralNormalization(keras.layers.Wrapper):
                 return outputs / ops.cast(sigmas[0], outputs.dtype)
             linear = _scaled_linear_part(self.layer, inputs, sigmas[0])
             return _add_bias_and_activate(self.layer, linear)
-        return self._call_substituted(inputs, sigmas, training)
+        return self._call_substituted(inputs, sigmas)
 
-    def _call_substituted(self, inputs, sigmas, training):
-        """Run the layer with each normalized weight replaced by ``W / sigma``."""
+    def _call_substituted(self, inputs, sigmas):
+        """Run the layer with each normalized weight replaced by ``W / sigma``.
+
+        The layer is called as usual (its own input casting and autocasting under a
+        mixed precision policy, ``training`` from the call context) in a
+        ``keras.StatelessScope`` that maps its weights to their current values.
+        """
         replaced = {}
         for view, sigma in zip(self._views, sigmas):
             variable = getattr(self.layer, view.attribute)
@@ -313,20 +326,10 @@ class SpectralNormalization(keras.layers.Wrapper):
                     f"{type(self.layer).__name__}.{view.attribute} is not a plain weight "
                     "(LoRA enabled?); SpectralNormalization cannot substitute it."
                 )
-            replaced[id(variable)] = variable.value / ops.cast(sigma, variable.dtype)
-
-        def values(variables):
-            return [replaced.get(id(w), w.value) for w in variables]
-
-        call_parameters = inspect.signature(self.layer.call).parameters
-        kwargs = {"training": training} if "training" in call_parameters else {}
-        outputs, _ = self.layer.stateless_call(
-            values(self.layer.trainable_variables),
-            values(self.layer.non_trainable_variables),
-            inputs,
-            **kwargs,
-        )
-        return outputs
+            replaced[id(variable)] = ops.divide(variable.value, sigma)
+        state = [(w, replaced.get(id(w), w.value)) for w in self.layer.variables]
+        with keras.StatelessScope(state_mapping=state):
+            return self.layer(inputs)
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)

@@ -448,7 +448,17 @@ def _view_of(module, spec: SpectralNormSpec, name: str) -> SigmaView:
     if getattr(module, name + "_u").numel() == 0:
         raise RuntimeError(f"{type(module).__name__}.{name} uses mode='operator', whose u, v are shaped like "
                            f"the layer's input: run one forward first, or pass input_shape= to spectral_norm")
-    return OperatorView(_conv_map(module))
+    return OperatorView(_conv_map(module, _vectors_output_padding(module)))
+
+
+def _vectors_output_padding(module) -> tuple[int, ...] | None:
+    """Return the output padding of the operator whose u, v the buffers hold, None for a
+    convolution (a transposed one called with ``output_size`` may differ from its own)."""
+    if not isinstance(module, _ConvTransposeNd):
+        return None
+    unpadded = _conv_map(module, (0,) * len(module.kernel_size)).output_spatial_shape(
+        tuple(module.weight_v.shape[2:]), tuple(module.weight_orig.shape[2:]))
+    return tuple(size - base for size, base in zip(module.weight_u.shape[2:], unpadded))
 
 
 def _estimate_sigma(module, name: str, view: SigmaView, n_iterations: int):
@@ -574,7 +584,10 @@ def _output_scaled_forward(module, input: torch.Tensor, output_size: Sequence[in
         view = MatrixView(spec.dim)
     else:
         view = OperatorView(layer_map)
-        if tuple(module.weight_v.shape[1:]) != tuple(x.shape[1:]):
+        # A new input size, or for a transposed convolution a new output_size, is a new operator.
+        output_spatial = layer_map.output_spatial_shape(tuple(x.shape[2:]), tuple(module.weight_orig.shape[2:]))
+        if (tuple(module.weight_v.shape[1:]) != tuple(x.shape[1:])
+                or tuple(module.weight_u.shape[2:]) != output_spatial):
             _initialize_operator_vectors(module, "weight", view, tuple(x.shape[1:]))
     u, v, sigma = _estimate_sigma(module, "weight", view, spec.n_power_iterations if module.training else 0)
     y = normalized_layer(x, module.weight_orig, module.bias, sigma.clamp_min(spec.eps), u, v, layer_map, view)
