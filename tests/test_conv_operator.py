@@ -192,6 +192,18 @@ def test_bad_input_is_refused(kwargs, message):
         conv_operator(kernel, input_shape, **kwargs)
 
 
+def test_numpy_integers_are_accepted_as_python_integers():
+    kernel = np.random.default_rng(3).standard_normal((4, 2, 3, 3))
+    reference = conv_operator(kernel, (2, 9, 9), stride=2, padding=(1, 2), dilation=1, groups=1)
+    op = conv_operator(kernel, (np.int64(2), np.int64(9), 9), stride=np.int64(2),
+                       padding=(np.int32(1), np.int64(2)), dilation=np.int64(1), groups=np.int64(1))
+    assert op.shape == reference.shape
+    x = np.random.default_rng(4).standard_normal(op.shape[1])
+    np.testing.assert_array_equal(op.matvec(x), reference.matvec(x))
+    with pytest.raises(ValueError, match="stride must be an int"):
+        conv_operator(kernel, (2, 9, 9), stride=np.float64(2.0))
+
+
 @pytest.mark.parametrize("spelling", ["SAME", "Same", "VALID"])
 def test_transposed_padding_strings_are_case_insensitive(spelling):
     """As for forward convolutions (and in Keras), the case of ``"same"``/``"valid"`` does not matter."""

@@ -460,6 +460,23 @@ def test_sigma_of_and_sigmas_report_each_layer():
 # --------------------------------------------------------------------------- bad input
 
 
+def test_numpy_scalars_are_accepted_as_torch_accepts_them():
+    """Hyperparameters read from NumPy arrays or configs (np.int64, np.float32) work as in torch."""
+    torch.manual_seed(0)
+    layer = spectral_norm(nn.Linear(5, 4), n_power_iterations=np.int64(3), eps=np.float32(1e-12))
+    reference = torch_parametrizations.spectral_norm(nn.Linear(5, 4), n_power_iterations=np.int64(3),
+                                                     eps=np.float32(1e-12))
+    with torch.no_grad():
+        reference.parametrizations.weight.original.copy_(layer.weight_orig)
+    warm_up(layer, np.int64(50))
+    assert isinstance(layer.weight_orig, nn.Parameter)
+    x = torch.randn(2, 5)
+    layer(x)
+    reference(x)
+    with pytest.raises(ValueError, match="iterations must be an integer >= 1"):
+        warm_up(layer, np.float64(2.0))
+
+
 def test_bad_input_errors():
     with pytest.raises(ValueError, match="no parameter named 'wieght'.*its parameters: weight, bias"):
         spectral_norm(nn.Linear(3, 2), name="wieght")

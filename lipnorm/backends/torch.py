@@ -27,6 +27,7 @@ Networks", ICLR 2018.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -272,8 +273,9 @@ def warm_up(model: nn.Module, iterations: int = WARMUP_ITERATIONS) -> None:
     >>> round(float(torch.linalg.matrix_norm(net[0].weight.detach(), 2)), 4)
     1.0
     """
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    iterations = int(iterations)
     for _, sub, name, spec in _initialized_tensors(model):
         _estimate_sigma(sub, name, _view_of(sub, spec, name), iterations)
 
@@ -308,9 +310,11 @@ def _validated_spec(module, name, n_power_iterations, eps, dim, mode, input_shap
         params = ", ".join(module._parameters) or "none"
         raise ValueError(f"{kind} has no parameter named {name!r} (its parameters: {params}); "
                          f"pass name=... to pick one")
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
+    if (isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral)
+            or n_power_iterations < 1):
         raise ValueError(f"n_power_iterations must be an integer >= 1, got {n_power_iterations!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
+    n_power_iterations = int(n_power_iterations)
+    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and eps > 0):
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     if mode not in _MODES:
         raise ValueError(f"mode must be 'matrix' or 'operator', got {mode!r}")

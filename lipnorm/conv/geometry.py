@@ -8,6 +8,8 @@ convolution, and this module describes that forward convolution.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import product
 
@@ -89,12 +91,21 @@ def expand_per_axis(value, ndim: int, name: str) -> tuple[int, ...]:
     ValueError
         If a sequence has the wrong length or an entry is not an integer.
     """
-    items = (value,) * ndim if isinstance(value, int) else tuple(value)
-    if len(items) != ndim or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-        raise ValueError(
-            f"{name} must be an int or a sequence of {ndim} ints (one per spatial axis), got {value!r}"
-        )
-    return items
+    message = f"{name} must be an int or a sequence of {ndim} ints (one per spatial axis), got {value!r}"
+    if isinstance(value, numbers.Integral):
+        items = (value,) * ndim
+    elif isinstance(value, Iterable):
+        items = tuple(value)
+    else:
+        raise ValueError(message)
+    if len(items) != ndim or not all(_is_integer(v) for v in items):
+        raise ValueError(message)
+    return tuple(int(v) for v in items)
+
+
+def _is_integer(value) -> bool:
+    """Whether ``value`` is an integer (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def resolve_padding(padding, input_size, kernel_size, stride, dilation):
@@ -145,7 +156,7 @@ def resolve_padding(padding, input_size, kernel_size, stride, dilation):
             lo = tuple((e - 1) // 2 for e in extent)
             return lo, lo, True
         return lo, hi, False
-    if not isinstance(padding, int) and all(isinstance(p, (tuple, list)) for p in padding):
+    if not isinstance(padding, numbers.Integral) and all(isinstance(p, (tuple, list)) for p in padding):
         pairs = tuple(tuple(p) for p in padding)
         if len(pairs) != ndim or any(len(p) != 2 for p in pairs):
             raise ValueError(f"padding as pairs needs {ndim} (lo, hi) pairs, got {padding!r}")

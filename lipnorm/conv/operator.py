@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 from array_api_compat import device as array_device
@@ -256,8 +257,9 @@ def conv_operator(
     spatial = input_shape[:-1] if channels_last else input_shape[1:]
     if depthwise:
         groups = in_channels
-    if not isinstance(groups, int) or groups < 1:
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
+    groups = int(groups)
     weight = _to_forward_torch_kernel(xp, kernel, ndim, layout, depthwise)
     kernel_size = tuple(weight.shape[2:])
     fwd_out, fwd_in = weight.shape[0], weight.shape[1] * groups
