@@ -128,3 +128,16 @@ def test_onnx_maps_without_a_lipschitz_constant_are_refused(nodes, constants, ma
                         for op, inputs, outputs, attributes in nodes], (3,), constants)
     with pytest.raises(NotCertifiableError, match=match):
         certify(proto)
+
+
+def test_onnx_pad_with_axes_pads_only_those_axes():
+    """Opset 18's Pad reads its pads for the axes listed in its fourth input."""
+    def padded(inputs, constants):
+        node = onnx.helper.make_node("Pad", inputs, ["y"], mode="reflect")
+        return certify(onnx_graph([node], (2, 6), constants)).upper
+
+    on_axes = padded(["x", "pads", "", "axes"],
+                     [("pads", np.array([2, 2], np.int64)), ("axes", np.array([-1], np.int64))])
+    full = padded(["x", "pads"], [("pads", np.array([0, 0, 2, 0, 0, 2], np.int64))])
+    assert on_axes == full
+    assert full > 1.0  # reflect padding by 2 copies entries

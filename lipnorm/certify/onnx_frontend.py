@@ -296,8 +296,13 @@ class _Translator:
             if pads is None:
                 pads = [int(p) for p in self.constant(node, 1, "pads")]
             rank = len(in_shape)
-            sources_per_axis = [padding_sources(in_shape[i], pads[i], pads[i + rank], mode)
-                                for i in range(rank)]
+            # opset 18: the pads cover only the axes listed in the optional fourth input
+            axes = (range(rank) if len(node.input) < 4 or not node.input[3]
+                    else [int(axis) % rank for axis in self.constant(node, 3, "axes")])
+            lo, hi = [0] * rank, [0] * rank
+            for k, axis in enumerate(axes):
+                lo[axis], hi[axis] = pads[k], pads[k + len(axes)]
+            sources_per_axis = [padding_sources(in_shape[i], lo[i], hi[i], mode) for i in range(rank)]
             return [b.linear(name, op, source, selection_map(sources_per_axis, in_shape, f"{mode} padding"))]
         if op in _NORMALIZATIONS:
             gamma = self.constants.get(node.input[1]) if len(node.input) > 1 else None
