@@ -141,3 +141,9 @@ def test_onnx_pad_with_axes_pads_only_those_axes():
     full = padded(["x", "pads"], [("pads", np.array([0, 0, 2, 0, 0, 2], np.int64))])
     assert on_axes == full
     assert full > 1.0  # reflect padding by 2 copies entries
+
+
+def test_onnx_dilated_average_pooling_is_refused():
+    node = onnx.helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2], dilations=[2])
+    with pytest.raises(NotCertifiableError, match="dilated average pooling"):
+        certify(onnx_graph([node], (1, 8), opset=19))

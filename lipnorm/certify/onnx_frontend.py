@@ -274,6 +274,9 @@ class _Translator:
         if op == "GlobalMaxPool":
             return [b.lipschitz(name, op, source, 1.0, "global max pooling")]
         if op == "AveragePool":
+            if any(dilation != 1 for dilation in a.get("dilations", [])):
+                b.refuse(name, op, f"has dilations {list(a['dilations'])}; dilated average pooling "
+                         "(opset 19) is not supported")
             return [b.linear(name, op, source, self._average_pool(a, in_shape))]
         if op in {"GlobalAveragePool", "ReduceMean", "ReduceSum"}:
             if op == "GlobalAveragePool":
