@@ -208,6 +208,8 @@ def estimate_sigma(
         ``torch.nn.utils.spectral_norm``.
     state : SigmaState, optional
         Warm start from an earlier call on the same (or a slowly changing) weight.
+        A weight that maps the state's vector to zero (pruned along it) is
+        estimated again from a random vector.
     return_state : bool
         Also return the :class:`SigmaState`.
     seed : int or numpy.random.Generator, optional
@@ -255,6 +257,15 @@ def estimate_sigma(
         run = krylov.lanczos if method == "lanczos" else krylov.power_iteration
         limit = max_iter if max_iter is not None else (2000 if method == "lanczos" else 10000)
         found = _iterate(run, operator, start, rtol=rtol, max_iter=limit)
+        if found.sigma == 0.0 and state is not None:
+            # W v = 0 for the warm start (e.g. W pruned along it): not evidence that W = 0.
+            cold = krylov.random_vector(operator, operator.shape[1], seed)
+            retry = _iterate(run, operator, cold, rtol=rtol, max_iter=limit)
+            found = dataclasses.replace(
+                retry,
+                iterations=found.iterations + retry.iterations,
+                matvecs=found.matvecs + retry.matvecs,
+            )
         result = SigmaState(
             found.u,
             found.v,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -156,3 +158,21 @@ def test_operators_out_of_their_dtype_range_are_an_error():
     operator = scipy.sparse.linalg.aslinearoperator(values)
     with pytest.raises(ValueError, match="scale it by a power of two"):
         lipnorm.estimate_sigma(operator, method="lanczos", seed=0)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_warm_start_in_the_null_space_of_a_pruned_weight(backend, method):
+    """A state whose vector the new weight maps to zero (the weight was pruned along it)
+    restarts from a random vector instead of reporting sigma = 0."""
+    values = np.diag([3.0, 1.0, 0.5])
+    _, state = lipnorm.estimate_sigma(backend.asarray(values), method=method, return_state=True, seed=0)
+    # The state's right vector, e_1 up to rounding, set to e_1 exactly; the pruning removes column 1.
+    xp = array_namespace(state.v)  # NumPy for Dask, whose vectors are NumPy arrays
+    state = dataclasses.replace(state, v=xp.asarray([1.0, 0.0, 0.0], dtype=state.v.dtype))
+    pruned = values.copy()
+    pruned[:, 0] = 0.0
+    sigma, warm = lipnorm.estimate_sigma(
+        backend.asarray(pruned), method=method, state=state, return_state=True, seed=1
+    )
+    assert_relative_close(float(sigma), 1.0, 1e-6, f"{backend}/{method}")
+    assert warm.converged
