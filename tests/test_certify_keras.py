@@ -220,3 +220,28 @@ def test_a_rescaling_by_a_row_merges_with_the_next_dense_layer():
     model = functional((3,), lambda x: dense(layers.Rescaling(np.array([[1.0, 5.0, 0.1]]))(x)))
     truth = np.linalg.norm(np.asarray(dense.kernel, dtype=np.float64).T * np.array([1.0, 5.0, 0.1]), 2)
     np.testing.assert_allclose(certify(model).upper, truth, rtol=1e-6)
+
+
+class _FixedMatmul(keras.layers.Layer):
+    """x ↦ x M with a constant M; its config cannot rebuild it, so no float64 copy exists."""
+
+    def __init__(self, matrix):
+        super().__init__()
+        self.matrix = self.add_weight(shape=matrix.shape, initializer="zeros", trainable=False)
+        self.matrix.assign(matrix)
+
+    def call(self, x):
+        return keras.ops.matmul(x, self.matrix)
+
+
+def test_lower_bound_of_a_float32_model_stays_below_its_norm():
+    """Secants are measured between the float32 points the model saw, far enough apart that
+    the rounding of f(y) - f(x) stays near 1e-5 (with float64 distances between unrounded
+    points a linear map's secants exceeded its norm by 4e-4)."""
+    matrix = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    inputs = keras.Input((16,))
+    model = keras.Model(inputs, _FixedMatmul(matrix)(inputs))
+    norm = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)[0]
+    x = 10 * np.random.default_rng(1).standard_normal((8, 16))
+    lower = lipschitz_lower_bound(model, x, seed=0).value
+    assert norm * (1 - 1e-3) <= lower <= norm * (1 + 2e-5), lower / norm - 1
