@@ -226,6 +226,16 @@ def test_layer_norm_needs_the_epsilon_opt_in():
     assert certificate.layers[-1].bound >= 1 / np.sqrt(1e-5)
 
 
+def test_rms_norm_without_eps_uses_the_machine_epsilon_of_its_dtype():
+    """torch's RMSNorm(eps=None) divides by sqrt(mean(x²) + finfo(dtype).eps): near 0 its
+    slope is 1/sqrt(eps), which the epsilon bound must cover."""
+    model = nn.Sequential(nn.RMSNorm(4)).eval()
+    bound = certify(model, (4,), rules={"RMSNorm": "epsilon"}).upper
+    x = torch.full((1, 4), 1e-6)
+    slope = torch.linalg.matrix_norm(torch.autograd.functional.jacobian(model, x)[0, :, 0, :], 2)
+    assert 2000 < float(slope) <= bound
+
+
 def test_data_dependent_control_flow_names_the_module_and_rules_lift_it():
     with pytest.raises(NotCertifiableError, match=r"'gate' \(Gate\).*control flow.*rules="):
         certify(ControlFlow().eval(), (4,))

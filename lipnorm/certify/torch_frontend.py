@@ -270,8 +270,10 @@ class _ModuleTranslator:
                                                               "nearest upsampling √copies"))
         if isinstance(module, _NORMALIZATIONS):
             gamma = getattr(module, "weight", None)
-            return b.normalization(name, kind, source, None if gamma is None else _numpy(gamma),
-                                   getattr(module, "eps", 1e-5))
+            eps = module.eps
+            if eps is None:  # RMSNorm's default: the machine epsilon of the dtype it runs in
+                eps = torch.finfo(torch.float32 if gamma is None else gamma.dtype).eps
+            return b.normalization(name, kind, source, None if gamma is None else _numpy(gamma), eps)
         b.refuse(name, kind)
 
     def _conv(self, name, kind, module, source, in_shape) -> str:
