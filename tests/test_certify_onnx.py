@@ -147,3 +147,12 @@ def test_onnx_dilated_average_pooling_is_refused():
     node = onnx.helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2], dilations=[2])
     with pytest.raises(NotCertifiableError, match="dilated average pooling"):
         certify(onnx_graph([node], (1, 8), opset=19))
+
+
+def test_onnx_batch_norm_in_training_mode_is_refused():
+    statistics = [("scale", np.ones(3, np.float32)), ("bias", np.zeros(3, np.float32)),
+                  ("mean", np.zeros(3, np.float32)), ("var", np.full(3, 1e-4, np.float32))]
+    node = onnx.helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"],
+                                 ["y", "running_mean", "running_var"], training_mode=1)
+    with pytest.raises(NotCertifiableError, match="training mode"):
+        certify(onnx_graph([node], (3, 4), statistics))

@@ -219,6 +219,9 @@ class _Translator:
         if op in {"Conv", "ConvTranspose"}:
             return [b.linear(name, op, source, self._conv(node, a, in_shape))]
         if op == "BatchNormalization":
+            if a.get("training_mode", 0):
+                b.refuse(name, op, "is in training mode: it normalizes by the batch's statistics, "
+                         "not its running ones; export the model in eval mode")
             return [b.linear(name, op, source, batch_norm_map(
                 self.constant(node, 1, "scale"), self.constant(node, 4, "variance"),
                 a.get("epsilon", 1e-5), 1))]
