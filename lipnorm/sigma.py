@@ -349,7 +349,7 @@ def _as_output(operator: LinearOperator, weight: Any, value: float) -> Any:
 
 
 def sigma_bounds(
-    weight: Any, *, dim: int | None = None, method: str = "cholesky", steps: int = 8
+    weight: Any, *, dim: int | None = None, method: str = "cholesky", steps: int | None = None
 ) -> SigmaInterval:
     """Certified bounds ``lower <= sigma_max(weight) <= upper``, float rounding included.
 
@@ -367,8 +367,8 @@ def sigma_bounds(
     method : {"cholesky", "gram"}
         ``"cholesky"``: the Cholesky certificate (tight: the interval is ~1e-6
         wide relative to sigma); ``"gram"``: Gram iteration with ``steps`` steps.
-    steps : int
-        Gram-iteration steps (``method="gram"`` only).
+    steps : int, optional
+        Gram-iteration steps (``method="gram"`` only; default 8).
 
     Returns
     -------
@@ -379,7 +379,9 @@ def sigma_bounds(
     ------
     TypeError, ValueError
         As for :func:`estimate_sigma`; also for an operator that has no dense
-        form and is too large to densify.
+        form and is too large to densify, ``steps`` without ``method="gram"``,
+        and ``dim``, ``method`` or ``steps`` for an operator with its own
+        ``sigma_bounds()`` (pass them to that method instead).
 
     Examples
     --------
@@ -390,8 +392,15 @@ def sigma_bounds(
     """
     if method not in ("cholesky", "gram"):
         raise ValueError(f"unknown method {method!r}; choose 'cholesky' or 'gram'")
+    if steps is not None and method != "gram":
+        raise ValueError(f"steps={steps} applies to method='gram' only (method={method!r})")
     own_bounds = getattr(weight, "sigma_bounds", None)
     if callable(own_bounds):
+        if dim is not None or method != "cholesky" or steps is not None:
+            raise ValueError(
+                f"a {type(weight).__name__} certifies its own norm and takes no dim, method or "
+                "steps here; pass its options to weight.sigma_bounds(...) instead"
+            )
         return own_bounds()
     operator = as_operator(weight, dim=dim)
     if isinstance(operator, DenseOperator) and operator.xp.isdtype(weight.dtype, "integral"):
@@ -400,5 +409,5 @@ def sigma_bounds(
     else:
         dense = _dense(operator)
     if method == "gram":
-        return gram_iteration_bounds(dense, steps=steps)
+        return gram_iteration_bounds(dense) if steps is None else gram_iteration_bounds(dense, steps=steps)
     return certified_stack_bounds(dense)

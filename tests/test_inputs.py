@@ -91,6 +91,8 @@ def test_bad_bounds_method():
         lipnorm.sigma_bounds(np.ones((3, 3)), method="svd")
     with pytest.raises(ValueError, match="steps must be >= 1"):
         lipnorm.sigma_bounds(np.ones((3, 3)), method="gram", steps=0)
+    with pytest.raises(ValueError, match="steps=4 applies to method='gram' only"):
+        lipnorm.sigma_bounds(np.ones((3, 3)), steps=4)
 
 
 def test_non_convergence_is_said_not_silent():

@@ -81,6 +81,9 @@ def test_operator_with_its_own_certificate_is_asked_for_it():
             return lipnorm.SigmaInterval(1.0, 2.0, "own")
 
     assert lipnorm.sigma_bounds(Certified()).method == "own"
+    for options in ({"method": "gram"}, {"method": "gram", "steps": 4}, {"dim": 0}):
+        with pytest.raises(ValueError, match=r"certifies its own norm.*weight.sigma_bounds"):
+            lipnorm.sigma_bounds(Certified(), **options)
 
 
 def test_large_operator_without_dense_form_is_refused():
