@@ -154,17 +154,21 @@ def _epsilon(xp: Any, dtype: Any) -> float:
     return 2.0**-23 if single else 2.0**-52
 
 
-def _first_product_norm(xp: Any, product: Any, dtype: Any) -> float:
-    """Norm of the first product ``A v`` (``v`` a unit vector), checked for range.
+def _product_norm(xp: Any, product: Any, dtype: Any, *, first: bool) -> float:
+    """Norm of a product ``A v`` (``v`` a unit vector); the first one is checked for range.
 
     Raises
     ------
     ScaleError
-        If the product overflowed, or its norm is outside ``[2**-e, 2**e]``
+        If the first product overflowed, or its norm is outside ``[2**-e, 2**e]``
         (``e`` = 64 in single precision, 900 in double): beyond it, the
         products' entries come near the subnormal or overflow thresholds. A zero
         norm is allowed (``v`` in the null space of ``A``).
+    ValueError
+        If a later product has NaN or Inf entries.
     """
+    if not first:
+        return _check_finite(vector_norm(xp, product))
     try:
         norm = vector_norm(xp, product)
     except ValueError:
@@ -221,10 +225,7 @@ def power_iteration(
     sigma, residual, u = 0.0, math.inf, None
     for iteration in range(1, max_iter + 1):
         u = operator.matvec(v)
-        if iteration == 1:
-            first = _first_product_norm(xp, u, operator.dtype)
-        else:
-            first = _check_finite(vector_norm(xp, u))
+        first = _product_norm(xp, u, operator.dtype, first=iteration == 1)
         if first == 0.0:
             return IterationResult(0.0, u, v, 0.0, True, iteration, 2 * iteration - 1)
         u = u / first
@@ -297,10 +298,7 @@ def lanczos(operator: LinearOperator, v: Any, *, rtol: float, max_iter: int) -> 
             p = operator.matvec(right[-1])
             if left:
                 p = _orthogonalize(xp, p - betas[-1] * left[-1], left, complex_dtype)
-            if iterations == 1:
-                alpha = _first_product_norm(xp, p, operator.dtype)
-            else:
-                alpha = _check_finite(vector_norm(xp, p))
+            alpha = _product_norm(xp, p, operator.dtype, first=iterations == 1)
             if not alphas and alpha == 0.0:
                 # A v = 0 for a random start: A is the zero operator.
                 return IterationResult(0.0, p, v, 0.0, True, iterations, 2 * iterations - 1)

@@ -273,9 +273,7 @@ def warm_up(model: nn.Module, iterations: int = WARMUP_ITERATIONS) -> None:
     >>> round(float(torch.linalg.matrix_norm(net[0].weight.detach(), 2)), 4)
     1.0
     """
-    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    iterations = int(iterations)
+    iterations = _positive_integer(iterations, "iterations")
     for _, sub, name, spec in _initialized_tensors(model):
         _estimate_sigma(sub, name, _view_of(sub, spec, name), iterations)
 
@@ -290,6 +288,13 @@ def _initialized_tensors(model: nn.Module):
 
 
 # --------------------------------------------------------------------------- validation
+
+
+def _positive_integer(value, name: str) -> int:
+    """``value`` as an int, for a Python or NumPy integer >= 1 (not a bool); else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def _validated_spec(module, name, n_power_iterations, eps, dim, mode, input_shape) -> SpectralNormSpec:
@@ -310,10 +315,7 @@ def _validated_spec(module, name, n_power_iterations, eps, dim, mode, input_shap
         params = ", ".join(module._parameters) or "none"
         raise ValueError(f"{kind} has no parameter named {name!r} (its parameters: {params}); "
                          f"pass name=... to pick one")
-    if (isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral)
-            or n_power_iterations < 1):
-        raise ValueError(f"n_power_iterations must be an integer >= 1, got {n_power_iterations!r}")
-    n_power_iterations = int(n_power_iterations)
+    n_power_iterations = _positive_integer(n_power_iterations, "n_power_iterations")
     if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and eps > 0):
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     if mode not in _MODES:

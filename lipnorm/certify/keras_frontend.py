@@ -106,6 +106,7 @@ class _Walker:
                 if not dynamic:
                     continue  # a constant branch
                 inputs = [tensors[id(t)] for t in dynamic]
+                # keras.ops' Add/Subtract operations (x + y on symbolic tensors) broadcast too
                 if isinstance(layer, _ELEMENTWISE) or type(layer).__name__ in {"Add", "Subtract"}:
                     out_shape = node.output_tensors[0].shape
                     inputs = [self.builder.broadcast(prefix + layer.name, type(layer).__name__, source,

@@ -19,6 +19,7 @@ __all__ = [
     "check_output_nonempty",
     "check_positive",
     "expand_per_axis",
+    "is_integer",
     "resolve_padding",
 ]
 
@@ -98,12 +99,12 @@ def expand_per_axis(value, ndim: int, name: str) -> tuple[int, ...]:
         items = tuple(value)
     else:
         raise ValueError(message)
-    if len(items) != ndim or not all(_is_integer(v) for v in items):
+    if len(items) != ndim or not all(is_integer(v) for v in items):
         raise ValueError(message)
     return tuple(int(v) for v in items)
 
 
-def _is_integer(value) -> bool:
+def is_integer(value) -> bool:
     """Whether ``value`` is an integer (Python's or NumPy's), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

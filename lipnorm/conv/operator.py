@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 
 from array_api_compat import device as array_device
@@ -14,6 +13,7 @@ from lipnorm.conv.geometry import (
     check_output_nonempty,
     check_positive,
     expand_per_axis,
+    is_integer,
     resolve_padding,
 )
 from lipnorm.conv.taps import conv_adjoint, conv_forward
@@ -257,7 +257,7 @@ def conv_operator(
     spatial = input_shape[:-1] if channels_last else input_shape[1:]
     if depthwise:
         groups = in_channels
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+    if not is_integer(groups) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     groups = int(groups)
     weight = _to_forward_torch_kernel(xp, kernel, ndim, layout, depthwise)
