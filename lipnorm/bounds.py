@@ -26,7 +26,9 @@ from fractions import Fraction
 
 __all__ = [
     "ACTIVATION_LIPSCHITZ",
+    "ACTIVATION_SLOPES",
     "activation_lipschitz",
+    "activation_slope_range",
     "compose",
     "concatenation",
     "max_pool_lipschitz",
@@ -273,6 +275,39 @@ ACTIVATION_LIPSCHITZ: dict[str, float] = {
     "squareplus": 1.0,  # (x + √(x² + b))/2: slope (1 + x/√(x² + b))/2 < 1
 }
 
+# Certified derivative intervals [a, b] (a <= f'(x) <= b for every x) of the elementwise
+# activations without parameters. The tight network certificates use them: an activation
+# is m·x plus a map whose slope stays within ±(b − a)/2 of m = (a + b)/2. Decimals are the
+# extremes of f' computed on a fine grid and refined by a local optimiser, rounded
+# *outward* in the fifth decimal (tests/test_bounds.py checks each against the derivative).
+# Softmax is not elementwise and has no entry.
+ACTIVATION_SLOPES: dict[str, tuple[float, float]] = {
+    "identity": (1.0, 1.0),
+    "relu": (0.0, 1.0),
+    "relu6": (0.0, 1.0),
+    "hardtanh": (0.0, 1.0),
+    "tanh": (0.0, 1.0),
+    "sigmoid": (0.0, 0.25),
+    "hard_sigmoid": (0.0, ACTIVATION_LIPSCHITZ["hard_sigmoid"]),
+    "hard_swish": (-0.5, 1.5),  # (2x + 3)/6 on [−3, 3], 0 below, 1 above
+    "softplus": (0.0, 1.0),
+    "softsign": (0.0, 1.0),  # 1/(1 + |x|)²
+    "log_sigmoid": (0.0, 1.0),  # sigmoid(−x)
+    "tanhshrink": (0.0, 1.0),  # tanh(x)²
+    "softshrink": (0.0, 1.0),
+    "celu": (0.0, 1.0),  # α > 0 (a negative α is refused): e^{x/α} below 0
+    # GELU'(x) + GELU'(−x) = 1 (GELU(x) − GELU(−x) = x), so min = 1 − max; the tanh
+    # approximation's extremes (−0.1289931, 1.1289931) contain the exact ones (±0.1289041)
+    "gelu": (-0.12900, 1.12900),
+    "gelu_tanh": (-0.12900, 1.12900),
+    "silu": (-0.09984, 1.09984),  # SiLU' ∈ [−0.0998393…, 1.0998393…], symmetric as GELU's
+    "mish": (-0.11253, 1.08850),  # Mish' ∈ [−0.1125261…, 1.0884982…]
+    "selu": (0.0, ACTIVATION_LIPSCHITZ["selu"]),  # λα·e^x below 0, λ = 1.0507 above
+    "abs": (-1.0, 1.0),
+    "sparse_plus": (0.0, 1.0),
+    "squareplus": (0.0, 1.0),
+}
+
 _ALIASES = {
     "linear": "identity",
     "swish": "silu",
@@ -296,8 +331,8 @@ def activation_lipschitz(name: str, **parameters: float) -> float:
     name : str
         Activation name, lower case: one of :data:`ACTIVATION_LIPSCHITZ`, an alias
         (``"swish"``, ``"linear"``, ...), or a parametrized one:
-        ``"leaky_relu"`` (``negative_slope``), ``"prelu"`` (``slopes``: the largest
-        absolute learned slope), ``"elu"`` (``alpha``), ``"hard_sigmoid_affine"``
+        ``"leaky_relu"`` (``negative_slope``), ``"prelu"`` (``slopes``: the learned
+        slopes, an array or a scalar), ``"elu"`` (``alpha``), ``"hard_sigmoid_affine"``
         (``alpha``: the slope, ONNX's HardSigmoid).
     **parameters : float
         The activation's parameters, as listed above.
@@ -327,7 +362,8 @@ def activation_lipschitz(name: str, **parameters: float) -> float:
     if key == "leaky_relu":
         return max(1.0, abs(_parameter(parameters, "negative_slope")))
     if key == "prelu":
-        return max(1.0, abs(_parameter(parameters, "slopes")))
+        low, high = activation_slope_range(key, **parameters)
+        return max(abs(low), abs(high))
     if key == "elu":
         return max(1.0, abs(_parameter(parameters, "alpha")))
     if key == "hard_sigmoid_affine":
@@ -336,6 +372,76 @@ def activation_lipschitz(name: str, **parameters: float) -> float:
     raise KeyError(
         f"no Lipschitz constant is known for activation {name!r}; known: {', '.join(known)}"
     )
+
+
+def activation_slope_range(name: str, **parameters: float) -> tuple[float, float] | None:
+    """Certified interval ``[a, b]`` containing the derivative of an elementwise activation.
+
+    ``max(|a|, |b|)`` is the activation's Lipschitz constant
+    (:func:`activation_lipschitz`); the interval says more: the tight network
+    certificates split f(x) = m·x + ψ(x) with m = (a + b)/2 and ψ being
+    (b − a)/2-Lipschitz.
+
+    Parameters
+    ----------
+    name : str
+        As for :func:`activation_lipschitz` (``"leaky_relu"`` with ``negative_slope``,
+        ``"prelu"`` with ``slopes`` — all learned slopes, an array —, ``"elu"`` with
+        ``alpha``, ``"hard_sigmoid_affine"`` with ``alpha``).
+    **parameters : float or array_like
+
+    Returns
+    -------
+    tuple of float, or None
+        ``(a, b)`` with ``a <= f'(x) <= b`` for every x; None for softmax, which is not
+        elementwise.
+
+    Raises
+    ------
+    KeyError
+        If the activation is unknown.
+    ValueError
+        If a parameter is missing or not finite.
+
+    Example
+    -------
+    >>> activation_slope_range("leaky_relu", negative_slope=0.2)
+    (0.2, 1.0)
+    >>> activation_slope_range("gelu")
+    (-0.129, 1.129)
+    """
+    key = _ALIASES.get(name, name)
+    if key in ACTIVATION_SLOPES:
+        return ACTIVATION_SLOPES[key]
+    if key == "softmax":
+        return None
+    if key == "leaky_relu":
+        s = _parameter(parameters, "negative_slope")
+        return min(s, 1.0), max(s, 1.0)
+    if key == "prelu":
+        if "slopes" not in parameters:
+            raise ValueError("activation parameter 'slopes' is required")
+        slopes = [float(v) for v in _flat(parameters["slopes"])]
+        if not slopes or not all(math.isfinite(v) for v in slopes):
+            raise ValueError("PReLU slopes must be finite and non-empty")
+        return min(min(slopes), 1.0), max(max(slopes), 1.0)
+    if key == "elu":
+        alpha = _parameter(parameters, "alpha")  # α·e^x below 0: between 0 and α
+        return min(0.0, alpha), max(1.0, alpha)
+    if key == "hard_sigmoid_affine":
+        alpha = _parameter(parameters, "alpha")
+        return min(0.0, alpha), max(0.0, alpha)
+    activation_lipschitz(name, **parameters)  # raises the KeyError that lists the names
+    raise AssertionError(f"activation {name!r} has a constant but no slope range")
+
+
+def _flat(values) -> list:
+    """The entries of a scalar, a sequence or an array, as a flat list."""
+    if hasattr(values, "ravel"):
+        return list(values.ravel())
+    if isinstance(values, (list, tuple)):
+        return [v for item in values for v in _flat(item)]
+    return [values]
 
 
 def _float_at_least(exact: Fraction) -> float:

@@ -42,15 +42,17 @@ def model_format(model) -> str:
     )
 
 
-def certify(model, input_shape=None, *, rules=None, lower=None, seed: int = 0,
-            progress=None) -> Certificate:
+def certify(model, input_shape=None, *, method: str = "auto", time_budget: float = 60.0,
+            rules=None, lower=None, seed: int = 0, progress=None, rows=None) -> Certificate:
     """Certified upper bound of a network's L2 Lipschitz constant, layer by layer.
 
     The model is translated into a graph of layers; every linear layer gets a certified
     norm (adjacent linear layers — a BatchNorm after a convolution, two dense layers —
-    are merged first), every nonlinearity its Lipschitz constant, and the bounds are
-    composed along the graph: products along paths, sums at residual additions,
-    √ΣL² at concatenations.
+    are merged first), every nonlinearity its Lipschitz constant and, for elementwise
+    activations, its slope range. The ``product`` method composes the bounds along the
+    graph (products along paths, sums at residual additions, √ΣL² at concatenations);
+    ``chain`` and ``sdp`` are tighter, and every bound they report is checked exactly in
+    float64 (see :mod:`lipnorm.certify.methods`).
 
     Parameters
     ----------
@@ -60,6 +62,14 @@ def certify(model, input_shape=None, *, rules=None, lower=None, seed: int = 0,
         Shape of one input without the batch axis (channels first for torch and ONNX, as
         the model expects). Needed by torch; Keras and ONNX take it from the model when
         it is fixed there.
+    method : {"auto", "product", "chain", "sdp"}
+        ``"auto"`` (default): the tightest certified bound of the ladder within
+        ``time_budget``, never looser than ``"product"``. Naming ``"chain"`` or
+        ``"sdp"`` raises ``ValueError`` where that method does not apply (the message
+        says why) or, for ``"sdp"``, where the network is too large for the budget.
+    time_budget : float
+        Seconds the tighter methods may use, counted from the start (the product bound
+        is always computed in full).
     rules : dict, optional
         Bounds for layers lipnorm cannot bound: ``{layer name or type name: bound}``
         where bound is a float, a callable ``layer -> float``, or ``"epsilon"`` to accept
@@ -71,6 +81,10 @@ def certify(model, input_shape=None, *, rules=None, lower=None, seed: int = 0,
         Seed of the lower-bound search.
     progress : callable, optional
         Called as ``progress(done, total, layer_name)`` while layers are bounded.
+    rows : array_like, shape (p, number of outputs), optional
+        Also bound the Lipschitz constant of each functional ``x ↦ rows[i] · f(x)``
+        (for a classifier, logit differences: rows ``e_y − e_j``), stored in
+        ``Certificate.row_upper``; ``upper`` is then the largest of them.
 
     Returns
     -------
@@ -99,9 +113,12 @@ def certify(model, input_shape=None, *, rules=None, lower=None, seed: int = 0,
     if kind == "torch" and input_shape is None:
         raise ValueError("certify() needs input_shape for a torch model, e.g. input_shape=(3, 224, 224)")
     builder, shape = frontend.build_graph(model, input_shape, rules)
+    if shape is not None:
+        builder.graph.record_shape(builder.graph.input_name, (1, *shape))
     name = getattr(model, "name", None) if kind == "keras" else None
     certificate = certify_graph(builder.graph, model_name=name or type(model).__name__,
-                                input_shape=shape, skipped=builder.skipped, progress=progress)
+                                input_shape=shape, skipped=builder.skipped, progress=progress,
+                                method=method, time_budget=time_budget, rows=rows)
     if lower is not None and lower is not False:
         from lipnorm.certify.lower import lipschitz_lower_bound
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from lipnorm.bounds import activation_lipschitz, round_up
+from lipnorm.bounds import activation_lipschitz, activation_slope_range, round_up
 from lipnorm.certify.errors import NotCertifiableError
 from lipnorm.certify.graph import Concat, Graph, Linear, Lipschitz, Sum
 from lipnorm.certify.layers import normalization_bound
@@ -60,10 +60,12 @@ class GraphBuilder:
         """Add an activation node; unknown activations are refused."""
         try:
             bound = activation_lipschitz(activation, **params)
+            slope = activation_slope_range(activation, **params)
         except KeyError as error:
             raise NotCertifiableError(name, layer_type, f"uses an activation with no known "
                                       f"Lipschitz constant ({error.args[0]})") from None
-        return self.lipschitz(name, layer_type, source, bound, f"activation {activation}")
+        return self.graph.add(name, layer_type, [source],
+                              Lipschitz(bound, f"activation {activation}", slope))
 
     def celu(self, name: str, layer_type: str, source: str, alpha: float) -> str:
         """CELU(α): 1-Lipschitz for α > 0; for α < 0 its slope e^{x/α} on x < 0 is unbounded."""
@@ -85,8 +87,15 @@ class GraphBuilder:
         return self.linear(f"{name}.broadcast", f"{layer_type} (broadcast)", source,
                            FixedMap(round_up(math.sqrt(copies)), f"broadcast to {copies} copies: √copies"))
 
-    def reshape(self, name: str, layer_type: str, source: str) -> str:
-        """A reshape, permutation, slice or crop: norm ≤ 1 (blocks merging across it)."""
+    def reshape(self, name: str, layer_type: str, source: str, *, flat_identity: bool = False) -> str:
+        """A reshape, permutation, slice or crop: norm ≤ 1 (blocks merging across it).
+
+        ``flat_identity``: the layer keeps the row-major order of the entries (flatten,
+        view, reshape, squeeze, unsqueeze), so it is the identity on flattened tensors.
+        """
+        if flat_identity:
+            return self.linear(name, layer_type, source, FixedMap(1.0, "reshape (same entries)",
+                                                                  flat_identity=True))
         return self.linear(name, layer_type, source, FixedMap(1.0, "reshape/permutation/slice"))
 
     def passthrough(self, name: str, layer_type: str, source: str) -> None:

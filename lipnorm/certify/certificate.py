@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Certificate", "LayerBound"]
 
@@ -65,6 +66,17 @@ class Certificate:
         Time spent bounding.
     lower : float or None
         A lower bound (from :func:`lipnorm.lipschitz_lower_bound`) when one was computed.
+    method : str
+        The method whose bound ``upper`` is (``"product"``, ``"chain"`` or ``"sdp"``).
+    ladder : tuple of MethodRun
+        Every method tried, with its certified bound (None where it did not apply, and
+        why) and its time.
+    row_upper : tuple of float or None
+        With ``rows=`` given to :func:`lipnorm.certify`: a certified bound of the
+        Lipschitz constant of each functional ``x ↦ rows[i] · f(x)``.
+    proof : object
+        What the bound rests on (the graph, the dense network, the SDP multipliers);
+        :meth:`verify` checks it again. Not serialized.
     """
 
     model: str
@@ -73,10 +85,45 @@ class Certificate:
     layers: list[LayerBound] = field(default_factory=list)
     seconds: float = 0.0
     lower: float | None = None
+    method: str = "product"
+    ladder: tuple = ()
+    row_upper: tuple[float, ...] | None = None
+    proof: Any = field(default=None, repr=False, compare=False)
 
     def with_lower(self, lower: float) -> Certificate:
         """A copy with the lower bound filled in."""
         return replace(self, lower=float(lower))
+
+    def verify(self) -> float:
+        """Check the certificate again from what it stores, and return the bound.
+
+        The product bound is computed again layer by layer; the chain bound from the
+        dense network with every chain norm certified anew; the SDP bound by the exact
+        positive-semidefiniteness test of the stored multipliers.
+
+        Returns
+        -------
+        float
+            The bound the stored proof certifies (``upper``).
+
+        Raises
+        ------
+        ValueError
+            If the certificate has no proof (one read back from JSON), or the check does
+            not reproduce ``upper``.
+        """
+        if self.proof is None:
+            raise ValueError("this certificate carries no proof (it was not computed in this "
+                             "process); certify the model again")
+        value = self.proof.verify()
+        if self.row_upper is not None:
+            rows = [float(v) for v in value]
+            if any(v > u for v, u in zip(rows, self.row_upper)):
+                raise ValueError("the stored proof does not reproduce the row bounds")
+            return max(rows)
+        if float(value) > self.upper:
+            raise ValueError(f"the stored proof gives {float(value)!r}, above the reported {self.upper!r}")
+        return float(value)
 
     def table(self) -> str:
         """The per-layer report as aligned plain text.
@@ -112,7 +159,16 @@ class Certificate:
             for line in lines
         ]
         text.append("")
-        text.append(f"upper bound: {self.upper:.6g}   (certified, {self.seconds:.2f} s)")
+        if len(self.ladder) > 1:
+            text.append("method    bound         time [s]  note")
+            for run in self.ladder:
+                bound = "—" if run.upper is None else f"{run.upper:.6g}"
+                chosen = "  (reported)" if run.method == self.method and run.upper is not None else ""
+                ratio = (f"  upper/lower = {run.upper / self.lower:.4g}"
+                         if run.upper is not None and self.lower else "")
+                text.append(f"{run.method:<8}  {bound:<12}  {run.seconds:>8.2f}  {run.note}{chosen}{ratio}")
+            text.append("")
+        text.append(f"upper bound: {self.upper:.6g}   (certified by {self.method}, {self.seconds:.2f} s)")
         if self.lower is not None:
             text.append(f"lower bound: {self.lower:.6g}   (upper/lower = {self.upper / self.lower:.3g})"
                         if self.lower > 0 else f"lower bound: {self.lower:.6g}")
@@ -120,7 +176,10 @@ class Certificate:
 
     def to_dict(self) -> dict:
         """The certificate as plain JSON-compatible data."""
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "proof"}
+        data["layers"] = [asdict(row) for row in self.layers]
+        data["ladder"] = [asdict(run) for run in self.ladder]
+        data["row_upper"] = None if self.row_upper is None else list(self.row_upper)
         data["input_shape"] = None if self.input_shape is None else list(self.input_shape)
         for row in data["layers"]:
             row["merged"] = list(row["merged"])

@@ -9,23 +9,22 @@ Each node is one of
 * ``Sum()``: the sum of its inputs (residual addition);
 * ``Concat()``: the concatenation of its inputs.
 
-:func:`certify_graph` merges adjacent linear maps, bounds every node, and propagates
-L(node) — an upper bound of the Lipschitz constant of the map from the model's input to
-that node's output — through the DAG: a unary node multiplies, a sum adds, a
-concatenation takes the root of the sum of squares. Several graph outputs are treated
-as one concatenated output.
+:func:`certify_graph` merges adjacent linear maps (:func:`prepare_graph`), bounds every
+node, composes the bounds (:mod:`lipnorm.certify.methods.product`) and climbs the ladder
+of tighter methods (:mod:`lipnorm.certify.methods`) that ``method`` asks for.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
-from lipnorm.bounds import compose, concatenation, residual_sum
 from lipnorm.certify.certificate import Certificate, LayerBound
-from lipnorm.certify.linear import LinearMap, certified_norm, merge
+from lipnorm.certify.linear import LinearMap, merge
 
-__all__ = ["Concat", "Graph", "Input", "Linear", "Lipschitz", "Node", "Sum", "certify_graph"]
+__all__ = ["Concat", "Graph", "Input", "Linear", "Lipschitz", "Node", "Sum", "certify_graph",
+           "prepare_graph"]
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,24 @@ class Linear:
 
 @dataclass(frozen=True)
 class Lipschitz:
-    """A layer with a known Lipschitz bound."""
+    """A layer with a known Lipschitz bound.
+
+    Attributes
+    ----------
+    bound : float
+        Upper bound of the layer's Lipschitz constant.
+    method : str
+        How the bound was obtained (shown in reports).
+    slope : (float, float) or None
+        For an elementwise activation, a certified interval ``[a, b]`` containing its
+        derivative everywhere (``bound = max(|a|, |b|)``); the tight methods use it.
+        None for any other nonlinear layer (max pooling, softmax, a user rule), which
+        they treat through its bound alone.
+    """
 
     bound: float
     method: str
+    slope: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,8 @@ class Graph:
         self.nodes: dict[str, Node] = {input_name: Node(input_name, "Input", [], Input())}
         self.outputs: list[str] = []
         self.aliases: dict[str, str] = {}
+        #: Output shape of nodes (batch axis included, of size 1), where the front end knows it.
+        self.shapes: dict[str, tuple[int, ...]] = {}
 
     def add(self, name: str, layer_type: str, inputs: list[str], op: Op) -> str:
         """Append a node reading ``inputs``; returns its (unique) name."""
@@ -124,6 +139,12 @@ class Graph:
         """Make ``name`` refer to ``target`` (a layer that passes its input through)."""
         self.aliases[name] = self.resolve(target)
 
+    def record_shape(self, name: str, shape) -> None:
+        """Note the output shape of node ``name`` (first record wins; ``None`` axes count as 1)."""
+        node = self.resolve(name)
+        if node in self.nodes and node not in self.shapes:
+            self.shapes[node] = tuple(1 if n is None else int(n) for n in shape)
+
     def resolve(self, name: str) -> str:
         """The node a name refers to, following aliases."""
         while name in self.aliases:
@@ -131,8 +152,29 @@ class Graph:
         return name
 
 
+def prepare_graph(graph: Graph) -> Graph:
+    """Resolve the outputs, drop unused nodes and merge adjacent linear maps (in place).
+
+    Parameters
+    ----------
+    graph : Graph
+
+    Returns
+    -------
+    Graph
+        The same graph, ready for the bounding methods.
+    """
+    graph.outputs = [graph.resolve(o) for o in graph.outputs]
+    if not graph.outputs:
+        raise ValueError("the graph has no outputs")
+    _prune_unused(graph, graph.outputs)
+    _merge_linear_chains(graph, graph.outputs)
+    return graph
+
+
 def certify_graph(graph: Graph, *, model_name: str, input_shape: tuple[int, ...] | None,
-                  skipped: list[tuple[str, str]] | None = None, progress=None) -> Certificate:
+                  skipped: list[tuple[str, str]] | None = None, progress=None,
+                  method: str = "product", time_budget: float = 60.0, rows=None) -> Certificate:
     """Merge, bound and compose a graph into a :class:`Certificate`.
 
     Parameters
@@ -147,70 +189,60 @@ def certify_graph(graph: Graph, *, model_name: str, input_shape: tuple[int, ...]
         listed in the report with bound 1.
     progress : callable, optional
         Called as ``progress(done, total, layer_name)`` before each layer is bounded.
+    method : {"product", "chain", "sdp", "auto"}
+        See :mod:`lipnorm.certify.methods`.
+    time_budget : float
+        Seconds the tighter methods may take, counted from the start.
+    rows : array_like, shape (p, output size), optional
+        Also bound each functional ``x ↦ rows[i] · f(x)`` (``Certificate.row_upper``).
 
     Returns
     -------
     Certificate
     """
-    outputs = [graph.resolve(o) for o in graph.outputs]
-    if not outputs:
-        raise ValueError("the graph has no outputs")
-    _prune_unused(graph, outputs)
-    _merge_linear_chains(graph, outputs)
-    total_start = time.perf_counter()
-    lipschitz: dict[str, float] = {}
-    rows: list[LayerBound] = []
-    for index, node in enumerate(graph.nodes.values()):
-        if progress is not None:
-            progress(index, len(graph.nodes), node.name)
-        start = time.perf_counter()
-        op = node.op
-        incoming = [lipschitz[i] for i in node.inputs]
-        composition, own_lower = "", None
-        if isinstance(op, Input):
-            lipschitz[node.name] = 1.0
-            continue
-        if isinstance(op, Sum):
-            bound, method = residual_sum(incoming), "sum of branch bounds"
-            lipschitz[node.name] = bound
-            composition = " + ".join(f"{value:.6g}" for value in incoming)
-        elif isinstance(op, Concat):
-            bound, method = concatenation(incoming), "√Σ L² over branches"
-            lipschitz[node.name] = bound
-            composition = "√(" + " + ".join(f"{value:.6g}²" for value in incoming) + ")"
-        else:
-            if len(incoming) != 1:
-                raise ValueError(f"node {node.name!r} ({node.layer_type}) must have one input")
-            if isinstance(op, Linear):
-                bound, method, own_lower = certified_norm(op.map)
-            else:
-                bound, method = op.bound, op.method
-            lipschitz[node.name] = compose([bound, incoming[0]])
-        rows.append(
-            LayerBound(
-                name=node.name,
-                layer_type=node.layer_type,
-                bound=bound,
-                cumulative=lipschitz[node.name],
-                method=method,
-                seconds=time.perf_counter() - start,
-                merged=tuple(node.merged),
-                composition=composition,
-                lower=own_lower,
-            )
-        )
+    from lipnorm.certify.methods import METHODS, run_ladder
+    from lipnorm.certify.methods.product import bound_nodes, product_bound
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if not (isinstance(time_budget, (int, float)) and time_budget > 0):
+        raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
+    started = time.perf_counter()
+    prepare_graph(graph)
+    node_bounds = bound_nodes(graph, progress)
+    product = product_bound(graph, node_bounds)
+    if rows is not None:
+        rows = _checked_rows(rows, graph)
+    ladder = run_ladder(graph, product, node_bounds, method=method, time_budget=time_budget,
+                        rows=rows, started=started)
+    layers = list(product.rows)
     for name, layer_type in skipped or []:
-        rows.append(LayerBound(name, layer_type, 1.0, None, "passes values through", 0.0))
-    upper = lipschitz[outputs[0]] if len(outputs) == 1 else concatenation(
-        lipschitz[o] for o in outputs
-    )
+        layers.append(LayerBound(name, layer_type, 1.0, None, "passes values through", 0.0))
     return Certificate(
         model=model_name,
         input_shape=None if input_shape is None else tuple(input_shape),
-        upper=upper,
-        layers=rows,
-        seconds=time.perf_counter() - total_start,
+        upper=ladder.upper,
+        layers=layers,
+        seconds=time.perf_counter() - started,
+        method=ladder.method,
+        ladder=tuple(ladder.runs),
+        row_upper=None if ladder.row_upper is None else tuple(float(v) for v in ladder.row_upper),
+        proof=ladder,
     )
+
+
+def _checked_rows(rows, graph: Graph):
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[0] == 0 or not np.all(np.isfinite(rows)):
+        raise ValueError(f"rows must be a finite 2-D array (p, output size), got shape {rows.shape}")
+    sizes = [graph.shapes.get(o) for o in graph.outputs]
+    if all(s is not None for s in sizes):
+        size = sum(math.prod(s[1:]) for s in sizes)
+        if rows.shape[1] != size:
+            raise ValueError(f"rows have {rows.shape[1]} columns but the model has {size} outputs")
+    return rows
 
 
 def _prune_unused(graph: Graph, outputs: list[str]) -> None:

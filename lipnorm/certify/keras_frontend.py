@@ -115,6 +115,7 @@ class _Walker:
                 outputs = self.layer(layer, node, inputs, prefix)
                 for tensor, name in zip(node.output_tensors, outputs):
                     tensors[id(tensor)] = name
+                    self.builder.graph.record_shape(name, tensor.shape)
         return [tensors[id(t)] for t in functional.outputs]
 
     def layer(self, layer, node, sources: list[str], prefix: str) -> list[str]:
@@ -172,14 +173,15 @@ class _Walker:
             return [b.activation(name, kind, source, "elu", alpha=float(layer.alpha))]
         if isinstance(layer, L.PReLU):
             return [b.activation(name, kind, source, "prelu",
-                                 slopes=float(np.max(np.abs(_numpy(layer.alpha)))))]
+                                 slopes=_numpy(layer.alpha))]
         if isinstance(layer, L.Softmax):
             return [b.activation(name, kind, source, "softmax")]
         if isinstance(layer, _PASSTHROUGH):
             b.passthrough(name, kind, source)
             return [source]
         if isinstance(layer, _RESHAPES):
-            return [b.reshape(name, kind, source)]
+            return [b.reshape(name, kind, source,
+                              flat_identity=isinstance(layer, (L.Flatten, L.Reshape)))]
         if isinstance(layer, L.RepeatVector):
             return [b.broadcast(name, kind, source, in_shape, node.output_tensors[0].shape)]
         if isinstance(layer, (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D)):

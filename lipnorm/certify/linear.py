@@ -25,6 +25,7 @@ __all__ = [
     "FixedMap",
     "ScaleMap",
     "certified_norm",
+    "conv_map_operator",
     "conv_sigma_interval",
     "dense_sigma_interval",
     "merge",
@@ -98,10 +99,22 @@ class ScaleMap:
 
 @dataclass(frozen=True)
 class FixedMap:
-    """A linear map whose norm is known in closed form (pooling, padding, reshape)."""
+    """A linear map whose norm is known in closed form (pooling, padding, reshape).
+
+    Attributes
+    ----------
+    bound : float
+        Upper bound of the map's norm.
+    method : str
+    flat_identity : bool
+        The map leaves the row-major flattened tensor unchanged (flatten, view,
+        reshape, squeeze): the tight methods see through it. Any other fixed map is
+        known to them by its bound alone.
+    """
 
     bound: float
     method: str
+    flat_identity: bool = False
 
 
 LinearMap = DenseMap | ConvMap | ScaleMap | FixedMap
@@ -140,10 +153,24 @@ def conv_sigma_interval(conv: ConvMap):
         From :meth:`lipnorm.conv.ConvOperator.sigma_bounds` (the exact norm of a circular
         convolution on a grid where the zero-padded one is a sub-block, certified).
     """
+    return conv_map_operator(conv).sigma_bounds()
+
+
+def conv_map_operator(conv: ConvMap):
+    """The :class:`~lipnorm.conv.ConvOperator` of a convolution map (channels-first vectors).
+
+    Parameters
+    ----------
+    conv : ConvMap
+
+    Returns
+    -------
+    ConvOperator
+    """
     from lipnorm.conv import conv_operator
 
     in_channels = conv.kernel.shape[0] if conv.transposed else conv.kernel.shape[1] * conv.groups
-    operator = conv_operator(
+    return conv_operator(
         conv.kernel,
         (in_channels, *conv.input_spatial),
         stride=conv.stride,
@@ -154,7 +181,6 @@ def conv_sigma_interval(conv: ConvMap):
         transposed=conv.transposed,
         output_padding=conv.output_padding or 0,
     )
-    return operator.sigma_bounds()
 
 
 def certified_norm(linear_map: LinearMap) -> tuple[float, str, float | None]:

@@ -33,6 +33,8 @@ _ACTIVATIONS = {
     "Softsign": "softsign", "HardSwish": "hard_swish", "Mish": "mish",
     "Softmax": "softmax", "Clip": "hardtanh", "Abs": "abs",
 }
+#: Reshapes that keep the row-major order of the entries.
+_FLAT_IDENTITIES = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
 _RESHAPES = {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split",
              "SpaceToDepth", "DepthToSpace"}
 _PASSTHROUGH = {"Identity", "Dropout", "Cast"}
@@ -167,6 +169,7 @@ class _Translator:
         outputs = self._translate(node, name, sources)
         for output, graph_node in zip(node.output, outputs):
             self.values[output] = graph_node
+            self.builder.graph.record_shape(graph_node, self.shape(output))
 
     def _translate(self, node, name, sources) -> list[str]:
         b = self.builder
@@ -254,7 +257,7 @@ class _Translator:
                                                                   * (1 + 2.0**-50), math.inf), "SELU γ·max(1, α)")]
         if op == "PRelu":
             return [b.activation(name, op, source, "prelu",
-                                 slopes=float(np.max(np.abs(self.constant(node, 1, "slope")))))]
+                                 slopes=np.asarray(self.constant(node, 1, "slope")))]
         if op == "HardSigmoid":
             return [b.activation(name, op, source, "hard_sigmoid_affine", alpha=a.get("alpha", 0.2))]
         if op == "Gelu":
@@ -269,7 +272,9 @@ class _Translator:
             b.passthrough(name, op, source)
             return sources
         if op in _RESHAPES:
-            return [b.reshape(name if i == 0 else f"{name}:{i}", op, source) for i in range(len(node.output))]
+            same_entries = op in _FLAT_IDENTITIES and len(node.output) == 1
+            return [b.reshape(name if i == 0 else f"{name}:{i}", op, source, flat_identity=same_entries)
+                    for i in range(len(node.output))]
         if op == "MaxPool":
             k = a["kernel_shape"]
             return [b.lipschitz(name, op, source, max_pool_lipschitz(

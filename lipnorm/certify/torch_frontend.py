@@ -49,6 +49,8 @@ _ACTIVATION_FUNCTIONS = {
 _RESHAPES = {"flatten", "reshape", "view", "permute", "transpose", "squeeze", "unsqueeze",
              "getitem", "narrow", "chunk", "split", "unbind", "movedim", "t", "flip", "roll",
              "expand_as_shape"}
+#: Reshapes that keep the row-major order of the entries.
+_FLAT_IDENTITIES = {"flatten", "reshape", "view", "squeeze", "unsqueeze"}
 _PASSTHROUGH = {"contiguous", "clone", "dropout", "alpha_dropout", "feature_alpha_dropout",
                 "dropout1d", "dropout2d", "dropout3d", "float", "detach", "to", "type_as",
                 "_to_copy", "alias", "lift_fresh_copy"}
@@ -167,6 +169,7 @@ def _sequential_graph(model: nn.Sequential, example: torch.Tensor, rules) -> Gra
         for name, module in _flat_children(model):
             y = module(x)
             source = translator.module(name, module, [source], tuple(x.shape), tuple(y.shape))
+            builder.graph.record_shape(source, tuple(y.shape))
             x = y
     builder.graph.outputs = [source]
     return builder
@@ -226,7 +229,7 @@ class _ModuleTranslator:
             return b.activation(name, kind, source, "elu", alpha=module.alpha)
         if isinstance(module, nn.PReLU):
             return b.activation(name, kind, source, "prelu",
-                                slopes=float(np.max(np.abs(_numpy(module.weight)))))
+                                slopes=_numpy(module.weight))
         if isinstance(module, nn.GELU):
             return b.activation(name, kind, source,
                                 "gelu_tanh" if module.approximate == "tanh" else "gelu")
@@ -236,7 +239,7 @@ class _ModuleTranslator:
             b.passthrough(name, kind, source)
             return source
         if isinstance(module, (nn.Flatten, nn.Unflatten)):
-            return b.reshape(name, kind, source)
+            return b.reshape(name, kind, source, flat_identity=True)
         if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
             d = rank - 2
             return b.lipschitz(name, kind, source, max_pool_lipschitz(
@@ -339,8 +342,9 @@ class _FxTranslator:
             module = self.traced.get_submodule(node.target)
             in_shape = _shape(node.args[0])
             self.dynamic[node.name] = self.modules.module(name, module, sources, in_shape, _shape(node))
-            return
-        self.dynamic[node.name] = self._function(node, name, sources)
+        else:
+            self.dynamic[node.name] = self._function(node, name, sources)
+        b.graph.record_shape(self.dynamic[node.name], _shape(node))
 
     def _function(self, node: fx.Node, name: str, sources: list[str]) -> str:
         b = self.builder
@@ -371,7 +375,7 @@ class _FxTranslator:
         if target == "getitem" and isinstance(args[0].meta["tensor_meta"], TensorMetadata):
             return b.linear(name, kind, sources[0], self._indexing_map(node))
         if target in _RESHAPES:
-            return b.reshape(name, kind, sources[0])
+            return b.reshape(name, kind, sources[0], flat_identity=target in _FLAT_IDENTITIES)
         if target in _PASSTHROUGH:
             if not _meta(node).dtype.is_floating_point:
                 b.refuse(name, kind, "converts to a non-floating dtype, which rounds (discontinuous)")

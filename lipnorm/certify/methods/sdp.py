@@ -1,0 +1,380 @@
+"""The SDP method: LipSDP-Neuron with slope ranges, solved on the multipliers, checked exactly.
+
+Every unit of a :class:`~lipnorm.certify.network.DenseNetwork` gives quadratic
+constraints on the increments of its input z and output w, for any two inputs of the model:
+
+* an activation with slopes in [a, b], per neuron i: ``(Δw_i − aΔz_i)(bΔz_i − Δw_i) ≥ 0``;
+* an opaque unit with bound L: ``L²‖Δz‖² − ‖Δw‖² ≥ 0``.
+
+With multipliers λ ≥ 0 and v = (Δx, Δw_1, …, Δw_K), if
+
+    M(ρ, λ) = ρ·J − F'F − Σ_i λ_i Q_i ⪰ 0       (J selects Δx; F v = Δf; Q_i the constraints)
+
+then ‖Δf‖² ≤ ρ‖Δx‖² − Σ λ_i (constraint_i) ≤ ρ‖Δx‖²: the network is √ρ-Lipschitz. For
+fixed λ whose w-block is negative definite (G = −H_ww ≻ 0, H = F'F + Σλ_i Q_i), the
+smallest feasible ρ is ρ(λ) = λ_max(H_xx + H_xw G⁻¹ H_wx) (Schur complement), and
+∂ρ/∂λ_i is the i-th constraint at the maximising v (envelope theorem). The multipliers are
+optimised by Adam on log λ from a feasible start; whatever they end at is only a
+proposal: the reported bound is √ρ for a ρ at which M(ρ, λ) is shown positive semidefinite
+by a Cholesky factorization in float64 with every rounding error — of forming M, of the
+network's blocks and of the factorization — bounded
+(:func:`lipnorm.certificates.certified_min_eigenvalue`).
+
+References
+----------
+.. [1] Fazlyab, Robey, Hassani, Morari, Pappas, "Efficient and accurate estimation of
+   Lipschitz constants for deep neural networks", NeurIPS 2019 (LipSDP-Neuron, theorem 2).
+.. [2] Wang, Chen, Ding, Li, Ma, "On the scalability and memory efficiency of semidefinite
+   programs for Lipschitz constant estimation of neural networks", ICLR 2024 (the SDP as
+   an eigenvalue problem solved by first-order steps).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from lipnorm.bounds import round_up
+from lipnorm.certificates import certified_min_eigenvalue
+from lipnorm.certify.network import DenseNetwork
+
+__all__ = ["SdpProof", "SdpTooLarge", "check_multipliers", "sdp_bound"]
+
+_UNIT_ROUNDOFF = 2.0**-53
+#: Floating-point rate assumed when judging whether the SDP fits a time budget (2-core CPU).
+_FLOPS_PER_SECOND = 1.0e10
+#: Fewest optimisation steps worth starting.
+_MIN_STEPS = 20
+
+
+class SdpTooLarge(ValueError):
+    """The SDP of this network cannot be solved within the time budget."""
+
+
+@dataclass
+class SdpProof:
+    """Multipliers that certify ``rho``, and the network they certify it for.
+
+    Attributes
+    ----------
+    network : DenseNetwork
+    multipliers : list of ndarray
+        λ (one per neuron) for each activation unit, μ (one) for each opaque unit.
+    rho : float
+        The certified squared bound: M(rho, multipliers) ⪰ 0 was checked exactly.
+    row : ndarray or None
+        The output row whose functional was bounded, if one was.
+    """
+
+    network: DenseNetwork
+    multipliers: list[np.ndarray]
+    rho: float
+    row: np.ndarray | None = None
+
+    def verify(self) -> float:
+        """Check M(rho, multipliers) ⪰ 0 again from the stored data; return √rho.
+
+        Raises
+        ------
+        ValueError
+            If the check fails (the stored multipliers do not certify ``rho``).
+        """
+        problem = _Problem(self.network, self.row)
+        if not check_multipliers(problem, self.multipliers, self.rho):
+            raise ValueError("the stored multipliers do not certify the stored bound")
+        return _sqrt_up(self.rho)
+
+
+def sdp_bound(network: DenseNetwork, *, time_budget: float, row: np.ndarray | None = None,
+              start: list[np.ndarray] | None = None, max_steps: int = 400):
+    """LipSDP-Neuron bound of a dense network, certified.
+
+    Parameters
+    ----------
+    network : DenseNetwork
+    time_budget : float
+        Seconds for the optimisation (the exact check comes after).
+    row : ndarray, shape (output size,), optional
+        Bound the functional ``x ↦ row · f(x)`` instead of ``f``.
+    start : list of ndarray, optional
+        Multipliers to start from (e.g. another row's), used when feasible.
+    max_steps : int
+        Most optimisation steps.
+
+    Returns
+    -------
+    (float, SdpProof)
+        The certified bound and its proof.
+
+    Raises
+    ------
+    SdpTooLarge
+        If the estimated time of ``_MIN_STEPS`` steps exceeds the budget.
+    ValueError
+        If no multipliers could be certified (no bound is reported then).
+    """
+    problem = _Problem(network, row)
+    estimate = problem.seconds_per_step() * _MIN_STEPS
+    if estimate > time_budget:
+        raise SdpTooLarge(
+            f"the SDP has {problem.size} variables ({problem.hidden} hidden); {_MIN_STEPS} steps "
+            f"would take about {estimate:.0f} s, more than the time budget of {time_budget:.0f} s")
+    deadline = time.perf_counter() + time_budget
+    multipliers = _optimise(problem, _feasible_start(problem, start), deadline, max_steps)
+    rho = problem.rho(multipliers)[0]
+    for slack in (1e-9, 1e-7, 1e-5, 1e-3, 1e-2):
+        candidate = rho * (1 + slack) + slack * 1e-300
+        if check_multipliers(problem, multipliers, candidate):
+            return _sqrt_up(candidate), SdpProof(network, multipliers, candidate, row)
+    raise ValueError("the SDP multipliers found could not be certified in float64")
+
+
+def check_multipliers(problem, multipliers: list[np.ndarray], rho: float) -> bool:
+    """Whether M(rho, multipliers) ⪰ 0 for the exact network, rounding included.
+
+    Parameters
+    ----------
+    problem : _Problem or DenseNetwork
+    multipliers : list of ndarray
+        Non-negative; one array per unit.
+    rho : float
+
+    Returns
+    -------
+    bool
+    """
+    if isinstance(problem, DenseNetwork):
+        problem = _Problem(problem, None)
+    if any(np.any(~np.isfinite(m)) or np.any(m < 0) for m in multipliers) or not rho >= 0:
+        return False
+    h, error = problem.assemble(multipliers, with_error=True)
+    matrix = -h
+    xs = np.arange(problem.input_size)
+    matrix[xs, xs] += rho
+    error = round_up(error + 2 * _UNIT_ROUNDOFF * float(np.max(np.abs(np.diag(matrix)))) * math.sqrt(problem.size))
+    return certified_min_eigenvalue(matrix) - error >= 0
+
+
+class _Problem:
+    """The matrices of the SDP of one network (and output row)."""
+
+    def __init__(self, network: DenseNetwork, row: np.ndarray | None):
+        self.network = network
+        offsets = [network.input_size]
+        for unit in network.units:
+            offsets.append(offsets[-1] + unit.size_out)
+        self.input_size = network.input_size
+        self.size = offsets[-1]
+        self.hidden = self.size - self.input_size
+        self.ranges = [np.arange(0, network.input_size)] + [
+            np.arange(offsets[j], offsets[j + 1]) for j in range(len(network.units))]
+        self.unit_columns, self.unit_matrices, self.unit_errors = [], [], []
+        for unit in network.units:
+            columns, matrix, error = self._stack(unit.inputs)
+            self.unit_columns.append(columns)
+            self.unit_matrices.append(matrix)
+            self.unit_errors.append(error)
+        columns, output, output_error = self._stack(network.output)
+        if row is not None:
+            row = np.asarray(row, dtype=np.float64).reshape(1, -1)
+            output_error = round_up(float(np.linalg.norm(row)) * output_error
+                                    + _gamma(output.shape[0] + 1) * float(np.linalg.norm(np.abs(row) @ np.abs(output))))
+            output = row @ output
+        self.output_columns, self.output, self.output_error = columns, output, output_error
+        self.constant = np.zeros((self.size, self.size))
+        self.constant[np.ix_(columns, columns)] = output.T @ output
+        self.opaque_grams = [None if unit.slope is not None else matrix.T @ matrix
+                             for unit, matrix in zip(network.units, self.unit_matrices)]
+
+    def _stack(self, blocks):
+        sources = sorted(blocks)
+        columns = np.concatenate([self.ranges[s] for s in sources])
+        matrix = np.hstack([blocks[s].dense() for s in sources])
+        error = round_up(math.sqrt(sum(blocks[s].error ** 2 for s in sources)) * (1 + 1e-12))
+        return columns, matrix, error
+
+    def seconds_per_step(self) -> float:
+        flops = self.hidden**3 / 3 + 2 * self.hidden**2 * self.input_size
+        for unit, matrix in zip(self.network.units, self.unit_matrices):
+            if unit.slope is not None and unit.slope[0] * unit.slope[1] != 0:
+                flops += 2 * matrix.shape[0] * matrix.shape[1] ** 2
+        return flops / _FLOPS_PER_SECOND
+
+    def assemble(self, multipliers, with_error: bool = False):
+        """H(λ) (and, with ``with_error``, a bound of the spectral error of forming it exactly)."""
+        h = self.constant.copy()
+        absolute = None
+        if with_error:
+            absolute = np.zeros_like(h)
+            absolute[np.ix_(self.output_columns, self.output_columns)] = np.abs(self.output).T @ np.abs(self.output)
+        perturbation = 2 * _frobenius(self.output) * self.output_error + self.output_error**2
+        inner = self.output.shape[0]
+        for unit, columns, z, z_error, gram, lam, own in zip(
+                self.network.units, self.unit_columns, self.unit_matrices, self.unit_errors,
+                self.opaque_grams, multipliers, self.ranges[1:]):
+            inner = max(inner, z.shape[0])
+            z_norm = _frobenius(z)
+            if unit.slope is None:
+                mu = float(lam[0])
+                h[own, own] -= mu
+                coefficient = mu * unit.bound**2
+                h[np.ix_(columns, columns)] += coefficient * gram
+                if with_error:
+                    absolute[own, own] += mu
+                    absolute[np.ix_(columns, columns)] += coefficient * (np.abs(z).T @ np.abs(z))
+                perturbation += coefficient * (2 * z_norm * z_error + z_error**2)
+                continue
+            a, b = unit.slope
+            h[own, own] -= lam
+            cross = ((a + b) / 2) * (lam[:, None] * z)
+            h[np.ix_(own, columns)] += cross
+            h[np.ix_(columns, own)] += cross.T
+            largest = float(np.max(lam)) if lam.size else 0.0
+            if a * b != 0:
+                h[np.ix_(columns, columns)] -= (a * b) * (z.T @ (lam[:, None] * z))
+            if with_error:
+                absolute[own, own] += lam
+                absolute[np.ix_(own, columns)] += np.abs(cross)
+                absolute[np.ix_(columns, own)] += np.abs(cross).T
+                if a * b != 0:
+                    absolute[np.ix_(columns, columns)] += abs(a * b) * (np.abs(z).T @ (lam[:, None] * np.abs(z)))
+            perturbation += largest * (abs(a + b) * z_error + abs(a * b) * (2 * z_norm * z_error + z_error**2))
+        if not with_error:
+            return h
+        count = inner + len(self.network.units) + 4
+        error = _gamma(count) * _frobenius(absolute) * 2 + perturbation
+        return h, round_up(error * (1 + 1e-10))
+
+    def rho(self, multipliers):
+        """(ρ(λ), gradient of log ρ with respect to log λ), or (inf, None) where G is not ≻ 0."""
+        h = self.assemble(multipliers)
+        n = self.input_size
+        g = -h[n:, n:]
+        coupling = h[n:, :n]
+        try:
+            factor = np.linalg.cholesky(g)
+        except np.linalg.LinAlgError:
+            return math.inf, None
+        import scipy.linalg
+
+        solved = scipy.linalg.cho_solve((factor, True), coupling, check_finite=False)
+        schur = h[:n, :n] + coupling.T @ solved
+        values, vectors = np.linalg.eigh((schur + schur.T) / 2)
+        rho, u = float(values[-1]), vectors[:, -1]
+        if not rho > 0:
+            return max(rho, 0.0), [np.zeros_like(m) for m in multipliers]
+        v = np.concatenate([u, solved @ u])
+        gradient = []
+        for unit, columns, z_matrix, own, lam in zip(self.network.units, self.unit_columns,
+                                                     self.unit_matrices, self.ranges[1:], multipliers):
+            z, w = z_matrix @ v[columns], v[own]
+            if unit.slope is None:
+                value = unit.bound**2 * float(z @ z) - float(w @ w)
+                gradient.append(lam * value / rho)
+            else:
+                a, b = unit.slope
+                gradient.append(lam * (w - a * z) * (b * z - w) / rho)
+        return rho, gradient
+
+
+def _feasible_start(problem: _Problem, start) -> list[np.ndarray]:
+    """Multipliers with G ≻ 0: each unit's scaled by twice the squared gain from it to the output."""
+    if start is not None and problem.rho(start)[1] is not None:
+        return [m.copy() for m in start]
+    network = problem.network
+    gains = _downstream_gains(network)
+    multipliers = []
+    for unit, gain in zip(network.units, gains):
+        scale = 2 * gain**2 / max(unit.radius * 2 if unit.slope is not None else 1.0, 1e-12)
+        multipliers.append(np.full(unit.size_out if unit.slope is not None else 1, max(scale, 1e-12)))
+    for _ in range(80):
+        if problem.rho(multipliers)[1] is not None:
+            return multipliers
+        multipliers = [m * 2 for m in multipliers]
+    raise ValueError("no feasible starting multipliers were found for the SDP")
+
+
+def _downstream_gains(network: DenseNetwork) -> list[float]:
+    """Estimated Lipschitz gain from each unit's output to the network's output (products)."""
+    units = network.units
+    gains = [0.0] * len(units)
+    for k in reversed(range(len(units))):
+        total = _norm_estimate(network.output.get(k + 1))
+        for t in range(k + 1, len(units)):
+            block = units[t].inputs.get(k + 1)
+            if block is not None:
+                total += _norm_estimate(block) * units[t].bound * gains[t]
+        gains[k] = total
+    return gains
+
+
+def _norm_estimate(block) -> float:
+    if block is None:
+        return 0.0
+    if block.matrix is None:
+        return 1.0
+    vector = np.random.default_rng(0).standard_normal(block.matrix.shape[1])
+    value = 0.0
+    for _ in range(30):
+        image = block.matrix @ vector
+        back = block.matrix.T @ image
+        norm = float(np.linalg.norm(back))
+        if norm == 0:
+            return 0.0
+        value = math.sqrt(norm / max(float(np.linalg.norm(vector)), 1e-300))
+        vector = back / norm
+    return value * 1.05
+
+
+def _optimise(problem: _Problem, multipliers, deadline: float, max_steps: int,
+              learning_rate: float = 0.05) -> list[np.ndarray]:
+    """Adam on log λ, keeping the best feasible multipliers; stops at the deadline."""
+    logs = [np.log(np.maximum(m, 1e-300)) for m in multipliers]
+    rho, gradient = problem.rho(multipliers)
+    best, best_rho = [m.copy() for m in multipliers], rho
+    first = [np.zeros_like(x) for x in logs]
+    second = [np.zeros_like(x) for x in logs]
+    beta1, beta2 = 0.9, 0.999
+    stalled = 0
+    for step in range(1, max_steps + 1):
+        if time.perf_counter() > deadline:
+            break
+        trial = []
+        for i, (x, g) in enumerate(zip(logs, gradient)):
+            first[i] = beta1 * first[i] + (1 - beta1) * g
+            second[i] = beta2 * second[i] + (1 - beta2) * g * g
+            corrected = first[i] / (1 - beta1**step) / (np.sqrt(second[i] / (1 - beta2**step)) + 1e-12)
+            trial.append(x - learning_rate * corrected)
+        candidate = [np.exp(x) for x in trial]
+        new_rho, new_gradient = problem.rho(candidate)
+        if new_gradient is None:  # left the feasible set: smaller steps
+            learning_rate /= 2
+            continue
+        logs, rho, gradient = trial, new_rho, new_gradient
+        if rho < best_rho * (1 - 1e-6):
+            best, best_rho, stalled = candidate, rho, 0
+        else:
+            stalled += 1
+            if stalled >= 40:
+                break
+    return best
+
+
+def _sqrt_up(value: float) -> float:
+    """The smallest float whose square is at least ``value``."""
+    root = math.sqrt(value)
+    while Fraction(root) ** 2 < Fraction(value):
+        root = math.nextafter(root, math.inf)
+    return root
+
+
+def _gamma(count: int) -> float:
+    return 2 * count * _UNIT_ROUNDOFF / (1 - count * _UNIT_ROUNDOFF)
+
+
+def _frobenius(matrix: np.ndarray) -> float:
+    return round_up(float(np.linalg.norm(matrix)) * (1 + 1e-12))

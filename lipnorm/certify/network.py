@@ -1,0 +1,337 @@
+"""The dense view of a graph that the tight methods work on.
+
+A merged :class:`~lipnorm.certify.graph.Graph` whose every linear layer is small enough to
+hold as a matrix becomes a :class:`DenseNetwork`: its nonlinear layers are *units*, and
+everything between them is linear, so the input ``z_k`` of unit ``k`` is
+
+    z_k = A_k0 x + Σ_{j<k} A_kj w_j
+
+where ``x`` is the model's input and ``w_j`` the output of unit ``j``, and the output is
+``f = C_0 x + Σ_j C_j w_j``. A unit is either
+
+* an elementwise activation with a certified slope range ``[a, b]`` (every entry of
+  ``w − a z`` and ``b z − w`` moves in the same direction: ``(Δw − aΔz)(bΔz − Δw) ≥ 0``), or
+* an *opaque* map known by its Lipschitz bound ``L`` alone (max pooling, softmax, a user
+  rule, a linear layer too large to hold as a matrix): ``‖Δw‖ ≤ L‖Δz‖``.
+
+Vectors are the row-major flattenings of the activation tensors (batch axis dropped).
+Every block carries ``error``, an upper bound of the spectral norm of the difference
+between the float64 matrix held and the exact map of the model, grown by the rounding of
+each product and sum that formed it, so bounds computed from the blocks can be made sound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lipnorm.bounds import round_up
+from lipnorm.certify.graph import Concat, Graph, Input, Linear, Lipschitz, Sum
+from lipnorm.certify.linear import ConvMap, DenseMap, FixedMap, LinearMap, ScaleMap, conv_map_operator
+
+__all__ = ["Block", "DenseNetwork", "NotDensifiable", "Unit", "dense_network"]
+
+_UNIT_ROUNDOFF = 2.0**-53
+#: The largest matrix (entries) a block may have: 2^24 float64 entries are 128 MiB.
+MAX_BLOCK_ENTRIES = 2**24
+
+
+class NotDensifiable(ValueError):
+    """The graph has a part the dense view cannot hold; the message says which."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """A linear map between two vectors of the network, as a float64 matrix.
+
+    Attributes
+    ----------
+    matrix : ndarray, shape (rows, columns), or None
+        None for the identity (exact), which is never formed.
+    size : int
+        ``columns`` (the identity's size when ``matrix`` is None).
+    error : float
+        Upper bound of ‖matrix − exact map‖₂.
+    """
+
+    matrix: np.ndarray | None
+    size: int
+    error: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return self.size if self.matrix is None else self.matrix.shape[0]
+
+    def dense(self) -> np.ndarray:
+        """The matrix, the identity formed."""
+        return np.eye(self.size) if self.matrix is None else self.matrix
+
+    def frobenius(self) -> float:
+        """Upper bound of ‖matrix‖_F."""
+        if self.matrix is None:
+            return round_up(math.sqrt(self.size))
+        return _frobenius(self.matrix)
+
+
+@dataclass
+class Unit:
+    """A nonlinear layer of a :class:`DenseNetwork`.
+
+    Attributes
+    ----------
+    name : str
+        The graph node.
+    input_node : str
+        The graph node whose output is ``z`` (the unit's input).
+    size_in, size_out : int
+        Lengths of ``z`` and ``w`` (equal for an activation).
+    slope : (float, float) or None
+        ``[a, b]`` for an elementwise activation; None for an opaque unit.
+    bound : float
+        Upper bound of the unit's Lipschitz constant.
+    inputs : dict of int to Block
+        ``z = Σ_s inputs[s] v_s`` over sources ``s``: 0 is the model input, ``j + 1`` the
+        output of unit ``j``.
+    """
+
+    name: str
+    input_node: str
+    size_in: int
+    size_out: int
+    slope: tuple[float, float] | None
+    bound: float
+    inputs: dict[int, Block] = field(default_factory=dict)
+
+    @property
+    def midpoint(self) -> float:
+        """m = (a + b)/2 of the loop transformation (0 for an opaque unit)."""
+        return 0.0 if self.slope is None else (self.slope[0] + self.slope[1]) / 2
+
+    @property
+    def radius(self) -> float:
+        """Lipschitz bound of ψ(z) = φ(z) − m z: (b − a)/2, or the bound of an opaque unit."""
+        return self.bound if self.slope is None else (self.slope[1] - self.slope[0]) / 2
+
+
+@dataclass
+class DenseNetwork:
+    """A network as units and the linear blocks between them (see the module docstring).
+
+    Attributes
+    ----------
+    input_size : int
+    units : list of Unit
+        In topological order.
+    output : dict of int to Block
+        ``f = Σ_s output[s] v_s``.
+    output_size : int
+    """
+
+    input_size: int
+    units: list[Unit]
+    output: dict[int, Block]
+    output_size: int
+
+    def source_size(self, source: int) -> int:
+        """Length of source ``source`` (0: the input; j + 1: unit j's output)."""
+        return self.input_size if source == 0 else self.units[source - 1].size_out
+
+
+def dense_network(graph: Graph, node_bounds: dict, *, max_entries: int = MAX_BLOCK_ENTRIES) -> DenseNetwork:
+    """The dense view of a merged graph.
+
+    Parameters
+    ----------
+    graph : Graph
+        Pruned and merged, with shapes recorded for its nodes.
+    node_bounds : dict of str to NodeBound
+        The own bound of every unary node (:func:`lipnorm.certify.methods.product.bound_nodes`);
+        a linear layer too large for a matrix becomes an opaque unit with this bound.
+    max_entries : int
+        Largest matrix held.
+
+    Returns
+    -------
+    DenseNetwork
+
+    Raises
+    ------
+    NotDensifiable
+        Where a node's shape is unknown or a block would exceed ``max_entries``.
+    """
+    shapes = _shapes(graph)
+    values: dict[str, dict[int, Block]] = {}
+    units: list[Unit] = []
+    for node in graph.nodes.values():
+        op = node.op
+        if isinstance(op, Input):
+            values[node.name] = {0: Block(None, _numel(shapes[node.name]))}
+            continue
+        sources = [values[i] for i in node.inputs]
+        if isinstance(op, Sum):
+            values[node.name] = _sum(sources)
+            continue
+        if isinstance(op, Concat):
+            values[node.name] = _concat(sources, [shapes[i] for i in node.inputs], shapes[node.name], node.name)
+            continue
+        source, in_shape = sources[0], shapes[node.inputs[0]]
+        if node.name not in shapes:
+            raise NotDensifiable(f"the output shape of layer {node.name!r} ({node.layer_type}) is unknown")
+        out_shape = shapes[node.name]
+        if isinstance(op, Linear):
+            if isinstance(op.map, FixedMap) and op.map.flat_identity:
+                values[node.name] = source
+                continue
+            matrix = _dense_map(op.map, in_shape, out_shape, max_entries)
+            if matrix is not None and all(matrix[0].shape[0] * b.size <= max_entries for b in source.values()):
+                values[node.name] = {s: _apply(matrix, block) for s, block in source.items()}
+                continue
+        slope = op.slope if isinstance(op, Lipschitz) else None
+        unit = Unit(node.name, node.inputs[0], _numel(in_shape), _numel(out_shape), slope,
+                    node_bounds[node.name].upper, dict(source))
+        units.append(unit)
+        values[node.name] = {len(units): Block(None, unit.size_out)}
+    outputs = [values[o] for o in graph.outputs]
+    output = outputs[0] if len(outputs) == 1 else _stack(outputs)
+    network = DenseNetwork(_numel(shapes[graph.input_name]), units, output,
+                           next(iter(output.values())).rows)
+    for unit in network.units:
+        if unit.slope is not None and unit.size_in != unit.size_out:
+            raise NotDensifiable(f"activation {unit.name!r} changes the size of its input")
+    return network
+
+
+def _shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
+    """Recorded shapes, with those of activations, scales and sums inferred from their input."""
+    shapes = dict(graph.shapes)
+    for node in graph.nodes.values():
+        if node.name in shapes or not node.inputs or node.inputs[0] not in shapes:
+            continue
+        op, in_shape = node.op, shapes[node.inputs[0]]
+        if isinstance(op, Sum) or (isinstance(op, Lipschitz) and op.slope is not None):
+            shapes[node.name] = in_shape
+        elif isinstance(op, Linear) and isinstance(op.map, ScaleMap):
+            shapes[node.name] = in_shape
+        elif isinstance(op, Linear) and isinstance(op.map, DenseMap):
+            shape = list(in_shape)
+            shape[op.map.axis] = op.map.weight.shape[0]
+            shapes[node.name] = tuple(shape)
+    if graph.input_name not in shapes:
+        raise NotDensifiable("the input shape is unknown")
+    return shapes
+
+
+def _dense_map(linear_map: LinearMap, in_shape, out_shape, max_entries: int):
+    """(matrix, error) of a linear map on flattened tensors, or None when not held densely."""
+    n_in, n_out = _numel(in_shape), _numel(out_shape)
+    if n_in * n_out > max_entries:
+        return None
+    if isinstance(linear_map, DenseMap):
+        axis = linear_map.axis % len(in_shape)
+        before, after = _numel(in_shape[1:axis]), _numel(in_shape[axis + 1:])
+        matrix = np.kron(np.kron(np.eye(before), linear_map.weight), np.eye(after))
+        return matrix, linear_map.error
+    if isinstance(linear_map, ScaleMap):
+        scale = np.asarray(linear_map.scale, dtype=np.float64)
+        if linear_map.axis is None or scale.ndim == 0:
+            diagonal = np.full(n_in, float(scale))
+        else:
+            shape = [1] * len(in_shape)
+            shape[linear_map.axis % len(in_shape)] = scale.size
+            diagonal = np.broadcast_to(scale.reshape(shape), in_shape).ravel()
+        return np.diag(diagonal), linear_map.error
+    if isinstance(linear_map, ConvMap):
+        matrix = np.asarray(conv_map_operator(linear_map).to_dense(), dtype=np.float64)
+        if linear_map.channel_axis % len(in_shape) != 1:  # channels last: permute both sides
+            matrix = matrix[np.ix_(_channels_first_positions(out_shape), _channels_first_positions(in_shape))]
+        if matrix.shape != (n_out, n_in):
+            return None
+        return matrix, linear_map.error
+    return None
+
+
+def _channels_first_positions(shape) -> np.ndarray:
+    """For each entry of a channels-last tensor (row-major), its index in the channels-first flattening."""
+    spatial, channels = tuple(shape[1:-1]), shape[-1]
+    return np.arange(channels * _numel(spatial)).reshape((channels, *spatial)).transpose(
+        tuple(range(1, len(spatial) + 1)) + (0,)).ravel()
+
+
+def _apply(map_and_error, block: Block) -> Block:
+    """The block of ``map ∘ block``, with the rounding of the product in its error."""
+    matrix, map_error = map_and_error
+    if block.matrix is None:
+        return Block(matrix, block.size, map_error)
+    product = matrix @ block.matrix
+    inner = matrix.shape[1]
+    rounding = _gamma(inner) * _frobenius(np.abs(matrix) @ np.abs(block.matrix))
+    error = round_up(rounding + _frobenius(matrix) * block.error + map_error * block.frobenius()
+                     + map_error * block.error)
+    return Block(product, block.size, error)
+
+
+def _sum(values: list[dict[int, Block]]) -> dict[int, Block]:
+    total: dict[int, Block] = {}
+    for value in values:
+        for source, block in value.items():
+            if source not in total:
+                total[source] = block
+                continue
+            left = total[source]
+            matrix = left.dense() + block.dense()
+            error = round_up(left.error + block.error + _UNIT_ROUNDOFF * _frobenius(matrix))
+            total[source] = Block(matrix, block.size, error)
+    return total
+
+
+def _concat(values, in_shapes, out_shape, name: str) -> dict[int, Block]:
+    """Blocks of a concatenation: each input's rows go where its entries land in the output."""
+    axis = _concat_axis(in_shapes, out_shape, name)
+    positions = np.arange(_numel(out_shape)).reshape(out_shape)
+    offset, placed = 0, []
+    for shape in in_shapes:
+        index = [slice(None)] * len(out_shape)
+        index[axis] = slice(offset, offset + shape[axis])
+        placed.append(positions[tuple(index)].ravel())
+        offset += shape[axis]
+    return _stack(values, placed, _numel(out_shape))
+
+
+def _concat_axis(in_shapes, out_shape, name: str) -> int:
+    for axis in range(1, len(out_shape)):
+        if (all(len(s) == len(out_shape) for s in in_shapes)
+                and sum(s[axis] for s in in_shapes) == out_shape[axis]
+                and all(s[:axis] + s[axis + 1:] == out_shape[:axis] + out_shape[axis + 1:] for s in in_shapes)):
+            return axis
+    raise NotDensifiable(f"the concatenation {name!r} joins shapes {in_shapes} into {out_shape} "
+                         "along no single axis")
+
+
+def _stack(values, placed=None, rows: int | None = None) -> dict[int, Block]:
+    """Blocks of the vectors ``values`` stacked (rows ``placed[i]`` for the i-th; default in order)."""
+    sizes = [next(iter(v.values())).rows for v in values]
+    if placed is None:
+        starts = np.cumsum([0, *sizes])
+        placed = [np.arange(starts[i], starts[i + 1]) for i in range(len(values))]
+        rows = int(starts[-1])
+    stacked: dict[int, tuple[np.ndarray, float]] = {}
+    for value, where in zip(values, placed):
+        for source, block in value.items():
+            matrix, error = stacked.get(source, (np.zeros((rows, block.size)), 0.0))
+            matrix[where] = block.dense()
+            stacked[source] = (matrix, math.hypot(error, block.error))
+    return {s: Block(m, m.shape[1], round_up(e * (1 + 1e-15))) for s, (m, e) in stacked.items()}
+
+
+def _gamma(count: int) -> float:
+    return 2 * count * _UNIT_ROUNDOFF / (1 - count * _UNIT_ROUNDOFF)
+
+
+def _frobenius(matrix: np.ndarray) -> float:
+    return round_up(float(np.linalg.norm(matrix)) * (1 + 1e-12))
+
+
+def _numel(shape) -> int:
+    return math.prod(shape[1:]) if len(shape) else 1
