@@ -64,9 +64,12 @@ def certify(model, input_shape=None, *, method: str = "auto", time_budget: float
         it is fixed there.
     method : {"auto", "product", "chain", "sdp"}
         ``"auto"`` (default): the tightest certified bound of the ladder within
-        ``time_budget``, never looser than ``"product"``. Naming ``"chain"`` or
-        ``"sdp"`` raises ``ValueError`` where that method does not apply (the message
-        says why) or, for ``"sdp"``, where the network is too large for the budget.
+        ``time_budget``, never looser than ``"product"``. ``"chain"`` and ``"sdp"``
+        climb the ladder up to that method and report the tightest bound on the way;
+        where a method does not apply (a layer it cannot hold, multipliers that fail
+        the exact check) ``Certificate.ladder`` says why and the bound below it stands.
+        ``"sdp"`` on a network too large for the budget raises ``ValueError`` naming
+        the size and the budget.
     time_budget : float
         Seconds the tighter methods may use, counted from the start (the product bound
         is always computed in full).

@@ -106,46 +106,67 @@ def _ascend(evaluate, vjp, x, low, high, steps, rng, precision: np.dtype) -> Low
     """The ascent, on inputs exactly representable in ``precision``, the dtype the model
     is evaluated in: each secant is then measured between the points the model saw.
 
-    Pairs are ``1e-4 ‖x‖`` apart in float64 and ``1e-2 ‖x‖`` in lower precision, where the
-    rounding of f(y) − f(x) relative to it (about eps / 1e-4 = 6e-4 in float32) would
-    otherwise dominate.
+    Each start keeps the best point it has found. Every step refines the direction ``v``
+    at the point by one power-iteration step on the local Jacobian (``v ← J(y)ᵀu``), and
+    proposes a move along the gradient of the secant's length (a random direction where
+    the gradient vanishes, as inside a linear region of a ReLU network); the move is kept
+    only if the secant from the new point is steeper, and the step shrinks after each
+    refusal and grows after each success. Pairs are ``1e-4 ‖x‖`` apart in float64 and
+    ``1e-2 ‖x‖`` in lower precision, where the rounding of f(y) − f(x) relative to it
+    (about eps / 1e-4 = 6e-4 in float32) would otherwise dominate.
     """
     batch = x.shape[0]
+    shape = (batch,) + (1,) * (x.ndim - 1)
 
     def norms(a):
-        return np.sqrt(np.sum(a.reshape(batch, -1) ** 2, axis=1)).reshape((batch,) + (1,) * (x.ndim - 1))
+        return np.sqrt(np.sum(a.reshape(batch, -1) ** 2, axis=1)).reshape(shape)
 
     def representable(a):
         return a.astype(precision).astype(np.float64)
 
+    separation = 1e-4 if precision == np.float64 else 1e-2
+
+    def secant(points, directions):
+        gap = separation * np.maximum(norms(points), 1.0)
+        partners = representable(points + gap * directions)
+        fx, fy = evaluate(points), evaluate(partners)
+        difference = (fy - fx).reshape(batch, -1)
+        distance = np.sqrt(np.sum((partners - points).reshape(batch, -1) ** 2, axis=1))
+        ratio = np.sqrt(np.sum(difference**2, axis=1)) / np.maximum(distance, 1e-300)
+        unit = difference / np.maximum(np.linalg.norm(difference, axis=1, keepdims=True), 1e-300)
+        return ratio, partners, unit.reshape(fx.shape)
+
     x = representable(x)
     v = rng.standard_normal(x.shape)
     v /= norms(v)
-    h = (1e-4 if precision == np.float64 else 1e-2) * np.maximum(norms(x), 1.0)
+    ratio, y, u = secant(x, v)
     best = (0.0, x[0].copy(), x[0].copy())
-    step = 0.1
+    step = np.full(shape, 0.1)
     for _ in range(steps):
-        y = representable(x + h * v)
-        fx, fy = evaluate(x), evaluate(y)
-        difference = (fy - fx).reshape(batch, -1)
-        distance = np.sqrt(np.sum((y - x).reshape(batch, -1) ** 2, axis=1))
-        ratio = np.sqrt(np.sum(difference**2, axis=1)) / distance
         i = int(np.argmax(ratio))
         if ratio[i] > best[0]:
             best = (float(ratio[i]), x[i].copy(), y[i].copy())
-        u = difference / np.maximum(np.linalg.norm(difference, axis=1, keepdims=True), 1e-300)
-        u = u.reshape(fx.shape)
         g_y, g_x = vjp(y, u), vjp(x, u)
         v = np.where(norms(g_y) > 0, g_y / np.maximum(norms(g_y), 1e-300), v)
         ascent = g_y - g_x
         size = norms(ascent)
         random = rng.standard_normal(x.shape)
         direction = np.where(size > 0, ascent / np.maximum(size, 1e-300), random / norms(random))
-        x = x + step * np.maximum(norms(x), 1.0) / np.sqrt(x[0].size) * direction
+        proposal = x + step * np.maximum(norms(x), 1.0) / np.sqrt(x[0].size) * direction
         if low is not None:
-            x = np.clip(x, low, high)
-        x = representable(x)
-        step *= 0.95
+            proposal = np.clip(proposal, low, high)
+        proposal = representable(proposal)
+        new_ratio, new_y, new_u = secant(proposal, v)
+        old_ratio, old_y, old_u = secant(x, v)  # the refined direction at the kept point
+        better = (new_ratio > old_ratio).reshape(shape)
+        x = np.where(better, proposal, x)
+        y = np.where(better, new_y, old_y)
+        u = np.where(better.reshape((batch,) + (1,) * (u.ndim - 1)), new_u, old_u)
+        ratio = np.where(better.ravel(), new_ratio, old_ratio)
+        step = np.where(better, step * 1.5, step * 0.6)
+    i = int(np.argmax(ratio))
+    if ratio[i] > best[0]:
+        best = (float(ratio[i]), x[i].copy(), y[i].copy())
     return LowerBound(*best)
 
 

@@ -174,33 +174,57 @@ def dense_network(graph: Graph, node_bounds: dict, *, max_entries: int = MAX_BLO
             values[node.name] = _sum(sources)
             continue
         if isinstance(op, Concat):
-            values[node.name] = _concat(sources, [shapes[i] for i in node.inputs], shapes[node.name], node.name)
+            values[node.name] = _concat(sources, [_shape(shapes, i) for i in node.inputs],
+                                        _shape(shapes, node.name), node.name)
             continue
-        source, in_shape = sources[0], shapes[node.inputs[0]]
-        if node.name not in shapes:
-            raise NotDensifiable(f"the output shape of layer {node.name!r} ({node.layer_type}) is unknown")
-        out_shape = shapes[node.name]
+        source, in_shape = sources[0], _shape(shapes, node.inputs[0])
+        out_shape = _shape(shapes, node.name)
         if isinstance(op, Linear):
             if isinstance(op.map, FixedMap) and op.map.flat_identity:
                 values[node.name] = source
                 continue
+            entries = _numel(in_shape) * _numel(out_shape)
+            if entries > max_entries:
+                raise NotDensifiable(f"layer {node.name!r} ({node.layer_type}) is a {_numel(out_shape)}×"
+                                     f"{_numel(in_shape)} matrix, more than {max_entries} entries")
             matrix = _dense_map(op.map, in_shape, out_shape, max_entries)
-            if matrix is not None and all(matrix[0].shape[0] * b.size <= max_entries for b in source.values()):
+            if matrix is not None:
+                _check_blocks(source, matrix[0].shape[0], max_entries, node.name)
                 values[node.name] = {s: _apply(matrix, block) for s, block in source.items()}
                 continue
         slope = op.slope if isinstance(op, Lipschitz) else None
+        if slope is not None and slope[0] == slope[1]:  # affine: x ↦ a·x + c, exactly linear
+            values[node.name] = {s: _apply((np.eye(_numel(in_shape)) * slope[0], 0.0), block)
+                                 for s, block in source.items()}
+            continue
+        _check_blocks(source, _numel(in_shape), max_entries, node.name)
         unit = Unit(node.name, node.inputs[0], _numel(in_shape), _numel(out_shape), slope,
                     node_bounds[node.name].upper, dict(source))
         units.append(unit)
         values[node.name] = {len(units): Block(None, unit.size_out)}
     outputs = [values[o] for o in graph.outputs]
     output = outputs[0] if len(outputs) == 1 else _stack(outputs)
+    _check_blocks(output, next(iter(output.values())).rows, max_entries, "the output")
     network = DenseNetwork(_numel(shapes[graph.input_name]), units, output,
                            next(iter(output.values())).rows)
     for unit in network.units:
         if unit.slope is not None and unit.size_in != unit.size_out:
             raise NotDensifiable(f"activation {unit.name!r} changes the size of its input")
     return network
+
+
+def _check_blocks(blocks: dict[int, Block], rows: int, max_entries: int, name: str) -> None:
+    """Refuse a node whose blocks (rows × each source's size) would be too large to hold."""
+    for block in blocks.values():
+        if rows * block.size > max_entries:
+            raise NotDensifiable(f"the map into {name!r} from an earlier layer is a {rows}×{block.size} "
+                                 f"matrix, more than {max_entries} entries")
+
+
+def _shape(shapes: dict, name: str) -> tuple[int, ...]:
+    if name not in shapes:
+        raise NotDensifiable(f"the output shape of layer {name!r} is unknown")
+    return shapes[name]
 
 
 def _shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
@@ -255,7 +279,7 @@ def _dense_map(linear_map: LinearMap, in_shape, out_shape, max_entries: int):
 def _channels_first_positions(shape) -> np.ndarray:
     """For each entry of a channels-last tensor (row-major), its index in the channels-first flattening."""
     spatial, channels = tuple(shape[1:-1]), shape[-1]
-    return np.arange(channels * _numel(spatial)).reshape((channels, *spatial)).transpose(
+    return np.arange(channels * math.prod(spatial)).reshape((channels, *spatial)).transpose(
         tuple(range(1, len(spatial) + 1)) + (0,)).ravel()
 
 

@@ -114,10 +114,7 @@ def _combine(norms: list[float], units, unit_bounds: list[float]) -> float:
 
 def _chain(blocks: dict[int, Block], units, chains, source: int, target: int) -> Block | None:
     """P_{target←source} = direct block + Σ_j block_j · m_j · P_{z_j←source} (None if no path)."""
-    total = None
-    direct = blocks.get(source)
-    if direct is not None:
-        total = Block(direct.dense(), direct.size, direct.error)
+    total = blocks.get(source)
     for j in range(source, target):  # the units after the source: outputs j + 1 > source
         if j + 1 not in blocks:
             continue

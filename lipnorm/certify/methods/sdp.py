@@ -117,12 +117,13 @@ def sdp_bound(network: DenseNetwork, *, time_budget: float, row: np.ndarray | No
     ValueError
         If no multipliers could be certified (no bound is reported then).
     """
-    problem = _Problem(network, row)
-    estimate = problem.seconds_per_step() * _MIN_STEPS
+    estimate = _seconds_per_step(network) * _MIN_STEPS
     if estimate > time_budget:
+        hidden = sum(unit.size_out for unit in network.units)
         raise SdpTooLarge(
-            f"the SDP has {problem.size} variables ({problem.hidden} hidden); {_MIN_STEPS} steps "
-            f"would take about {estimate:.0f} s, more than the time budget of {time_budget:.0f} s")
+            f"the SDP has {network.input_size + hidden} variables ({hidden} hidden); {_MIN_STEPS} "
+            f"steps would take about {estimate:.0f} s, more than the time budget of {time_budget:.0f} s")
+    problem = _Problem(network, row)
     deadline = time.perf_counter() + time_budget
     multipliers = _optimise(problem, _feasible_start(problem, start), deadline, max_steps)
     rho = problem.rho(multipliers)[0]
@@ -196,13 +197,6 @@ class _Problem:
         matrix = np.hstack([blocks[s].dense() for s in sources])
         error = round_up(math.sqrt(sum(blocks[s].error ** 2 for s in sources)) * (1 + 1e-12))
         return columns, matrix, error
-
-    def seconds_per_step(self) -> float:
-        flops = self.hidden**3 / 3 + 2 * self.hidden**2 * self.input_size
-        for unit, matrix in zip(self.network.units, self.unit_matrices):
-            if unit.slope is not None and unit.slope[0] * unit.slope[1] != 0:
-                flops += 2 * matrix.shape[0] * matrix.shape[1] ** 2
-        return flops / _FLOPS_PER_SECOND
 
     def assemble(self, multipliers, with_error: bool = False):
         """H(λ) (and, with ``with_error``, a bound of the spectral error of forming it exactly)."""
@@ -279,6 +273,17 @@ class _Problem:
                 a, b = unit.slope
                 gradient.append(lam * (w - a * z) * (b * z - w) / rho)
         return rho, gradient
+
+
+def _seconds_per_step(network: DenseNetwork) -> float:
+    """Estimated time of one optimisation step: the Cholesky factorization and products."""
+    hidden = sum(unit.size_out for unit in network.units)
+    flops = hidden**3 / 3 + 2 * hidden**2 * network.input_size + 4.0 * (network.input_size + hidden) ** 2
+    for unit in network.units:
+        columns = sum(block.size for block in unit.inputs.values())
+        if unit.slope is not None and unit.slope[0] * unit.slope[1] != 0:
+            flops += 2 * unit.size_in * columns**2
+    return flops / _FLOPS_PER_SECOND
 
 
 def _feasible_start(problem: _Problem, start) -> list[np.ndarray]:
