@@ -42,7 +42,7 @@ def model_format(model) -> str:
     )
 
 
-def certify(model, input_shape=None, *, method: str = "auto", time_budget: float = 60.0,
+def certify(model, input_shape=None, *, method: str = "auto", time_budget: float = 10.0,
             rules=None, lower=None, seed: int = 0, progress=None, rows=None) -> Certificate:
     """Certified upper bound of a network's L2 Lipschitz constant, layer by layer.
 
@@ -78,8 +78,9 @@ def certify(model, input_shape=None, *, method: str = "auto", time_budget: float
         where bound is a float, a callable ``layer -> float``, or ``"epsilon"`` to accept
         max|γ|/√ε for LayerNorm/GroupNorm.
     lower : array or True, optional
-        Also run :func:`lipschitz_lower_bound` from these inputs (``True``: 8 Gaussian
-        inputs of ``input_shape``) and store its value as ``Certificate.lower``.
+        Also run :func:`lipschitz_lower_bound` from these inputs (``True``: 64 Gaussian
+        inputs of ``input_shape``), for at most ``time_budget`` seconds, and store its
+        value as ``Certificate.lower``.
     seed : int
         Seed of the lower-bound search.
     progress : callable, optional
@@ -126,6 +127,6 @@ def certify(model, input_shape=None, *, method: str = "auto", time_budget: float
         from lipnorm.certify.lower import lipschitz_lower_bound
 
         result = lipschitz_lower_bound(model, lower if lower is not True else None,
-                                       input_shape=shape, seed=seed)
+                                       input_shape=shape, seed=seed, time_budget=time_budget)
         certificate = certificate.with_lower(result.value)
     return certificate

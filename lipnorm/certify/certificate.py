@@ -232,12 +232,17 @@ class Certificate:
                   label="cumulative bound")
         if self.lower is not None and self.lower > 0:
             axes.axhline(self.lower, color="tab:green", linestyle="--", label="lower bound (model)")
+        styles = {"chain": "tab:orange", "sdp": "tab:purple"}
+        for run in self.ladder:
+            if run.method in styles and run.upper is not None:
+                axes.axhline(run.upper, color=styles[run.method], linestyle=":",
+                             label=f"{run.method} bound (whole model)")
         axes.set_xticks(list(positions))
         axes.set_xticklabels([row.name for row in rows], rotation=90, fontsize=6)
         if log and all(row.bound > 0 for row in rows):
             axes.set_yscale("log")
         axes.set_ylabel("Lipschitz bound (L2)")
-        axes.set_title(f"{self.model}: upper bound {self.upper:.4g}"
+        axes.set_title(f"{self.model}: upper bound {self.upper:.4g} ({self.method})"
                        + ("" if self.lower is None else f", lower bound {self.lower:.4g}"))
         axes.legend(fontsize=8)
         figure.tight_layout()

@@ -93,6 +93,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", type=_shape,
                         help="one input's shape without batch, e.g. 3,224,224 (channels first "
                              "for torch and ONNX)")
+    parser.add_argument("--method", choices=("auto", "product", "chain", "sdp"), default="auto",
+                        help="how to bound the network (default auto: the tightest certified "
+                             "bound of the ladder within --time-budget)")
+    parser.add_argument("--time-budget", type=_seconds, default=10.0,
+                        help="seconds the tighter methods may use (default 10)")
     parser.add_argument("--lower", action="store_true",
                         help="also search a lower bound (torch and Keras models)")
     parser.add_argument("--json", type=Path, help="write the certificate as JSON here")
@@ -125,8 +130,9 @@ def run_certify(args: argparse.Namespace, *, console=None) -> int:
             bar.update(task, completed=done, total=total, description=f"bounding {name}")
 
         try:
-            certificate = certify(model, args.input_shape, lower=True if args.lower else None,
-                                  progress=progress)
+            certificate = certify(model, args.input_shape, method=args.method,
+                                  time_budget=args.time_budget,
+                                  lower=True if args.lower else None, progress=progress)
         except NotCertifiableError as error:
             console.print(f"[red]not certifiable:[/red] {error}")
             return 2
@@ -144,14 +150,34 @@ def run_certify(args: argparse.Namespace, *, console=None) -> int:
                       "" if row.cumulative is None else f"{row.cumulative:.6g}", method,
                       f"{row.seconds:.3f}")
     console.print(table)
-    console.print(f"certified upper bound: [bold]{certificate.upper:.6g}[/bold]")
+    ladder = Table(title="the ladder of methods (every bound shown is certified)")
+    for column in ("method", "bound", "upper/lower", "time [s]", "note"):
+        ladder.add_column(column, justify="right" if column in {"bound", "upper/lower", "time [s]"} else "left")
+    for run in certificate.ladder:
+        ratio = "" if run.upper is None or not certificate.lower else f"{run.upper / certificate.lower:.4g}"
+        note = run.note + (" (reported)" if run.method == certificate.method and run.upper is not None else "")
+        ladder.add_row(run.method, "—" if run.upper is None else f"{run.upper:.6g}", ratio,
+                       f"{run.seconds:.2f}", note)
+    console.print(ladder)
+    console.print(f"certified upper bound: [bold]{certificate.upper:.6g}[/bold] ({certificate.method})")
     if certificate.lower is not None:
-        console.print(f"lower bound (search): {certificate.lower:.6g}")
+        console.print(f"lower bound (search): {certificate.lower:.6g}"
+                      + (f"   upper/lower = {certificate.upper / certificate.lower:.4g}" if certificate.lower > 0 else ""))
     if args.json:
         certificate.to_json(args.json)
     if args.plot:
         certificate.plot(args.plot)
     return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"time budget must be a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"time budget must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def _shape(text: str) -> tuple[int, ...]:

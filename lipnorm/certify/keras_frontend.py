@@ -308,7 +308,8 @@ class _Walker:
             k, s = layer.pool_size[i], layer.strides[i]
             before, after = same_padding(n, k, s) if layer.padding == "same" else (0, 0)
             axes.append((n, torch_pool_windows(n, k, s, before, after)))
-        return average_pool_map(axes, count_include_pad=False)
+        return average_pool_map(axes, count_include_pad=False,
+                                channels_last=layer.data_format in (None, "channels_last"))
 
 
 def _scale_map(scale, rank: int, error: float) -> ScaleMap | FixedMap:

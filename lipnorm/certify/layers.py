@@ -119,7 +119,7 @@ def adaptive_pool_windows(length: int, out: int) -> list[tuple[int, int, int]]:
 
 
 def average_pool_map(axes: Sequence[tuple[int, list[tuple[int, int, int]]]],
-                     count_include_pad: bool) -> FixedMap:
+                     count_include_pad: bool, *, channels_last: bool = False) -> FixedMap:
     """Exact norm (certified) of average pooling given its windows on each spatial axis.
 
     Each axis contributes a matrix A with ``A[i, start:end] = 1/divisor``; the pooling
@@ -132,12 +132,14 @@ def average_pool_map(axes: Sequence[tuple[int, list[tuple[int, int, int]]]],
         :func:`torch_pool_windows` or :func:`adaptive_pool_windows`.
     count_include_pad : bool
         Divide by the window size including padding (else by the valid count).
+    channels_last : bool
+        The layout of the pooled tensor (for the map's matrix, ``FixedMap.spatial_factors``).
 
     Returns
     -------
     FixedMap
     """
-    factors = []
+    factors, matrices = [], []
     for length, windows in axes:
         matrix = np.zeros((len(windows), length))
         for row, (start, end, size) in enumerate(windows):
@@ -146,7 +148,9 @@ def average_pool_map(axes: Sequence[tuple[int, list[tuple[int, int, int]]]],
                 matrix[row, start:end] = 1.0 / divisor
         sigma = float(dense_sigma_interval(matrix).upper)
         factors.append(round_up(sigma + 2 * _UNIT_ROUNDOFF * float(np.linalg.norm(matrix))))
-    return FixedMap(compose(factors), "average pooling, σ of the 1-D averaging matrices")
+        matrices.append(matrix)
+    return FixedMap(compose(factors), "average pooling, σ of the 1-D averaging matrices",
+                    spatial_factors=tuple(matrices), channels_last=channels_last)
 
 
 def max_pool_bound(axes: Sequence[tuple[int, list[tuple[int, int, int]]]]) -> float:

@@ -108,13 +108,20 @@ class FixedMap:
     method : str
     flat_identity : bool
         The map leaves the row-major flattened tensor unchanged (flatten, view,
-        reshape, squeeze): the tight methods see through it. Any other fixed map is
-        known to them by its bound alone.
+        reshape, squeeze): the tight methods see through it.
+    spatial_factors : tuple of ndarray, optional
+        For a map that acts on each spatial axis separately and on every channel alike
+        (average pooling): its 1-D matrix per spatial axis, so the tight methods can hold
+        it as a matrix. Any other fixed map is known to them by its bound alone.
+    channels_last : bool
+        Where the channel axis of ``spatial_factors``' tensor is.
     """
 
     bound: float
     method: str
     flat_identity: bool = False
+    spatial_factors: tuple[np.ndarray, ...] | None = field(default=None, compare=False)
+    channels_last: bool = False
 
 
 LinearMap = DenseMap | ConvMap | ScaleMap | FixedMap

@@ -266,6 +266,8 @@ def _dense_map(linear_map: LinearMap, in_shape, out_shape, max_entries: int):
             shape[linear_map.axis % len(in_shape)] = scale.size
             diagonal = np.broadcast_to(scale.reshape(shape), in_shape).ravel()
         return np.diag(diagonal), linear_map.error
+    if isinstance(linear_map, FixedMap) and linear_map.spatial_factors is not None:
+        return _spatial_map(linear_map, in_shape, out_shape)
     if isinstance(linear_map, ConvMap):
         matrix = np.asarray(conv_map_operator(linear_map).to_dense(), dtype=np.float64)
         if linear_map.channel_axis % len(in_shape) != 1:  # channels last: permute both sides
@@ -274,6 +276,20 @@ def _dense_map(linear_map: LinearMap, in_shape, out_shape, max_entries: int):
             return None
         return matrix, linear_map.error
     return None
+
+
+def _spatial_map(linear_map: FixedMap, in_shape, out_shape):
+    """The matrix of a map acting per spatial axis (1-D factors) and alike on every channel."""
+    factors = [np.asarray(f, dtype=np.float64) for f in linear_map.spatial_factors]
+    channels = in_shape[-1] if linear_map.channels_last else in_shape[1]
+    pieces = [*factors, np.eye(channels)] if linear_map.channels_last else [np.eye(channels), *factors]
+    matrix = pieces[0]
+    for piece in pieces[1:]:
+        matrix = np.kron(matrix, piece)
+    if matrix.shape != (_numel(out_shape), _numel(in_shape)):
+        return None
+    # the 1-D entries 1/divisor are each within u of exact; kron products add one rounding per factor
+    return matrix, round_up(2 * (len(factors) + 1) * _UNIT_ROUNDOFF * _frobenius(matrix))
 
 
 def _channels_first_positions(shape) -> np.ndarray:

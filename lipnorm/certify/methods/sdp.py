@@ -49,6 +49,11 @@ _UNIT_ROUNDOFF = 2.0**-53
 _FLOPS_PER_SECOND = 1.0e10
 #: Fewest optimisation steps worth starting.
 _MIN_STEPS = 20
+#: The optimisation stops when ρ has not dropped by this fraction in ``_STALL_STEPS`` steps.
+_STALL_TOLERANCE = 1e-5
+_STALL_STEPS = 30
+#: The optimisation's soft maximum weighs eigenvalue μ by exp(SHARPNESS·(μ − λ_max)/λ_max).
+_SHARPNESS = 200.0
 
 
 class SdpTooLarge(ValueError):
@@ -124,7 +129,8 @@ def sdp_bound(network: DenseNetwork, *, time_budget: float, row: np.ndarray | No
             f"the SDP has {network.input_size + hidden} variables ({hidden} hidden); {_MIN_STEPS} "
             f"steps would take about {estimate:.0f} s, more than the time budget of {time_budget:.0f} s")
     problem = _Problem(network, row)
-    deadline = time.perf_counter() + time_budget
+    # the exact check after the optimisation costs a few steps' time: keep it inside the budget
+    deadline = time.perf_counter() + time_budget - 4 * _seconds_per_step(network)
     multipliers = _optimise(problem, _feasible_start(problem, start), deadline, max_steps)
     rho = problem.rho(multipliers)[0]
     for slack in (1e-9, 1e-7, 1e-5, 1e-3, 1e-2):
@@ -258,20 +264,26 @@ class _Problem:
         solved = scipy.linalg.cho_solve((factor, True), coupling, check_finite=False)
         schur = h[:n, :n] + coupling.T @ solved
         values, vectors = np.linalg.eigh((schur + schur.T) / 2)
-        rho, u = float(values[-1]), vectors[:, -1]
+        rho = float(values[-1])
         if not rho > 0:
             return max(rho, 0.0), [np.zeros_like(m) for m in multipliers]
+        # λ_max is not smooth where the top eigenvalues meet, as they do near the optimum:
+        # descend on a soft maximum of the eigenvalues within ~1/SHARPNESS of the top instead
+        weights = np.exp(_SHARPNESS * (values - rho) / rho)
+        keep = weights > 1e-8
+        weights = weights[keep] / np.sum(weights[keep])
+        u = vectors[:, keep]
         v = np.concatenate([u, solved @ u])
         gradient = []
         for unit, columns, z_matrix, own, lam in zip(self.network.units, self.unit_columns,
                                                      self.unit_matrices, self.ranges[1:], multipliers):
             z, w = z_matrix @ v[columns], v[own]
             if unit.slope is None:
-                value = unit.bound**2 * float(z @ z) - float(w @ w)
-                gradient.append(lam * value / rho)
+                value = unit.bound**2 * np.sum(z * z, axis=0) - np.sum(w * w, axis=0)
+                gradient.append(lam * float(value @ weights) / rho)
             else:
                 a, b = unit.slope
-                gradient.append(lam * (w - a * z) * (b * z - w) / rho)
+                gradient.append(lam * (((w - a * z) * (b * z - w)) @ weights) / rho)
         return rho, gradient
 
 
@@ -292,14 +304,19 @@ def _feasible_start(problem: _Problem, start) -> list[np.ndarray]:
         return [m.copy() for m in start]
     network = problem.network
     gains = _downstream_gains(network)
-    multipliers = []
+    base = []
     for unit, gain in zip(network.units, gains):
         scale = 2 * gain**2 / max(unit.radius * 2 if unit.slope is not None else 1.0, 1e-12)
-        multipliers.append(np.full(unit.size_out if unit.slope is not None else 1, max(scale, 1e-12)))
-    for _ in range(80):
-        if problem.rho(multipliers)[1] is not None:
-            return multipliers
-        multipliers = [m * 2 for m in multipliers]
+        base.append(np.full(unit.size_out if unit.slope is not None else 1, max(scale, 1e-12)))
+    # earlier units weigh more (by growth ** units after them): their blocks must dominate
+    # the couplings to later ones for G to be positive definite
+    last = len(base) - 1
+    for growth in (1.0, 2.0, 4.0, 16.0):
+        multipliers = [m * growth ** (last - k) for k, m in enumerate(base)]
+        for _ in range(24):
+            if problem.rho(multipliers)[1] is not None:
+                return multipliers
+            multipliers = [m * 4 for m in multipliers]
     raise ValueError("no feasible starting multipliers were found for the SDP")
 
 
@@ -340,7 +357,7 @@ def _optimise(problem: _Problem, multipliers, deadline: float, max_steps: int,
     """Adam on log λ, keeping the best feasible multipliers; stops at the deadline."""
     logs = [np.log(np.maximum(m, 1e-300)) for m in multipliers]
     rho, gradient = problem.rho(multipliers)
-    best, best_rho = [m.copy() for m in multipliers], rho
+    best, best_rho, reference = [m.copy() for m in multipliers], rho, rho
     first = [np.zeros_like(x) for x in logs]
     second = [np.zeros_like(x) for x in logs]
     beta1, beta2 = 0.9, 0.999
@@ -360,12 +377,15 @@ def _optimise(problem: _Problem, multipliers, deadline: float, max_steps: int,
             learning_rate /= 2
             continue
         logs, rho, gradient = trial, new_rho, new_gradient
-        if rho < best_rho * (1 - 1e-6):
-            best, best_rho, stalled = candidate, rho, 0
+        if rho < best_rho:
+            best = candidate
+        if rho < reference * (1 - _STALL_TOLERANCE):  # progress: measure the next stretch from here
+            reference, stalled = rho, 0
         else:
             stalled += 1
-            if stalled >= 40:
+            if stalled >= _STALL_STEPS:
                 break
+        best_rho = min(best_rho, rho)
     return best
 
 
