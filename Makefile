@@ -74,4 +74,4 @@ $(VENV)/.test-installed: pyproject.toml Makefile | $(PY)
 	touch $(VENV)/.demo-installed $@
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .hypothesis
+	rm -rf $(VENV) site site-screenshots .pytest_cache .hypothesis
