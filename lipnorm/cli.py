@@ -362,11 +362,13 @@ def _significant(value: float, digits: int, rounding: str) -> str:
 
 def _estimate_digits(row: SigmaRow) -> int:
     """Significant digits the estimate supports: its rtol, or its dtype's precision."""
-    dtype = {"bfloat16": "float32"}.get(row.dtype, row.dtype)
-    try:
-        eps = float(np.finfo(np.dtype(dtype)).eps)
-    except (TypeError, ValueError):
-        eps = float(np.finfo(np.float64).eps)
+    if row.dtype == "bfloat16":  # a torch dtype NumPy does not know: 8 bits of mantissa
+        eps = 2.0**-7
+    else:
+        try:
+            eps = float(np.finfo(np.dtype(row.dtype)).eps)
+        except (TypeError, ValueError):  # an integer tensor, measured as float64
+            eps = float(np.finfo(np.float64).eps)
     return max(2, int(np.floor(-np.log10(max(row.rtol, eps)))))
 
 

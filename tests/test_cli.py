@@ -250,6 +250,8 @@ def test_tensor_names_are_never_cut(capsys, tmp_path, monkeypatch, width):
     # The columns that matter stay; what is dropped to fit is said.
     assert "reshaped kernel" in out and "conv operator on 3×6×6" in out
     assert ("not shown to fit the terminal" in out) == (width < 200)
+    # Too narrow for one table: each name heads its rows, on a line of its own.
+    assert (LONG_NAMES[0] in out.splitlines()) == (width < 200)
 
 
 def test_non_float_tensors_are_skipped_and_counted_unless_asked_for(capsys, tmp_path):

@@ -66,9 +66,10 @@ class PrintingPythonCodeBlockParser(PythonCodeBlockParser):
         self.codeblock_parser = CodeBlockParser("python", PrintingPythonEvaluator())
 
 
-def output_pattern(expected: str) -> re.Pattern:
-    """A regex for the printed text: numbers captured, ``...`` a wildcard, whitespace loose."""
-    pattern = []
+def output_pattern(expected: str) -> tuple[re.Pattern, list[float]]:
+    """A regex for the printed text (numbers captured, ``...`` a wildcard, whitespace loose),
+    and the numbers of ``expected`` in the order the regex captures them."""
+    pattern, numbers = [], []
     for token in re.findall(rf"\.\.\.|{NUMBER}|\s+|.", expected.strip()):
         if token == "...":
             pattern.append(r".*?")
@@ -76,9 +77,10 @@ def output_pattern(expected: str) -> re.Pattern:
             pattern.append(r"\s+")
         elif re.fullmatch(NUMBER, token):
             pattern.append(rf"({NUMBER})")
+            numbers.append(float(token))
         else:
             pattern.append(re.escape(token))
-    return re.compile("".join(pattern), re.DOTALL)
+    return re.compile("".join(pattern), re.DOTALL), numbers
 
 
 def check_output(example: Example) -> str | None:
@@ -86,17 +88,13 @@ def check_output(example: Example) -> str | None:
     printed = example.namespace.pop(PRINTED, None)
     if printed is None:
         return "an output block must follow a Python block that ran"
-    expected = example.parsed
-    match = output_pattern(expected).fullmatch(printed.strip())
+    pattern, wanted = output_pattern(example.parsed)
+    match = pattern.fullmatch(printed.strip())
     if match is None:
-        return f"printed text differs from the output block:\n{printed}\nexpected:\n{expected}"
-    wanted = re.findall(NUMBER, re.sub(r"\.\.\.", " ", expected.strip()))
-    for want, got in zip(wanted, match.groups()):
-        if abs(float(got) - float(want)) > max(OUTPUT_ATOL, OUTPUT_RTOL * abs(float(want))):
-            return (
-                f"printed {got} where the output block says {want} "
-                f"(rtol {OUTPUT_RTOL}):\n{printed}"
-            )
+        return f"printed text differs from the output block:\n{printed}\nexpected:\n{example.parsed}"
+    for want, got in zip(wanted, map(float, match.groups())):
+        if abs(got - want) > max(OUTPUT_ATOL, OUTPUT_RTOL * abs(want)):
+            return f"printed {got} where the output block says {want} (rtol {OUTPUT_RTOL}):\n{printed}"
     return None
 
 
