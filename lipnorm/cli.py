@@ -23,6 +23,7 @@ model file could not be loaded, 2 a layer cannot be certified.
 from __future__ import annotations
 
 import argparse
+import decimal
 import itertools
 import json
 import os
@@ -186,32 +187,32 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    """Parse ``"32,32"`` (also ``"32x32"``) into positive integers, for argparse."""
+def _integers(text: str, minimum: int) -> tuple[int, ...]:
+    """Parse ``"32,32"`` (also ``"32x32"``) into integers of at least ``minimum``, for argparse."""
     try:
-        sizes = tuple(int(part) for part in text.replace("x", ",").split(","))
+        values = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected integers separated by commas, got {text!r}"
         ) from None
-    if min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return sizes
+    if min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
+    return values
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """``--input-size``, ``--stride``, ``--dilation``: positive integers."""
+    return _integers(text, 1)
 
 
 def _padding(text: str) -> int | str | tuple[int, ...]:
-    """Parse ``--padding``: a mode name, or non-negative integers as for ``conv_operator``."""
+    """``--padding``: a mode name, or non-negative integers as ``conv_operator`` takes them."""
     if text.lower() in ("same", "valid", "circular"):
         return text.lower()
     try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected 'same', 'valid', 'circular' or integers separated by commas, got {text!r}"
-        ) from None
-    if min(sizes) < 0:
-        raise argparse.ArgumentTypeError(f"padding must be non-negative, got {text!r}")
-    return sizes[0] if len(sizes) == 1 else sizes
+        return _geometry_value(_integers(text, 0))
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; or 'same', 'valid', 'circular'") from None
 
 
 def _geometry_value(value: tuple[int, ...]) -> int | tuple[int, ...]:
@@ -352,12 +353,18 @@ DROPPED_FIRST = ("time", "method", "dtype")
 
 
 def _significant(value: float, digits: int, rounding: str) -> str:
-    """``value`` to ``digits`` significant digits, rounded down, up or to nearest."""
+    """``value`` to ``digits`` significant digits, rounded exactly (in decimal) as asked.
+
+    ``rounding`` is ``"down"``, ``"up"`` (the ends of a certified interval, rounded outward)
+    or ``"nearest"``.
+    """
     if value == 0 or not np.isfinite(value):
         return f"{value:g}"
-    scale = 10.0 ** (digits - 1 - int(np.floor(np.log10(abs(value)))))
-    rounded = {"down": np.floor, "up": np.ceil, "nearest": np.round}[rounding](value * scale) / scale
-    return f"{rounded:#.{digits}g}".rstrip(".")
+    exact = decimal.Decimal(value)  # the float's exact decimal value
+    quantum = decimal.Decimal(1).scaleb(exact.adjusted() - digits + 1)
+    mode = {"down": decimal.ROUND_FLOOR, "up": decimal.ROUND_CEILING,
+            "nearest": decimal.ROUND_HALF_EVEN}[rounding]
+    return format(exact.quantize(quantum, rounding=mode), "f")
 
 
 def _estimate_digits(row: SigmaRow) -> int:

@@ -213,10 +213,10 @@ def test_unknown_method_and_missing_command_are_usage_errors(capsys, npz_file):
     assert exit_info.value.code == 2
     assert "invalid choice: 'qr'" in capsys.readouterr().err
     for option, value, message in [
-        ("--input-size", "0,3", "expected positive integers, got '0,3'"),
+        ("--input-size", "0,3", "expected integers >= 1, got '0,3'"),
         ("--stride", "2,a", "expected integers separated by commas, got '2,a'"),
-        ("--padding", "half", "expected 'same', 'valid', 'circular' or integers"),
-        ("--padding", "-1", "padding must be non-negative"),
+        ("--padding", "half", "got 'half'; or 'same', 'valid', 'circular'"),
+        ("--padding", "-1", "expected integers >= 0, got '-1'; or 'same'"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["sigma", str(npz_file), option, value])
@@ -406,3 +406,16 @@ def test_installed_console_script_and_single_sourced_version():
     assert script.exists(), f"console script missing next to {sys.executable}"
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == f"lipnorm {lipnorm.__version__}"
+
+
+def test_interval_ends_are_rounded_outward_exactly():
+    """The printed ends of an interval never cut into it, whatever the float."""
+    from decimal import Decimal
+
+    from lipnorm.cli import _significant
+
+    values = np.random.default_rng(2).lognormal(0, 8, size=2000)
+    for value in [*values, 54.58703129197087, 4.9999999999999999, 1e-300, 9.999999999999e20]:
+        assert Decimal(_significant(value, 7, "down")) <= Decimal(value)
+        assert Decimal(value) <= Decimal(_significant(value, 7, "up"))
+    assert _significant(54.587032318115234, 6, "nearest") == "54.5870"
