@@ -55,8 +55,9 @@ figures: $(VENV)/.test-installed
 	set -e; for script in $(FIGURE_SCRIPTS); do PYTHONPATH=. OMP_NUM_THREADS=1 $(PY) $$script; done
 	PYTHONPATH=. $(PY) benchmarks/plot_conv.py
 	PYTHONPATH=. OMP_NUM_THREADS=1 $(PY) examples/sngan_digits_torch.py --plot docs/img/sngan_conv_norms.png
+	mkdir -p build
 	PYTHONPATH=. OMP_NUM_THREADS=1 $(PY) examples/checkpoint_sigma_histogram.py \
-		--checkpoint $(VENV)/example-checkpoint.safetensors --plot docs/img/checkpoint_sigma_histogram.png
+		--checkpoint build/example-checkpoint.safetensors --plot docs/img/checkpoint_sigma_histogram.png
 
 bench: $(VENV)/.test-installed
 	$(PY) benchmarks/bench_sigma.py
