@@ -27,6 +27,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -66,9 +67,13 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sigmas = [row["sigma"] for row in rows]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.hist([row["sigma"] for row in rows], bins=20, color="tab:blue", edgecolor="white")
-    ax.set_xlabel("σ_max of the tensor (lipnorm sigma)")
+    # Logarithmic bins: an embedding table's σ is tens of times a projection's.
+    ax.hist(sigmas, bins=np.geomspace(min(sigmas) / 1.05, max(sigmas) * 1.05, 40),
+            color="tab:blue", edgecolor="white")
+    ax.set_xscale("log")
+    ax.set_xlabel("σ_max of the tensor (lipnorm sigma), log scale")
     ax.set_ylabel("tensors")
     ax.set_title(f"{len(rows)} weight matrices of a transformer encoder checkpoint")
     fig.tight_layout()
