@@ -28,7 +28,7 @@ export LIPNORM_TEST_BACKENDS ?= numpy,array_api_strict,torch,tensorflow,jax,dask
 export HYPOTHESIS_PROFILE ?= ci
 endif
 
-.PHONY: demo test test-only docs docs-serve bench clean
+.PHONY: demo test test-only docs docs-serve figures bench clean
 
 demo: $(VENV)/.demo-installed
 	$(VENV)/bin/lipnorm demo
@@ -47,6 +47,18 @@ docs: $(VENV)/.test-installed
 docs-serve: $(VENV)/.test-installed
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
+# Every figure of the docs (docs/img/), from the scripts that make them: docs/figures/*.py,
+# the plot of benchmarks/results/bench_conv.json, and the examples that draw one.
+# A few minutes on a CPU; the committed figures are what this wrote.
+FIGURE_SCRIPTS := $(wildcard docs/figures/[a-z]*.py)
+figures: $(VENV)/.test-installed
+	set -e; for script in $(FIGURE_SCRIPTS); do PYTHONPATH=. OMP_NUM_THREADS=1 $(PY) $$script; done
+	PYTHONPATH=. $(PY) benchmarks/plot_conv.py
+	PYTHONPATH=. OMP_NUM_THREADS=1 $(PY) examples/sngan_digits_torch.py --plot docs/img/sngan_conv_norms.png
+	mkdir -p build
+	PYTHONPATH=. OMP_NUM_THREADS=1 $(PY) examples/checkpoint_sigma_histogram.py \
+		--checkpoint build/example-checkpoint.safetensors --plot docs/img/checkpoint_sigma_histogram.png
+
 bench: $(VENV)/.test-installed
 	$(PY) benchmarks/bench_sigma.py
 
@@ -63,4 +75,4 @@ $(VENV)/.test-installed: pyproject.toml Makefile | $(PY)
 	touch $(VENV)/.demo-installed $@
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .hypothesis
+	rm -rf $(VENV) site site-screenshots .pytest_cache .hypothesis

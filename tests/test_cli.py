@@ -46,16 +46,17 @@ def npz_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_every_2d_tensor_gets_a_row_with_sigma_and_a_certified_interval(capsys, npz_file):
+def test_every_2d_to_5d_tensor_gets_a_row_with_sigma_and_a_certified_interval(capsys, npz_file):
     rows = run_json(capsys, str(npz_file))
-    assert [row["name"] for row in rows] == ["fc1", "fc2"]
-    for row, matrix in zip(rows, (FC1, FC2)):
-        exact = sigma_max(matrix)
+    assert [row["name"] for row in rows] == ["fc1", "conv", "fc2"]
+    assert [row["measure"] for row in rows] == ["matrix", "reshaped kernel", "matrix"]
+    for row, tensor in zip(rows, (FC1, CONV, FC2)):
+        exact = sigma_max(tensor.reshape(len(tensor), -1))
         np.testing.assert_allclose(row["sigma"], exact, rtol=1e-5)
         assert row["lower"] <= exact <= row["upper"]
         assert row["upper"] / row["lower"] <= 1 + 1e-3
-        assert row["shape"] == list(matrix.shape)
-        assert row["dtype"] == str(matrix.dtype)
+        assert row["shape"] == list(tensor.shape)
+        assert row["dtype"] == str(tensor.dtype)
         assert row["method"] in ("svd", "lanczos", "power")
         assert isinstance(row["bounds_method"], str) and row["bounds_method"]
         assert row["converged"] is True
@@ -75,8 +76,8 @@ def test_key_picks_one_tensor_and_method_is_honoured(capsys, npz_file):
 def test_table_output(capsys, npz_file):
     assert main(["sigma", str(npz_file)]) == 0
     out = capsys.readouterr().out
-    assert "fc1" in out and "fc2" in out and "conv" not in out and "bias" not in out
-    assert "40×30" in out
+    assert "fc1" in out and "fc2" in out and "conv" in out and "bias" not in out
+    assert "40×30" in out and "reshaped kernel" in out
     assert f"{sigma_max(FC1):.5f}"[:6] in out
     assert "certified interval" in out
 
@@ -87,7 +88,7 @@ def test_table_without_rich_names_the_fix_and_json_still_works(capsys, npz_file,
     monkeypatch.setitem(sys.modules, "rich.table", None)
     err = run_failing(capsys, "sigma", str(npz_file))
     assert "pip install 'lipnorm[cli]' (or pass --json)" in err
-    assert len(run_json(capsys, str(npz_file))) == 2
+    assert len(run_json(capsys, str(npz_file))) == 3
 
 
 def test_pt_state_dict(capsys, tmp_path):
@@ -147,11 +148,11 @@ def test_pickled_pt_is_refused_without_running_code(capsys, tmp_path):
         ("w.txt", b"1 2 3", [], "unsupported file type '.txt'"),
         ("w.safetensors", b"\x05\x00", [], "not a valid .safetensors file"),
         ("weights.npz", "npz", ["--key", "fc3"], "no tensor named 'fc3'; its tensors are 'fc1', 'bias'"),
-        ("weights.npz", "npz", ["--key", "conv"], "has shape (8, 3, 3, 3); `lipnorm sigma` takes 1-D and 2-D"),
-        ("vectors.npz", "vectors", [], "no 2-D tensors; pick a 1-D one with --key"),
+        ("w.npz", "6-d", ["--key", "t"], "has shape (1, 1, 1, 1, 2, 2); `lipnorm sigma` takes tensors with 1 to 5 axes"),
+        ("vectors.npz", "vectors", [], "no floating-point tensors with 2 to 5 axes; pick a 1-D one with --key"),
         ("weights.npz", "npz", ["--rtol", "0"], "--rtol must be positive"),
     ],
-    ids=["missing", "truncated", "wrong-format", "bad-safetensors", "key-not-found", "4-d-key",
+    ids=["missing", "truncated", "wrong-format", "bad-safetensors", "key-not-found", "6-d-key",
          "no-2d", "bad-rtol"],
 )
 def test_bad_files_give_one_line_and_exit_2(capsys, tmp_path, name, content, extra, message):
@@ -160,6 +161,8 @@ def test_bad_files_give_one_line_and_exit_2(capsys, tmp_path, name, content, ext
         np.savez(path, fc1=FC1, bias=BIAS, conv=CONV)
     elif content == "vectors":
         np.savez(path, a=BIAS)
+    elif content == "6-d":
+        np.savez(path, t=np.ones((1, 1, 1, 1, 2, 2)))
     elif content is not None:
         path.write_bytes(content)
     err = run_failing(capsys, "sigma", str(path), *extra)
@@ -209,9 +212,139 @@ def test_unknown_method_and_missing_command_are_usage_errors(capsys, npz_file):
         main(["sigma", str(npz_file), "--method", "qr"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'qr'" in capsys.readouterr().err
+    for option, value, message in [
+        ("--input-size", "0,3", "expected integers >= 1, got '0,3'"),
+        ("--stride", "2,a", "expected integers separated by commas, got '2,a'"),
+        ("--padding", "half", "got 'half'; or 'same', 'valid', 'circular'"),
+        ("--padding", "-1", "expected integers >= 0, got '-1'; or 'same'"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sigma", str(npz_file), option, value])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2
+
+
+LONG_NAMES = [
+    "encoder.layer.0.attention.self.query.weight",
+    "encoder.layer.11.attention.output.dense.weight",
+]
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_tensor_names_are_never_cut(capsys, tmp_path, monkeypatch, width):
+    from rich.console import Console
+    from rich.table import Table
+
+    path = tmp_path / "w.npz"
+    np.savez(path, **{LONG_NAMES[0]: FC1, LONG_NAMES[1]: FC2, "features.0.weight": CONV})
+    monkeypatch.setattr("lipnorm.cli._rich", lambda: (Console(width=width), Table))
+    assert main(["sigma", str(path), "--input-size", "6,6"]) == 0
+    out = capsys.readouterr().out
+    for name in (*LONG_NAMES, "features.0.weight"):
+        assert name in out
+    assert "…" not in out
+    assert max(len(line) for line in out.splitlines()) <= width
+    # The columns that matter stay; what is dropped to fit is said.
+    assert "reshaped kernel" in out and "conv operator on 3×6×6" in out
+    assert ("not shown to fit the terminal" in out) == (width < 200)
+    # Too narrow for one table: each name heads its rows, on a line of its own.
+    assert (LONG_NAMES[0] in out.splitlines()) == (width < 200)
+
+
+def test_non_float_tensors_are_skipped_and_counted_unless_asked_for(capsys, tmp_path):
+    path = tmp_path / "w.npz"
+    ids = np.arange(512, dtype=np.int64).reshape(1, 512)
+    np.savez(path, **{"embeddings.position_ids": ids, "mask": np.eye(3, dtype=bool), "fc": FC1})
+    assert main(["sigma", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [row["name"] for row in json.loads(captured.out)] == ["fc"]
+    assert "skipped 2 non-float tensors (embeddings.position_ids, mask)" in captured.err
+    assert main(["sigma", str(path)]) == 0
+    assert "skipped 2 non-float tensors" in capsys.readouterr().out
+    rows = run_json(capsys, str(path), "--include-non-float")
+    assert [row["name"] for row in rows] == ["embeddings.position_ids", "mask", "fc"]
+    assert rows[0]["dtype"] == "int64"
+    np.testing.assert_allclose(rows[0]["sigma"], np.linalg.norm(ids.astype(float)), rtol=1e-6)
+    assert rows[1]["lower"] <= 1.0 <= rows[1]["upper"]
+    err = run_failing(capsys, "sigma", str(path), "--key", "mask")
+    assert "'mask' is bool, not floating point" in err and "--include-non-float" in err
+    (row,) = run_json(capsys, str(path), "--key", "mask", "--include-non-float")
+    assert row["name"] == "mask"
+
+
+def dense_conv_sigma(kernel: np.ndarray, input_shape, **geometry) -> float:
+    """sigma_max of a torch convolution, from its dense matrix (one column per basis input)."""
+    torch = pytest.importorskip("torch")
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d,
+            5: torch.nn.functional.conv3d}[kernel.ndim]
+    basis = torch.eye(int(np.prod(input_shape)), dtype=torch.float64).reshape(-1, *input_shape)
+    outputs = conv(basis, torch.from_numpy(kernel).double(), **geometry)
+    return sigma_max(outputs.reshape(len(basis), -1).numpy())
+
+
+@pytest.mark.parametrize(
+    ("kernel_shape", "input_size", "options", "geometry"),
+    [
+        ((4, 2, 3), "9", [], {}),
+        ((8, 3, 3, 3), "6,7", ["--stride", "2", "--padding", "1"], {"stride": 2, "padding": 1}),
+        ((6, 2, 3, 3), "5,5", ["--groups", "2", "--dilation", "2", "--padding", "2,1"],
+         {"groups": 2, "dilation": 2, "padding": (2, 1)}),
+        ((2, 2, 3, 3, 3), "4,4,4", ["--padding", "same"], {"padding": "same"}),
+    ],
+    ids=["conv1d", "conv2d-stride-padding", "conv2d-groups-dilation", "conv3d-same"],
+)
+def test_conv_kernels_get_reshaped_and_operator_rows(capsys, tmp_path, kernel_shape, input_size,
+                                                     options, geometry):
+    kernel = np.random.default_rng(5).standard_normal(kernel_shape)
+    path = tmp_path / "w.npz"
+    np.savez(path, kernel=kernel)
+    reshaped, operator = run_json(capsys, str(path), "--input-size", input_size, *options)
+    assert reshaped["measure"] == "reshaped kernel"
+    exact = sigma_max(kernel.reshape(kernel_shape[0], -1))
+    np.testing.assert_allclose(reshaped["sigma"], exact, rtol=1e-6)
+    assert reshaped["lower"] <= exact <= reshaped["upper"]
+    groups = geometry.get("groups", 1)
+    input_shape = (kernel_shape[1] * groups, *map(int, input_size.split(",")))
+    assert operator["measure"] == "conv operator" and operator["sigma"] is None
+    assert tuple(operator["input_shape"]) == input_shape
+    true_norm = dense_conv_sigma(kernel, input_shape, **geometry)
+    assert operator["lower"] <= true_norm * (1 + 1e-12) and true_norm <= operator["upper"]
+    assert operator["upper"] <= 1.1 * true_norm
+
+
+def test_input_size_of_another_rank_adds_no_operator_row(capsys, npz_file):
+    rows = run_json(capsys, str(npz_file), "--input-size", "5,5,5")
+    assert [row["measure"] for row in rows] == ["matrix", "reshaped kernel", "matrix"]
+
+
+def test_a_kernel_the_geometry_does_not_fit_gets_an_error_row(capsys, npz_file):
+    assert main(["sigma", str(npz_file), "--input-size", "2,2", "--json"]) == 1
+    operator = json.loads(capsys.readouterr().out)[2]
+    assert operator["measure"] == "conv operator" and operator["error"]
+
+
+def test_estimate_is_printed_to_its_precision_and_the_interval_outward(capsys, tmp_path):
+    """A float32 estimate and its float64 interval print without contradicting each other."""
+    import re
+
+    path = tmp_path / "w.npz"
+    matrix = np.random.default_rng(0).standard_normal((1024, 512), dtype=np.float32)
+    np.savez(path, w=matrix)
+    exact = sigma_max(matrix)
+    (row,) = run_json(capsys, str(path))
+    assert not row["lower"] <= row["sigma"] <= row["upper"]  # the case the table must explain
+    assert main(["sigma", str(path)]) == 0
+    out = capsys.readouterr().out
+    estimate, lower, upper = re.search(r"│ (\S+) │ \[(\S+), (\S+)\]", out).groups()
+    assert float(lower) <= row["lower"] and row["upper"] <= float(upper)
+    assert float(lower) <= exact <= float(upper)
+    assert len(estimate.replace(".", "").lstrip("0")) == 6  # rtol 1e-6: 6 significant digits
+    half_unit = 0.5 * 10 ** (np.floor(np.log10(exact)) - 5)
+    assert float(lower) - half_unit <= float(estimate) <= float(upper) + half_unit
+    assert "printed to 6 significant digits" in out and "rounded outward" in out
 
 
 def test_version(capsys):
@@ -273,3 +406,16 @@ def test_installed_console_script_and_single_sourced_version():
     assert script.exists(), f"console script missing next to {sys.executable}"
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == f"lipnorm {lipnorm.__version__}"
+
+
+def test_interval_ends_are_rounded_outward_exactly():
+    """The printed ends of an interval never cut into it, whatever the float."""
+    from decimal import Decimal
+
+    from lipnorm.cli import _significant
+
+    values = np.random.default_rng(2).lognormal(0, 8, size=2000)
+    for value in [*values, 54.58703129197087, 4.9999999999999999, 1e-300, 9.999999999999e20]:
+        assert Decimal(_significant(value, 7, "down")) <= Decimal(value)
+        assert Decimal(value) <= Decimal(_significant(value, 7, "up"))
+    assert _significant(54.587032318115234, 6, "nearest") == "54.5870"
