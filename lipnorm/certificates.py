@@ -50,7 +50,7 @@ __all__ = [
     "certify_gram_chunks",
     "certify_gram_stack",
     "certify_stack",
-    "certified_min_eigenvalue",
+    "certify_positive_semidefinite",
     "gram_iteration_block_bounds",
     "gram_iteration_bounds",
 ]
@@ -652,14 +652,14 @@ def gram_iteration_block_bounds(blocks: Any, *, steps: int = 8) -> tuple[np.ndar
             np.where(zero, 0.0, stack.unscale_upper(_up(upper))))
 
 
-def certified_min_eigenvalue(matrix: np.ndarray, formation_error: float = 0.0) -> float:
-    """A certified lower bound of the smallest eigenvalue of a real symmetric matrix.
+def certify_positive_semidefinite(matrix: np.ndarray, formation_error: float = 0.0) -> bool:
+    """Whether a real symmetric matrix is certainly positive semidefinite.
 
     The matrix held is ``fl(matrix)``; the exact one is within ``formation_error``
-    (spectral norm) of it. With ``c`` half the computed smallest eigenvalue, a successful
-    floating-point Cholesky factorization ``R`` of ``fl(matrix − c I)`` gives
-    ``λ_min(matrix) ≥ c − γ_{d+1}‖R‖_F² − 2u(c + max|diag|)`` (Higham, Thm 10.3), less
-    ``formation_error``.
+    (spectral norm) of it. A successful floating-point Cholesky factorization ``R`` of
+    ``fl(matrix − c I)`` gives ``λ_min ≥ c − γ_{d+1}‖R‖_F² − 2u(c + max|diag|)`` (Higham,
+    Thm 10.3); the shift ``c`` is chosen just above what that rounding term and
+    ``formation_error`` can be, and raised once if the factor's size asks for more.
 
     Parameters
     ----------
@@ -670,44 +670,39 @@ def certified_min_eigenvalue(matrix: np.ndarray, formation_error: float = 0.0) -
 
     Returns
     -------
-    float
-        ``lower`` with ``λ_min(exact) ≥ lower``; ``-inf`` when the matrix is not
-        numerically positive definite (nothing is certified then).
+    bool
+        True only if ``λ_min(exact) ≥ 0`` is proven.
 
     Examples
     --------
     >>> import numpy as np
-    >>> 0.0 < certified_min_eigenvalue(np.diag([2.0, 1.0])) <= 1.0
+    >>> certify_positive_semidefinite(np.diag([2.0, 1.0]))
     True
+    >>> certify_positive_semidefinite(np.diag([2.0, -1e-300]))
+    False
     """
-    import scipy.linalg
-
     matrix = np.asarray(matrix, dtype=np.float64)
     dimension = matrix.shape[0]
     if not np.all(np.isfinite(matrix)):
-        return -math.inf
-    smallest = float(scipy.linalg.eigh(matrix, eigvals_only=True, subset_by_index=[0, 0],
-                                       check_finite=False)[0])
-    if not smallest > 0:
-        return -math.inf
-    shift = smallest / 2
-    shifted = matrix.copy()
+        return False
     diagonal = np.arange(dimension)
-    shifted[diagonal, diagonal] -= shift
-    try:
-        factor = np.linalg.cholesky(shifted)
-    except np.linalg.LinAlgError:
-        return -math.inf
-    square = float(np.vdot(factor, factor))
-    if not math.isfinite(square):
-        return -math.inf
-    square *= 1.0 + _gamma(dimension * dimension + 2, False)
-    delta = (
-        _gamma(dimension + 1, False) * square
-        + 2 * _UNIT_ROUNDOFF * (shift + float(np.max(np.abs(matrix[diagonal, diagonal]))))
-        + dimension * dimension * _SMALLEST_SUBNORMAL
-    )
-    lower = shift - float(_up(delta * (1.0 + 1e-6))) - float(_up(formation_error))
-    for _ in range(4):  # the two subtractions' rounding, and then some
-        lower = math.nextafter(lower, -math.inf)
-    return lower
+    largest_diagonal = float(np.max(np.abs(matrix[diagonal, diagonal])))
+    gamma = _gamma(dimension + 1, False)
+    square = max(float(np.trace(matrix)), 0.0)  # ‖R‖_F² = trace(matrix − cI) in exact arithmetic
+    for _ in range(2):
+        rounding = gamma * square * 1.01 + 2 * _UNIT_ROUNDOFF * 2 * largest_diagonal
+        shift = 2 * (rounding + float(formation_error)) + dimension * dimension * _SMALLEST_SUBNORMAL
+        shifted = matrix.copy()
+        shifted[diagonal, diagonal] -= shift
+        try:
+            factor = np.linalg.cholesky(shifted)
+        except np.linalg.LinAlgError:
+            return False
+        square = float(np.vdot(factor, factor)) * (1.0 + _gamma(dimension * dimension + 2, False))
+        if not math.isfinite(square):
+            return False
+        delta = (gamma * square + 2 * _UNIT_ROUNDOFF * (shift + largest_diagonal)
+                 + dimension * dimension * _SMALLEST_SUBNORMAL)
+        if shift - float(_up(delta * (1.0 + 1e-6))) - float(_up(float(formation_error))) > 0:
+            return True
+    return False
