@@ -88,5 +88,6 @@ def keras_section(console: Any, output_dir: Path) -> None:
     certificate = lipnorm.certify(model, lower=True)
     console.print(
         f"lipnorm.certify(model, lower=True) in {format_seconds(time.perf_counter() - start)}: "
-        f"upper bound {certificate.upper:.6g}, lower bound {certificate.lower:.6g}."
+        f"upper bound {certificate.upper:.6g} (certified by {certificate.method}; the product of "
+        f"layer bounds gives {certificate.ladder[0].upper:.6g}), lower bound {certificate.lower:.6g}."
     )
