@@ -206,7 +206,7 @@ def main() -> None:
     for size in ((32,) if args.quick else (32, 224)):
         model, shape = resnet18(size)
         rows, _ = lipnorm_methods(model, shape, 60.0)
-        low = lower_bound(model, None, shape, starts=8 if size == 224 else 32, steps=20 if size == 224 else 60)
+        low = lower_bound(model, None, shape, starts=4 if size == 224 else 32, steps=10 if size == 224 else 60)
         table.append((f"ResNet-18 {size}×{size} (random)", None, low, rows, None, None))
         print(size, low, rows, flush=True)
     write(table, args)

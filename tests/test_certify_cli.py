@@ -101,3 +101,32 @@ def test_uncertifiable_model_exits_with_2(tmp_path):
     torch.export.save(torch.export.export(Square(), (torch.zeros(1, 3),)), str(path))
     code, text = run([str(path), "--input-shape", "3"])
     assert code == 2 and "not certifiable" in text
+
+
+def test_method_and_time_budget_show_the_ladder(tmp_path):
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(small_model(), (torch.zeros(1, 2, 5, 5),), str(path), dynamo=False)
+    code, text = run([str(path), "--method", "chain", "--json", str(tmp_path / "c.json")])
+    assert code == 0, text
+    assert "the ladder of methods" in text and "chain" in text and "product" in text
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert [run["method"] for run in data["ladder"]] == ["product", "chain"]
+    assert data["upper"] == min(run["upper"] for run in data["ladder"])
+    assert data["method"] in ("product", "chain")
+    code, text = run([str(path), "--method", "auto", "--time-budget", "5"])
+    assert code == 0 and "sdp" in text, text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "lipsdp"], "invalid choice"),
+    (["--time-budget", "0"], "positive number of seconds"),
+    (["--time-budget", "soon"], "number of seconds"),
+])
+def test_bad_method_or_budget_is_a_usage_error(tmp_path, capsys, argv, message):
+    parser = __import__("argparse").ArgumentParser()
+    cli.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m.onnx", *argv])
+    assert message in capsys.readouterr().err

@@ -51,8 +51,8 @@ _FLOPS_PER_SECOND = 3.0e9
 #: Fewest optimisation steps worth starting.
 _MIN_STEPS = 20
 #: The optimisation stops when ρ has not dropped by this fraction in ``_STALL_STEPS`` steps.
-_STALL_TOLERANCE = 1e-5
-_STALL_STEPS = 30
+_STALL_TOLERANCE = 3e-5
+_STALL_STEPS = 25
 #: The optimisation's soft maximum weighs eigenvalue μ by exp(SHARPNESS·(μ − λ_max)/λ_max).
 _SHARPNESS = 200.0
 
@@ -131,7 +131,7 @@ def sdp_bound(network: DenseNetwork, *, time_budget: float, row: np.ndarray | No
             f"steps would take about {estimate:.0f} s, more than the time budget of {time_budget:.0f} s")
     problem = _Problem(network, row)
     # the exact check after the optimisation costs a few steps' time: keep it inside the budget
-    deadline = time.perf_counter() + time_budget - 4 * _seconds_per_step(network)
+    deadline = time.perf_counter() + 0.9 * time_budget - 4 * _seconds_per_step(network)
     multipliers = _optimise(problem, _feasible_start(problem, start), deadline, max_steps)
     rho = problem.rho(multipliers)[0]
     for slack in (1e-7, 1e-5, 1e-3, 1e-2):
