@@ -8,11 +8,14 @@ which import their framework.
 
 from lipnorm.robustness.bounds import LogitBounds, logit_bounds
 from lipnorm.robustness.radii import CertifiedPredictions, certified_accuracy, certified_radius
+from lipnorm.robustness.report import RobustnessReport, robustness
 
 __all__ = [
     "CertifiedPredictions",
     "LogitBounds",
+    "RobustnessReport",
     "certified_accuracy",
     "certified_radius",
     "logit_bounds",
+    "robustness",
 ]

@@ -14,7 +14,8 @@ import numpy as np
 
 from lipnorm.certify.api import model_format
 
-__all__ = ["EVALUATION_TOLERANCE", "declared_input_shape", "evaluate_logits", "input_dtype", "to_numpy"]
+__all__ = ["EVALUATION_TOLERANCE", "declared_input_shape", "evaluate_logits", "input_dtype",
+           "logit_function", "to_numpy"]
 
 #: Stated bound of a model's evaluation error, relative to ``1 + max_j |f_j(x)|``, by the
 #: dtype it computes in (about 2000 units in the last place for float32 and 64 for
@@ -91,7 +92,7 @@ def evaluate_logits(model, x: np.ndarray, *, batch_size: int = 256,
     -------
     ndarray, shape (N, number of outputs), float64
     """
-    run = _runner(model)
+    run = logit_function(model)
     outputs = []
     for start in range(0, len(x), batch_size):
         out = np.asarray(run(x[start:start + batch_size]), dtype=np.float64)
@@ -103,7 +104,8 @@ def evaluate_logits(model, x: np.ndarray, *, batch_size: int = 256,
     return np.concatenate(outputs)
 
 
-def _runner(model) -> Callable[[np.ndarray], np.ndarray]:
+def logit_function(model) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from a batch in the model's dtype to the model's outputs (one session for ONNX)."""
     kind = model_format(model)
     if kind == "torch":
         import torch
@@ -126,7 +128,7 @@ def _runner(model) -> Callable[[np.ndarray], np.ndarray]:
     proto = load_onnx(model)
     session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     name = _onnx_input(proto).name
-    return lambda batch: session.run(None, {name: batch})[0]
+    return lambda batch: session.run(None, {name: np.ascontiguousarray(batch)})[0]
 
 
 def _onnx_input(model):

@@ -19,7 +19,7 @@ Rounding, so that a radius is never larger than the certificate allows:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -54,6 +54,8 @@ class CertifiedPredictions:
     bounds : LogitBounds
     inputs : ndarray
         The inputs as the model saw them (in its dtype).
+    moved : ndarray, shape (N,)
+        How far (L2, rounded up) casting the given inputs to the model's dtype moved them.
     """
 
     radii: np.ndarray
@@ -62,6 +64,13 @@ class CertifiedPredictions:
     labels: np.ndarray | None
     bounds: LogitBounds
     inputs: np.ndarray
+    moved: np.ndarray
+
+    def radii_with(self, pairwise: np.ndarray) -> np.ndarray:
+        """The radii these predictions get from other pairwise bounds (e.g. the global form)."""
+        radii, _ = radii_from_logits(self.logits, pairwise, EVALUATION_TOLERANCE[self.inputs.dtype.name],
+                                     self.labels)
+        return np.maximum(np.nextafter(radii - self.moved, -np.inf), 0.0)
 
     def accuracy(self, eps) -> float | np.ndarray:
         """Share of samples certified at each ``eps`` (radius > eps, and correct with labels)."""
@@ -175,10 +184,10 @@ def certified_predictions(model, x, y=None, *, bounds: LogitBounds | None = None
     if logits.shape[1] != bounds.classes:
         raise ValueError(f"the model has {logits.shape[1]} outputs, the bounds are for {bounds.classes}")
     labels = None if y is None else check_labels(y, len(inputs), bounds.classes)
+    found = CertifiedPredictions(np.zeros(len(inputs)), np.argmax(logits, axis=1).astype(np.int64), logits,
+                                 labels, bounds, inputs, moved)
     pairwise = bounds.pairwise if bound == "pairwise" else bounds.global_pairwise()
-    radii, predicted = radii_from_logits(logits, pairwise, EVALUATION_TOLERANCE[inputs.dtype.name], labels)
-    radii = np.maximum(np.nextafter(radii - moved, -np.inf), 0.0)
-    return CertifiedPredictions(radii, predicted, logits, labels, bounds, inputs)
+    return replace(found, radii=found.radii_with(pairwise))
 
 
 def radii_from_logits(logits: np.ndarray, pairwise: np.ndarray, tolerance: float,
