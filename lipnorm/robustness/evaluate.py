@@ -127,8 +127,15 @@ def logit_function(model) -> Callable[[np.ndarray], np.ndarray]:
 
     proto = load_onnx(model)
     session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    declared = _onnx_input(proto).type.tensor_type.shape.dim
+    step = declared[0].dim_value if declared and declared[0].HasField("dim_value") else None
     name = _onnx_input(proto).name
-    return lambda batch: session.run(None, {name: np.ascontiguousarray(batch)})[0]
+
+    def run(batch):
+        # a graph exported with a fixed batch size takes the inputs that many at a time
+        chunks = [batch] if step is None else [batch[i:i + step] for i in range(0, len(batch), step)]
+        return np.concatenate([session.run(None, {name: np.ascontiguousarray(c)})[0] for c in chunks])
+    return run
 
 
 def _onnx_input(model):
