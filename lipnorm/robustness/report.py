@@ -204,6 +204,10 @@ def robustness(model, x, y, eps=DEFAULT_EPS, *, attack: bool = False, domain=Non
         domain = tuple(float(v) for v in domain)
         if len(domain) != 2 or not domain[0] < domain[1]:
             raise ValueError(f"domain must be (low, high) with low < high, got {domain!r}")
+    if attack:
+        from lipnorm.robustness.attack import check_attackable
+
+        check_attackable(model)
     start = time.perf_counter()
     found = certified_predictions(model, x, y, bounds=bounds, method=method, time_budget=time_budget,
                                   rules=rules, batch_size=batch_size, progress=progress)
