@@ -113,9 +113,11 @@ def logit_function(model) -> Callable[[np.ndarray], np.ndarray]:
         if model.training and not isinstance(model, torch.fx.GraphModule):
             raise ValueError("the model is in training mode; call model.eval() first")
 
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
         def run(batch):
             with torch.no_grad():
-                return model(torch.from_numpy(np.ascontiguousarray(batch))).cpu().numpy()
+                return model(torch.from_numpy(np.ascontiguousarray(batch)).to(device)).cpu().numpy()
         return run
     if kind == "keras":
         import keras

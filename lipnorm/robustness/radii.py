@@ -217,7 +217,7 @@ def radii_from_logits(logits: np.ndarray, pairwise: np.ndarray, tolerance: float
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = np.where(scale > 0, np.nextafter(margins / scale, -np.inf), np.where(margins > 0, np.inf, 0.0))
     ratios[rows, predicted] = np.inf
-    radii = np.maximum(np.min(ratios, axis=1, initial=np.inf), 0.0) if logits.shape[1] else np.zeros(0)
+    radii = np.maximum(np.min(ratios, axis=1), 0.0)
     if labels is not None:
         radii = np.where(predicted == labels, radii, 0.0)
     return radii, predicted
