@@ -12,6 +12,7 @@ from lipnorm.certify import (
     lipschitz_lower_bound,
 )
 from lipnorm.conv import conv_operator
+from lipnorm.robustness import RobustnessReport, certified_accuracy, certified_radius, robustness
 from lipnorm.sigma import ConvergenceWarning, SigmaState, estimate_sigma, sigma_bounds
 
 __version__ = "0.1.0"
@@ -20,12 +21,16 @@ __all__ = [
     "Certificate",
     "ConvergenceWarning",
     "NotCertifiableError",
+    "RobustnessReport",
     "SigmaInterval",
     "SigmaState",
     "__version__",
+    "certified_accuracy",
+    "certified_radius",
     "certify",
     "conv_operator",
     "estimate_sigma",
     "lipschitz_lower_bound",
+    "robustness",
     "sigma_bounds",
 ]

@@ -12,6 +12,8 @@
 ``lipnorm certify MODEL [--input-shape C,H,W] [--lower] [--json OUT] [--plot OUT]``
     A certified upper bound on a network's Lipschitz constant (``.onnx``, ``.keras``,
     ``.pt2``), layer by layer; see :mod:`lipnorm.certify.cli`.
+``lipnorm robustness MODEL --data SAMPLES.npz [--eps 0.1,0.25,0.5] [--attack] [--json] [--plot]``
+    Certified and empirical accuracy at L2 radii; see :mod:`lipnorm.robustness.cli`.
 ``lipnorm demo``
     The demonstration: estimates and certified bounds next to the SVD.
 
@@ -39,6 +41,8 @@ import numpy as np
 import lipnorm
 from lipnorm._xp import to_numpy
 from lipnorm.certify.cli import add_arguments, run_certify
+from lipnorm.robustness.cli import add_arguments as add_robustness_arguments
+from lipnorm.robustness.cli import run_robustness
 from lipnorm.weights_io import SUFFIXES, WeightFileError, load_weights
 
 __all__ = ["main"]
@@ -175,6 +179,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(certify)
     certify.set_defaults(run=run_certify)
+
+    robustness = commands.add_parser(
+        "robustness",
+        help="certified L2 radii and accuracy of a classifier on labelled samples",
+        description=(
+            "Certified accuracy at L2 radii eps of a classifier file on the samples of an .npz "
+            "file (x, y; read without pickle), with --attack the accuracy under an L2 attack."
+        ),
+    )
+    add_robustness_arguments(robustness)
+    robustness.set_defaults(run=run_robustness)
 
     demo = commands.add_parser(
         "demo", help="estimates next to the SVD; train, normalize and certify a small CNN"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lipnorm.demo.keras_cnn import keras_section
+from lipnorm.demo.robust_cnn import robust_section
 from lipnorm.demo.sigma import sigma_section
 from lipnorm.demo.torch_cnn import torch_section
 
@@ -50,6 +51,10 @@ SECTIONS: list[DemoSection] = [
     DemoSection(
         "Keras 3: the same CNN with lipnorm's SpectralNormalization",
         keras_section, requires=("keras", "sklearn"),
+    ),
+    DemoSection(
+        "Certified robustness: a Lipschitz CNN trained for margins, certified and attacked",
+        robust_section, requires=("torch", "sklearn", "matplotlib"),
     ),
 ]
 

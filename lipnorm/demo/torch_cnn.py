@@ -56,8 +56,9 @@ def build_model(seed: int = 0) -> Any:
     )
 
 
-def train(model: Any, digits: Digits, *, epochs: int, batch_size: int = 32, seed: int = 0) -> float:
-    """Train with Adam on cross-entropy; return the test accuracy.
+def train(model: Any, digits: Digits, *, epochs: int, batch_size: int = 32, seed: int = 0,
+          loss: Any = None) -> float:
+    """Train with Adam on cross-entropy (or ``loss``); return the test accuracy.
 
     Parameters
     ----------
@@ -68,6 +69,8 @@ def train(model: Any, digits: Digits, *, epochs: int, batch_size: int = 32, seed
     batch_size : int
     seed : int
         Seed of the batch order.
+    loss : callable, optional
+        ``loss(logits, labels)``; default: cross-entropy.
 
     Returns
     -------
@@ -80,12 +83,13 @@ def train(model: Any, digits: Digits, *, epochs: int, batch_size: int = 32, seed
     labels = torch.from_numpy(digits.train_labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(seed)
+    loss = loss or torch.nn.functional.cross_entropy
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(labels), generator=generator).split(batch_size):
-            loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
+            value = loss(model(images[batch]), labels[batch])
             optimizer.zero_grad()
-            loss.backward()
+            value.backward()
             optimizer.step()
     model.eval()
     with torch.no_grad():
