@@ -53,6 +53,8 @@ _MIN_STEPS = 20
 #: The optimisation stops when ρ has not dropped by this fraction in ``_STALL_STEPS`` steps.
 _STALL_TOLERANCE = 3e-5
 _STALL_STEPS = 25
+#: Optimisation steps' worth of time kept for the exact check at the end.
+_CHECK_STEPS = 8
 #: The optimisation's soft maximum weighs eigenvalue μ by exp(SHARPNESS·(μ − λ_max)/λ_max).
 _SHARPNESS = 200.0
 
@@ -130,8 +132,7 @@ def sdp_bound(network: DenseNetwork, *, time_budget: float, row: np.ndarray | No
             f"the SDP has {network.input_size + hidden} variables ({hidden} hidden); {_MIN_STEPS} "
             f"steps would take about {estimate:.0f} s, more than the time budget of {time_budget:.0f} s")
     problem = _Problem(network, row)
-    # the exact check after the optimisation costs a few steps' time: keep it inside the budget
-    deadline = time.perf_counter() + 0.9 * time_budget - 4 * _seconds_per_step(network)
+    deadline = time.perf_counter() + time_budget
     multipliers = _optimise(problem, _feasible_start(problem, start), deadline, max_steps)
     rho = problem.rho(multipliers)[0]
     for slack in (1e-7, 1e-5, 1e-3, 1e-2):
@@ -346,9 +347,10 @@ def _optimise(problem: _Problem, multipliers, deadline: float, max_steps: int,
     first = [np.zeros_like(x) for x in logs]
     second = [np.zeros_like(x) for x in logs]
     beta1, beta2 = 0.9, 0.999
-    stalled = 0
+    stalled, began = 0, time.perf_counter()
     for step in range(1, max_steps + 1):
-        if time.perf_counter() > deadline:
+        # the exact check after the optimisation costs a few steps: keep it inside the budget
+        if time.perf_counter() + _CHECK_STEPS * (time.perf_counter() - began) / step > deadline:
             break
         trial = []
         for i, (x, g) in enumerate(zip(logs, gradient)):
