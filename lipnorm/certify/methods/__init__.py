@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lipnorm.bounds import compose, round_up
 from lipnorm.certify.graph import Graph
 
 __all__ = ["LADDER", "MethodRun", "run_ladder"]
@@ -158,29 +159,46 @@ def run_ladder(graph: Graph, product, node_bounds, *, method: str, time_budget: 
 
 
 def _sdp_rows(network, rows, budget: float):
-    """One SDP per output row, each warm-started from the previous row's multipliers."""
-    from lipnorm.certify.methods.sdp import sdp_bound
+    """Row bounds from the SDP: ‖row‖ times the whole output's bound, then one SDP per row
+    (warm-started from the previous one) while the budget lasts; the smaller bound counts."""
+    from lipnorm.certify.methods.sdp import SdpTooLarge, sdp_bound
 
-    values, proofs, start = [], [], None
+    began = time.perf_counter()
+    whole, whole_proof = sdp_bound(network, time_budget=budget / 2)
+    proofs: list = [None] * len(rows)
+    values = [compose([_length(row), whole]) for row in rows]
+    start = whole_proof.multipliers
     for index, row in enumerate(rows):
-        share = budget / (len(rows) - index) if budget > 0 else 0.0
-        began = time.perf_counter()
-        value, proof = sdp_bound(network, time_budget=share, row=row, start=start)
-        budget -= time.perf_counter() - began
-        values.append(value)
-        proofs.append(proof)
+        share = (budget - (time.perf_counter() - began)) / (len(rows) - index)
+        try:
+            value, proof = sdp_bound(network, time_budget=share, row=row, start=start)
+        except SdpTooLarge:
+            break
+        except ValueError:  # this row's multipliers failed the check: its cap stands
+            continue
+        if value < values[index]:
+            values[index], proofs[index] = value, proof
         start = proof.multipliers
-    return np.array(values), _RowProofs(proofs)
+    return np.array(values), _RowProofs(whole_proof, proofs, rows)
 
 
 @dataclass
 class _RowProofs:
-    """One SDP proof per output row."""
+    """SDP proofs of output rows: the whole output's, and a row's own where it was tighter."""
 
+    whole: object
     proofs: list
+    rows: np.ndarray
 
     def verify(self) -> np.ndarray:
-        return np.array([proof.verify() for proof in self.proofs])
+        whole = self.whole.verify()
+        return np.array([compose([_length(row), whole]) if proof is None else proof.verify()
+                         for row, proof in zip(self.rows, self.proofs)])
+
+
+def _length(row: np.ndarray) -> float:
+    """Upper bound of ‖row‖₂."""
+    return round_up(float(np.linalg.norm(row)) * (1 + 4 * (row.size + 1) * 2.0**-53))
 
 
 def _record(best: LadderResult, method: str, value, proof, seconds: float, rows) -> None:

@@ -99,8 +99,10 @@ def chain_bound(network: DenseNetwork, unit_caps: list[float], rows: np.ndarray 
         return _combine(norms, units, unit_bounds), ChainProof(network, list(unit_caps))
     rows = np.asarray(rows, dtype=np.float64)
     norms_per_row = [_row_norms(rows, chains[s][output]) for s in range(len(units) + 1)]
-    bounds = np.array([_combine([n[i] for n in norms_per_row], units, unit_bounds)
-                       for i in range(rows.shape[0])])
+    whole = _combine([_norm(chains[s][output]) for s in range(len(units) + 1)], units, unit_bounds)
+    bounds = np.array([min(_combine([n[i] for n in norms_per_row], units, unit_bounds),
+                           compose([_row_length(row), whole]))  # ‖row · f‖ ≤ ‖row‖ L(f)
+                       for i, row in enumerate(rows)])
     return bounds, ChainProof(network, list(unit_caps), rows)
 
 
@@ -173,6 +175,11 @@ def _row_norms(rows: np.ndarray, block: Block | None) -> list[float]:
     norms = np.linalg.norm(product, axis=1) * (1 + 4 * _gamma(product.shape[1] + 1))
     total = norms + rounding + np.linalg.norm(rows, axis=1) * block.error
     return [round_up(float(v) * (1 + 1e-12)) for v in total]
+
+
+def _row_length(row: np.ndarray) -> float:
+    """Upper bound of ‖row‖₂."""
+    return round_up(float(np.linalg.norm(row)) * (1 + 2 * _gamma(row.size + 1)))
 
 
 def _gamma(count: int) -> float:
