@@ -303,13 +303,17 @@ class SpectralNormalization(keras.layers.Wrapper):
 
     def call(self, inputs, training=False):
         sigmas = self.sigmas(training=bool(training))
-        if self._scales_operand:
-            if isinstance(self.layer, keras.layers.Embedding):
-                outputs = self.layer(inputs)
-                return outputs / ops.cast(sigmas[0], outputs.dtype)
+        if not self._scales_operand:
+            outputs = self._call_substituted(inputs, sigmas)
+        elif isinstance(self.layer, keras.layers.Embedding):
+            outputs = self.layer(inputs)
+            outputs = outputs / ops.cast(sigmas[0], outputs.dtype)
+        else:
             linear = _scaled_linear_part(self.layer, inputs, sigmas[0])
-            return _add_bias_and_activate(self.layer, linear)
-        return self._call_substituted(inputs, sigmas)
+            outputs = _add_bias_and_activate(self.layer, linear)
+        # The wrapped layer computes in its own dtype; the wrapper answers in its policy's,
+        # as keras.layers.SpectralNormalization does.
+        return ops.cast(outputs, self.compute_dtype)
 
     def _call_substituted(self, inputs, sigmas):
         """Run the layer with each normalized weight replaced by ``W / sigma``.
@@ -334,8 +338,13 @@ class SpectralNormalization(keras.layers.Wrapper):
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
 
+    @property
+    def supports_masking(self):
+        """Whether masks pass through: exactly when the wrapped layer supports masking."""
+        return self.layer.supports_masking
+
     def compute_mask(self, inputs, mask=None):
-        return self.layer.compute_mask(inputs, mask)
+        return self.layer.compute_mask(inputs, mask) if self.layer.supports_masking else None
 
     def get_config(self):
         config = super().get_config()
