@@ -125,7 +125,9 @@ def write_table(all_results, repeats, steps):
     lines += [
         "",
         f"Medians of {repeats} interleaved rounds of {steps} steps after 3 warm-up steps.",
-        f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}.",
+        f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average "
+        f"{os.getloadavg()[0]:.1f} at the end.",
         f"Libraries: {versions()}.",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",

@@ -69,6 +69,9 @@ def scaled_matmul(x, kernel, sigma, u, v):
     dtype = x.dtype
     scaled = x / ops.cast(sigma, dtype)
     outputs = ops.matmul(scaled, kernel)
+    # Eager torch computes every gradient returned; an input that needs none says so (a
+    # model's input). TensorFlow and JAX tensors have no such flag and prune unused ones.
+    input_needs_grad = getattr(x, "requires_grad", True)
 
     def grad(*args, upstream=None):
         g = _upstream(args, upstream)
@@ -76,7 +79,7 @@ def scaled_matmul(x, kernel, sigma, u, v):
         c = ops.sum(ops.cast(g, wide) * ops.cast(outputs, wide)) / sigma
         rows_in = ops.concatenate([scaled, ops.cast(v, dtype)[None, :]], axis=0)
         rows_grad = ops.concatenate([g, ops.cast(-c * u, dtype)[None, :]], axis=0)
-        grad_x = ops.matmul(g, ops.transpose(kernel)) / ops.cast(sigma, dtype)
+        grad_x = ops.matmul(g, ops.transpose(kernel)) / ops.cast(sigma, dtype) if input_needs_grad else None
         grad_kernel = ops.matmul(ops.transpose(rows_in), rows_grad)
         return (grad_x, grad_kernel) + _constants(sigma, u, v)
 
