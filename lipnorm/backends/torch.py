@@ -14,7 +14,10 @@ and semantics (``mode="matrix"``), or of the convolution's true operator norm
 * a zero weight gives a zero output, not NaN; the power iteration runs in float32 under
   autocast and for half-precision weights;
 * modules can be deep-copied and pickled whole; checkpoints of torch's parametrization and
-  legacy spectral norm load into them.
+  legacy spectral norm (every version) load into them;
+* complex weights are normalized as torch does (``sigma = u^H W v``) through ``W / sigma``;
+* torch's parametrization API (``module.parametrizations``) is absent, and its use raises an
+  error that names lipnorm's equivalent.
 
 The state follows torch's legacy layout: parameter ``<name>_orig`` (the same Parameter
 object the module had), buffers ``<name>_u`` and ``<name>_v``.
