@@ -4,8 +4,9 @@ Side by side in one process per Keras backend: no normalization, Keras's own
 ``keras.layers.SpectralNormalization`` and ``lipnorm.backends.keras.SpectralNormalization``
 (which also differentiates through sigma). Models: an MLP 1024->4096->4096->1 at
 batch 64 and 8, and a DCGAN-style discriminator on 32x32x3 at batch 64. The step
-is Keras's compiled train function (``train_on_batch``): a ``tf.function`` graph on
-the TensorFlow backend (``jit_compile=False``), ``jax.jit`` on the JAX backend.
+is Keras's train function (``train_on_batch``): a ``tf.function`` graph on the
+TensorFlow backend (``jit_compile=False``), ``jax.jit`` on the JAX backend, eager
+PyTorch on the torch backend.
 
 Run ``python benchmarks/bench_keras_sn.py`` from the repository root; it starts one
 subprocess per backend and writes benchmarks/results/bench_keras_sn.md.
@@ -24,7 +25,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "bench_keras_sn.md")
-BACKENDS = ("tensorflow", "jax")
+BACKENDS = ("tensorflow", "jax", "torch")
 VARIANTS = ("none", "keras", "lipnorm")
 CASES = (("mlp", 64), ("mlp", 8), ("dcgan_d", 64))
 
@@ -96,7 +97,7 @@ def run_backend(backend, repeats, steps):
 def versions():
     from importlib.metadata import version
 
-    return ", ".join(f"{p} {version(p)}" for p in ("keras", "tensorflow-cpu", "jax", "numpy"))
+    return ", ".join(f"{p} {version(p)}" for p in ("keras", "tensorflow-cpu", "jax", "torch", "numpy"))
 
 
 def write_table(all_results, repeats, steps):
@@ -107,7 +108,7 @@ def write_table(all_results, repeats, steps):
         "ratio to the same model without normalization. `keras` is",
         "`keras.layers.SpectralNormalization` (no gradient through sigma); `lipnorm` is",
         "`lipnorm.backends.keras.SpectralNormalization` (gradient through sigma).",
-        "TensorFlow: `tf.function` graph (`jit_compile=False`); JAX: `jax.jit`.",
+        "TensorFlow: `tf.function` graph (`jit_compile=False`); JAX: `jax.jit`; torch: eager.",
         "",
         "| backend | model | batch | none (ms) | keras SN (ms) | lipnorm SN (ms) | keras / none | lipnorm / none |",
         "|---|---|---|---|---|---|---|---|",
@@ -124,7 +125,9 @@ def write_table(all_results, repeats, steps):
     lines += [
         "",
         f"Medians of {repeats} interleaved rounds of {steps} steps after 3 warm-up steps.",
-        f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}.",
+        f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average "
+        f"{os.getloadavg()[0]:.1f} at the end.",
         f"Libraries: {versions()}.",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",

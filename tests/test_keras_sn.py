@@ -203,35 +203,78 @@ def test_parity_with_keras_spectral_normalization(family, iterations):
 
 # --- gradient through sigma ------------------------------------------------------------
 
-@pytest.mark.parametrize(
-    "make, shape, mode",
-    [
-        (lambda: keras.layers.Dense(3, dtype="float64"), (4, 5), "matrix"),
-        (lambda: keras.layers.Conv2D(2, 3, padding="same", dtype="float64"), (2, 5, 5, 2), "matrix"),
-        (
-            lambda: keras.layers.Conv2D(2, 3, strides=2, padding="same", dtype="float64"),
-            (2, 6, 6, 2),
-            "operator",
+class Float64DenseStack(keras.layers.Layer):
+    """Two normalized Dense layers: the first kernel's gradient passes through the second's
+    input gradient."""
+
+    def __init__(self):
+        super().__init__(dtype="float64")
+        self.first = SpectralNormalization(
+            keras.layers.Dense(4, dtype="float64"), dtype="float64"
+        )
+        self.second = SpectralNormalization(keras.layers.Dense(3, dtype="float64"), dtype="float64")
+        self.layers = [self.first, self.second]
+
+    def build(self, input_shape):
+        self.first.build(input_shape)
+        self.second.build(self.first.compute_output_shape(input_shape))
+
+    def call(self, inputs, training=False):
+        return self.second(self.first(inputs, training=training), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return self.second.compute_output_shape(self.first.compute_output_shape(input_shape))
+
+
+def float64_wrapper(make, mode="matrix"):
+    return lambda: SpectralNormalization(make(), mode=mode, dtype="float64")
+
+
+GRADIENT_CASES = {
+    "dense": (float64_wrapper(lambda: keras.layers.Dense(3, dtype="float64")), (4, 5)),
+    "dense_3d_input": (float64_wrapper(lambda: keras.layers.Dense(3, dtype="float64")), (2, 3, 4)),
+    "dense_stack": (Float64DenseStack, (4, 5)),
+    "conv2d": (
+        float64_wrapper(lambda: keras.layers.Conv2D(2, 3, padding="same", dtype="float64")),
+        (2, 5, 5, 2),
+    ),
+    "conv2d_operator": (
+        float64_wrapper(
+            lambda: keras.layers.Conv2D(2, 3, strides=2, padding="same", dtype="float64"), "operator"
         ),
-        (
-            lambda: keras.layers.EinsumDense("ab,bc->ac", 3, bias_axes="c", dtype="float64"),
-            (4, 5),
-            "matrix",
+        (2, 6, 6, 2),
+    ),
+    "conv2d_transpose": (
+        float64_wrapper(lambda: keras.layers.Conv2DTranspose(3, 2, strides=2, dtype="float64")),
+        (2, 3, 3, 2),
+    ),
+    "depthwise_conv2d": (
+        float64_wrapper(lambda: keras.layers.DepthwiseConv2D(2, depth_multiplier=2, dtype="float64")),
+        (2, 4, 4, 2),
+    ),
+    "einsum_dense": (
+        float64_wrapper(
+            lambda: keras.layers.EinsumDense("ab,bc->ac", 3, bias_axes="c", dtype="float64")
         ),
-    ],
-    ids=["dense", "conv2d", "conv2d_operator", "einsum_dense"],
-)
-def test_gradient_through_sigma_matches_finite_differences(make, shape, mode, float64):
+        (4, 5),
+    ),
+    "embedding": (float64_wrapper(lambda: keras.layers.Embedding(6, 3, dtype="float64")), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRADIENT_CASES))
+def test_gradient_through_sigma_matches_finite_differences(case, float64):
+    make, shape = GRADIENT_CASES[case]
     rng = np.random.default_rng(3)
-    inputs = rng.standard_normal(shape)
-    model = SpectralNormalization(make(), mode=mode, dtype="float64")
-    model.build(shape)
-    wrapper = model
-    weights = rng.standard_normal(tuple(model.compute_output_shape(shape)))
+    inputs = rng.integers(0, 6, size=(3, 4)).astype("int32") if shape is None else rng.standard_normal(shape)
+    model = make()
+    model.build(inputs.shape)
+    wrapper = model.layers[0] if isinstance(model, Float64DenseStack) else model
+    weights = rng.standard_normal(tuple(model.compute_output_shape(inputs.shape)))
     loss_fn = weighted_sum(ops.convert_to_tensor(weights))
     _, grads = loss_and_gradients(model, loss_fn, inputs, training=False)
-    kernel = wrapper.layer.kernel
-    index = model.trainable_variables.index(kernel)
+    kernel = getattr(wrapper.layer, wrapper._views[0].attribute)
+    index = [id(v) for v in model.trainable_variables].index(id(kernel))
     analytic = to_numpy(grads[index])
     base = to_numpy(kernel).copy()
     numeric = np.zeros_like(base)
@@ -246,7 +289,9 @@ def test_gradient_through_sigma_matches_finite_differences(make, shape, mode, fl
             values.append(float(to_numpy(loss_fn(model, (inputs,), False))))
         numeric[position] = (values[0] - values[1]) / (2 * step)
     kernel.assign(base)
-    np.testing.assert_allclose(analytic, numeric, rtol=tolerance, atol=tolerance)
+    # Rounding in the loss is relative to its size, so the absolute tolerance scales with it.
+    scale = max(1.0, float(np.abs(numeric).max()))
+    np.testing.assert_allclose(analytic, numeric, rtol=tolerance, atol=tolerance * scale)
 
 
 def test_inference_uses_stored_vectors_without_update():
@@ -609,6 +654,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     from lipnorm.backends.keras import SpectralNormalization
+    keras.utils.set_random_seed(0)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     assert strategy.num_replicas_in_sync == 2
     with strategy.scope():
@@ -632,9 +678,12 @@ MIRRORED_SCRIPT = textwrap.dedent(
                 np.testing.assert_array_equal(replicas[0], replicas[1])
                 np.testing.assert_allclose(np.linalg.norm(replicas[0]), 1.0, rtol=1e-5)
     assert not np.array_equal(before, np.array(model.layers[0]._vectors[0][0].value))
-    kernel = np.array(model.layers[0].layer.kernel.value, dtype=np.float64)
-    sigma = float(model.layers[0].sigmas()[0])
-    np.testing.assert_allclose(sigma, np.linalg.svd(kernel, compute_uv=False)[0], rtol=2e-2)
+    # Power iteration approaches sigma from below, and converges once the weights stop moving.
+    layer = model.layers[0]
+    exact = np.linalg.svd(np.array(layer.layer.kernel.value, dtype=np.float64), compute_uv=False)[0]
+    assert 0.0 < float(layer.sigmas()[0]) <= exact * (1 + 1e-5)
+    layer.warm_up(500)
+    np.testing.assert_allclose(float(layer.sigmas()[0]), exact, rtol=1e-4)
     print("MIRRORED_OK")
     """
 )
@@ -649,3 +698,82 @@ def test_mirrored_strategy_trains_and_keeps_u_consistent():
         timeout=300,
     )
     assert result.returncode == 0 and "MIRRORED_OK" in result.stdout, result.stderr[-4000:]
+
+
+# --- masks and dtype policies --------------------------------------------------------------
+
+
+class MaskProbe(keras.layers.Layer):
+    """Identity that records the mask Keras hands it (``None`` when there is none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.supports_masking = True
+        self.seen_mask = "not called"
+
+    def call(self, inputs, mask=None):
+        self.seen_mask = mask
+        return inputs
+
+
+@pytest.mark.parametrize(
+    "make, supports_masking",
+    [(lambda: keras.layers.Conv1D(3, 3, padding="valid"), False), (lambda: keras.layers.Dense(3), True)],
+    ids=["conv1d", "dense"],
+)
+def test_wrapper_reports_masking_support_of_the_wrapped_layer(make, supports_masking):
+    layer = make()
+    assert layer.supports_masking is supports_masking
+    assert SpectralNormalization(layer).supports_masking is supports_masking
+
+
+def test_mask_is_dropped_by_a_layer_that_does_not_support_masking():
+    """Embedding(mask_zero) -> SN(Conv1D 'valid') -> LSTM: the length-6 mask must not reach
+    the length-4 output (JAX crashed on it, TensorFlow and torch used it silently)."""
+    tokens = np.array([[1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 8, 0]], "int32")
+
+    def model_with(wrap):
+        return keras.Sequential([
+            keras.Input((6,), dtype="int32"),
+            keras.layers.Embedding(10, 4, mask_zero=True),
+            wrap(keras.layers.Conv1D(3, 3, padding="valid")),
+            keras.layers.LSTM(2),
+        ])
+
+    normalized = model_with(SpectralNormalization)
+    bare = model_with(lambda layer: layer)
+    wrapper = normalized.layers[1]
+    sigma = float(to_numpy(wrapper.sigmas()[0]))
+    bare.layers[0].set_weights(normalized.layers[0].get_weights())
+    bare.layers[1].set_weights([to_numpy(wrapper.layer.kernel) / sigma, to_numpy(wrapper.layer.bias)])
+    bare.layers[2].set_weights(normalized.layers[2].get_weights())
+    probe = MaskProbe()
+    probe(wrapper(normalized.layers[0](tokens)))
+    assert probe.seen_mask is None
+    np.testing.assert_allclose(to_numpy(normalized(tokens)), to_numpy(bare(tokens)), rtol=1e-5, atol=1e-6)
+
+
+def test_mask_is_propagated_by_a_layer_that_supports_masking():
+    tokens = np.array([[1, 2, 0], [3, 0, 0]], "int32")
+    embedding = keras.layers.Embedding(10, 4, mask_zero=True)
+    wrapper = SpectralNormalization(keras.layers.Dense(3))
+    probe = MaskProbe()
+    probe(wrapper(embedding(tokens)))
+    np.testing.assert_array_equal(to_numpy(probe.seen_mask), tokens != 0)
+
+
+@pytest.mark.parametrize("family", ["dense", "einsum_dense", "conv2d", "embedding"])
+def test_outputs_follow_the_wrappers_dtype_policy(family):
+    """The wrapper's own policy decides its output dtype, as Keras's wrapper does, and the
+    eager output, ``compute_output_spec`` and the functional graph agree."""
+    make, shape = FAMILIES[family]
+    inputs = family_inputs(shape)
+    wrapper = SpectralNormalization(make(), dtype="mixed_float16")
+    for training in (True, False):
+        assert keras.backend.standardize_dtype(wrapper(inputs, training=training).dtype) == "float16"
+    spec = wrapper.compute_output_spec(keras.KerasTensor(inputs.shape, dtype=str(inputs.dtype)))
+    assert keras.backend.standardize_dtype(spec.dtype) == "float16"
+    symbolic = keras.Input(inputs.shape[1:], dtype=str(inputs.dtype))
+    model = keras.Model(symbolic, SpectralNormalization(make(), dtype="mixed_float16")(symbolic))
+    assert keras.backend.standardize_dtype(model.outputs[0].dtype) == "float16"
+    assert keras.backend.standardize_dtype(model(inputs).dtype) == "float16"

@@ -1,4 +1,4 @@
-"""Run tests/test_keras_sn.py under the Keras backends this process is not using.
+"""Run the Keras SN test modules under the Keras backends this process is not using.
 
 Keras fixes its backend per process (KERAS_BACKEND), so the other backends run
 in subprocesses; a failure names the backend and shows that run's report.
@@ -14,13 +14,14 @@ import pytest
 keras = pytest.importorskip("keras")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULE = os.path.join(ROOT, "tests", "test_keras_sn.py")
+MODULES = ("test_keras_sn.py", "test_keras_sn_upstream.py")
 FRAMEWORK = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 OTHER_BACKENDS = [b for b in FRAMEWORK if b != keras.backend.backend()]
 
 
+@pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("backend", OTHER_BACKENDS)
-def test_keras_sn_suite_on_backend(backend):
+def test_keras_sn_suite_on_backend(backend, module):
     if importlib.util.find_spec(FRAMEWORK[backend]) is None:
         pytest.skip(f"{FRAMEWORK[backend]} is not installed")
     env = dict(
@@ -30,7 +31,8 @@ def test_keras_sn_suite_on_backend(backend):
     )
     env.setdefault("OMP_NUM_THREADS", "1")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", MODULE, "-q", "-p", "no:cacheprovider", "-x"],
+        [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", module), "-q", "-p",
+         "no:cacheprovider", "-x"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -38,7 +40,7 @@ def test_keras_sn_suite_on_backend(backend):
         timeout=900,
     )
     assert result.returncode == 0, (
-        f"tests/test_keras_sn.py failed with KERAS_BACKEND={backend}:\n"
+        f"tests/{module} failed with KERAS_BACKEND={backend}:\n"
         + result.stdout[-6000:]
         + result.stderr[-2000:]
     )

@@ -552,3 +552,103 @@ def test_operator_mode_reinitializes_for_a_new_input_size():
         conv(x)
     conv.eval()
     np.testing.assert_allclose(_operator_norm(conv, (2, 9, 9)), 1.0, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- complex weights
+
+
+COMPLEX_LAYERS = {
+    "linear": (lambda: nn.Linear(6, 5, dtype=torch.complex128), (4, 6)),
+    "conv2d": (lambda: nn.Conv2d(2, 3, 3, padding=1, dtype=torch.complex128), (2, 2, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("kind", list(COMPLEX_LAYERS))
+def test_complex_weights_match_torch_in_training_and_eval(kind):
+    """sigma = u^H W v with conjugate transposes in the iteration, as torch computes it."""
+    make, shape = COMPLEX_LAYERS[kind]
+    reference, ours = _torch_and_lipnorm(make, torch.complex128)
+    ref_weight = reference.parametrizations.weight.original
+    for training in (True, True, False):
+        reference.train(training)
+        ours.train(training)
+        x = torch.randn(shape, dtype=torch.complex128, requires_grad=True)
+        y_ref, y_ours = reference(x), ours(x)
+        torch.testing.assert_close(y_ours, y_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ours.weight_u, reference.parametrizations.weight[0]._u, rtol=1e-10, atol=1e-12)
+        grad_out = torch.randn_like(y_ref)
+        for g_ref, g_ours in zip(_grads(y_ref, [ref_weight, reference.bias, x], grad_out),
+                                 _grads(y_ours, [ours.weight_orig, ours.bias, x], grad_out)):
+            torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_complex_weight_sigma_is_the_largest_singular_value():
+    layer = spectral_norm(nn.Linear(7, 4, dtype=torch.complex64))
+    warm_up(layer, 200)
+    exact = torch.linalg.matrix_norm(layer.weight_orig.detach(), 2)
+    sigma = sigma_of(layer)
+    assert sigma.dtype == torch.float32
+    torch.testing.assert_close(sigma, exact, rtol=1e-5, atol=0)
+    assert sigmas(layer) == {"weight": pytest.approx(float(exact), rel=1e-5)}
+
+
+def test_complex_gradcheck_linear():
+    layer = spectral_norm(nn.Linear(4, 3, dtype=torch.complex128))
+    x = torch.randn(2, 4, dtype=torch.complex128, requires_grad=True)
+    layer.eval()
+    assert torch.autograd.gradcheck(lambda x, w: torch.func.functional_call(layer, {"weight_orig": w}, (x,)),
+                                    (x, layer.weight_orig.detach().clone().requires_grad_()))
+
+
+def test_operator_mode_refuses_complex_weights():
+    with pytest.raises(ValueError, match="complex weights.*use mode='matrix'"):
+        spectral_norm(nn.Conv2d(2, 3, 3, dtype=torch.complex64), mode="operator")
+
+
+# --------------------------------------------------------------------------- torch's APIs
+
+
+def _pre_1_0_legacy_state_dict(module, x):
+    """A state dict as torch's legacy spectral_norm wrote it before its version 1: the
+    normalized weight itself under ``weight``, ``weight_orig`` and ``weight_u``, no ``weight_v``."""
+    nn.utils.spectral_norm(module)
+    module(x)
+    state = module.state_dict()
+    state["weight"] = module.weight.detach().clone()
+    del state["weight_v"]
+    del state._metadata[""]["spectral_norm"]
+    return state
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: nn.Linear(5, 4), torch.randn(3, 5)),
+    (lambda: nn.Conv2d(2, 3, 3), torch.randn(2, 2, 6, 6)),
+    (lambda: nn.ConvTranspose2d(3, 2, 3), torch.randn(2, 3, 4, 4)),
+], ids=["linear", "conv2d", "conv_transpose2d"])
+def test_load_pre_1_0_legacy_checkpoint_like_torch(make, x):
+    """v is recomputed from u and the weights, as torch's legacy load hook does, so eval
+    reproduces the saved normalized weight."""
+    state = _pre_1_0_legacy_state_dict(make(), x)
+    saved_weight = state["weight"].clone()
+    reference = nn.utils.spectral_norm(make())
+    reference.load_state_dict(copy.deepcopy(state))
+    ours = spectral_norm(make())
+    ours.load_state_dict(copy.deepcopy(state))
+    reference.eval()
+    ours.eval()
+    torch.testing.assert_close(ours.weight, saved_weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-6)
+    # Both v give <u, W v> = sigma; lipnorm's is the least-norm solution of W v = u, torch's
+    # (from the pseudo-inverse of W^T W in float32) may differ by a null-space component.
+
+
+def test_torch_parametrization_api_names_lipnorm_equivalents():
+    layer = spectral_norm(nn.Linear(3, 4))
+    assert not torch.nn.utils.parametrize.is_parametrized(layer)
+    with pytest.raises(AttributeError, match=r"weight_orig.*remove_spectral_norm\(module, 'weight'\)"):
+        layer.parametrizations.weight.original
+    with pytest.raises(ValueError, match=r"lipnorm.*remove_spectral_norm\(module, 'weight'\)"):
+        torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")
+    assert isinstance(remove_spectral_norm(layer).weight, nn.Parameter)
+    with pytest.raises(AttributeError, match="has no attribute 'parametrizations'"):
+        layer.parametrizations

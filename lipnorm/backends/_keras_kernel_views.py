@@ -140,3 +140,25 @@ def kernel_matrix(weight, view):
     if order != tuple(range(len(shape))):
         weight = keras.ops.transpose(weight, order)
     return keras.ops.reshape(weight, matrix_shape(shape, view))
+
+
+def kernel_from_matrix(matrix, shape, view):
+    """The inverse of ``kernel_matrix``: a matrix view back in the weight's layout.
+
+    Parameters
+    ----------
+    matrix : tensor, shape (n_in, n_out)
+    shape : tuple of int
+        The weight's shape.
+    view : KernelView
+
+    Returns
+    -------
+    tensor, shape ``shape``
+    """
+    input_axes = tuple(i for i in range(len(shape)) if i not in view.output_axes)
+    order = input_axes + view.output_axes
+    weight = keras.ops.reshape(matrix, tuple(shape[i] for i in order))
+    if order == tuple(range(len(shape))):
+        return weight
+    return keras.ops.transpose(weight, tuple(order.index(i) for i in range(len(shape))))

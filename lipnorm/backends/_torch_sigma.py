@@ -9,7 +9,7 @@ Two views of a weight ``W``:
     the layer's own linear map (a convolution with its stride, padding, dilation, groups):
     ``v`` is shaped like one input ``(1, C_in, *spatial)``, ``u`` like one output.
 
-Both give ``sigma = <u, A v>`` and its weight gradient ``d sigma / dW`` (with ``u``, ``v``
+Both give ``sigma = <u, A v>`` (``u^H A v`` for complex weights, as torch computes it) and its weight gradient ``d sigma / dW`` (with ``u``, ``v``
 held constant) as an in-place update of a weight gradient, so no weight-sized temporary is
 formed for the matrix view.
 
@@ -31,13 +31,14 @@ from ._torch_layer_maps import ConvMap, LinearMap
 
 
 def inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Return the real inner product ``sum(a * b)`` as a 0-d tensor, without a temporary.
+    """Return the inner product ``sum(conj(a) * b)`` as a 0-d tensor, without a temporary.
 
-    Low-precision (float16/bfloat16) arguments are accumulated in float32.
+    For real arguments this is ``sum(a * b)``. Low-precision (float16/bfloat16) arguments are
+    accumulated in float32.
     """
     if a.dtype in (torch.float16, torch.bfloat16):
         a, b = a.float(), b.float()
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+    return torch.vdot(a.reshape(-1), b.reshape(-1))
 
 
 def normalize_into_(w: torch.Tensor, out: torch.Tensor, eps: float) -> None:
@@ -64,8 +65,8 @@ class MatrixView(NamedTuple):
         return torch.mv(matrix, v)
 
     def rmatvec(self, matrix: torch.Tensor, u: torch.Tensor, v_like: torch.Tensor) -> torch.Tensor:
-        """Return ``matrix^T @ u``, shape ``(w,)``."""
-        return torch.mv(matrix.t(), u)
+        """Return ``matrix^H @ u`` (the conjugate transpose; ``matrix^T`` when real), shape ``(w,)``."""
+        return torch.mv(matrix.mH, u)
 
     def initial_vectors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return random unit vectors ``u`` (``h``) and ``v`` (``w``) in ``weight``'s dtype/device."""

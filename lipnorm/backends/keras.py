@@ -2,9 +2,10 @@
 
 ``SpectralNormalization`` is a drop-in for ``keras.layers.SpectralNormalization``
 that never overwrites the wrapped layer's weights: the layer runs with ``W / sigma``
-(for Dense, Conv and Conv*Transpose the input is scaled by ``1 / sigma``
-instead, for Embedding the output: the same map), the gradient flows through sigma,
-and inference uses sigma from the stored power-iteration vectors.
+(for Dense the input is scaled by ``1 / sigma`` instead: the same map), the gradient
+flows through sigma, and inference uses sigma from the stored power-iteration vectors.
+The gradient through sigma is part of one custom gradient per layer
+(``_keras_normalized_ops``), so it costs no extra pass over the weight.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lipnorm.backends._keras_kernel_views import (
     kernel_views,
     matrix_shape,
 )
+from lipnorm.backends._keras_normalized_ops import normalized_weight, scaled_matmul
 from lipnorm.backends._keras_power_iteration import (
     matrix_map,
     power_iteration,
@@ -41,42 +43,25 @@ def _iteration_dtype(variable_dtype):
     return "float32" if variable_dtype in _LOW_PRECISION else variable_dtype
 
 
-def _add_bias_and_activate(layer, outputs):
-    """The part of a Dense / Conv / Conv*Transpose ``call`` that follows the linear map."""
-    bias = getattr(layer, "bias", None)
-    if bias is not None:
-        bias = ops.cast(bias, outputs.dtype)
-        if getattr(layer, "data_format", "channels_last") == "channels_first":
-            bias = ops.reshape(bias, (1, -1) + (1,) * (len(outputs.shape) - 2))
-        outputs = ops.add(outputs, bias)
+def _normalized_dense(layer, inputs, sigma, u, v):
+    """A Dense layer's ``call`` with its kernel divided by ``sigma``, as ``(x / sigma) K + b``.
+
+    Dividing the input keeps every intermediate at the size of the normalized output, so
+    float16 cannot overflow on ``x K`` when ``sigma`` is large, and no kernel-sized
+    temporary is formed; ``scaled_matmul`` folds the gradient through ``sigma`` into the
+    kernel's gradient.
+    """
+    dtype = layer.compute_dtype
+    inputs = ops.cast(inputs, dtype)
+    kernel = ops.cast(layer.kernel, dtype)
+    n_in, n_out = kernel.shape
+    flat = ops.reshape(inputs, (-1, n_in))
+    outputs = ops.reshape(scaled_matmul(flat, kernel, sigma, u, v), (*ops.shape(inputs)[:-1], n_out))
+    if layer.bias is not None:
+        outputs = ops.add(outputs, ops.cast(layer.bias, dtype))
     if layer.activation is not None:
         outputs = layer.activation(outputs)
     return outputs
-
-
-def _scaled_linear_part(layer, inputs, sigma):
-    """The linear map of a Dense / Conv / Conv*Transpose layer applied to ``inputs / sigma``.
-
-    ``(x / sigma) W = (x W) / sigma = x (W / sigma)``; dividing the input keeps every
-    intermediate at the size of the normalized output, so float16 cannot overflow on
-    ``x W`` when ``sigma`` is large, and no weight-sized temporary is formed.
-    """
-    dtype = layer.compute_dtype
-    inputs = ops.cast(inputs, dtype) / ops.cast(sigma, dtype)
-    kernel = ops.cast(layer.kernel, dtype)
-    if isinstance(layer, CONV_LAYERS):
-        return layer.convolution_op(inputs, kernel)
-    if isinstance(layer, CONV_TRANSPOSE_LAYERS):
-        return ops.conv_transpose(
-            inputs,
-            kernel,
-            strides=list(layer.strides),
-            padding=layer.padding,
-            output_padding=layer.output_padding,
-            dilation_rate=layer.dilation_rate,
-            data_format=layer.data_format,
-        )
-    return ops.matmul(inputs, kernel)
 
 
 @keras.saving.register_keras_serializable(package="lipnorm")
@@ -89,12 +74,17 @@ class SpectralNormalization(keras.layers.Wrapper):
     where ``sigma = u^T W v`` is differentiated in ``W`` (``u``, ``v`` held
     constant, as in Miyato et al. 2018); in inference ``sigma`` comes from the
     stored ``u``, ``v`` without an update, so training and inference agree.
-    Dense, Conv1D/2D/3D and Conv*Transpose scale their input by ``1 / sigma``
-    (``(x / sigma) W + b``, the same values and gradients as using ``W / sigma``,
-    without a weight-sized temporary), Embedding its output; EinsumDense, DepthwiseConv,
-    SeparableConv (each of its two kernels), Conv1D with causal padding and other
-    layers with a ``kernel`` run their own ``call`` with ``W / sigma`` substituted
-    (in a ``keras.StatelessScope``).
+    Dense scales its input by ``1 / sigma`` (``(x / sigma) W + b``, the same values and
+    gradients as using ``W / sigma``, without a weight-sized temporary); every other
+    layer (Conv*, Conv*Transpose, EinsumDense, DepthwiseConv, SeparableConv, each of
+    its two kernels, Embedding, any layer with a ``kernel``) runs its own ``call`` with
+    ``W / sigma`` substituted (in a ``keras.StatelessScope``). In ``"matrix"`` mode the
+    gradient through sigma is folded into a custom gradient (for Dense, one more row of
+    the kernel-gradient product); in ``"operator"`` mode it is differentiated.
+
+    Masks pass through as the wrapped layer passes them (``supports_masking``,
+    ``compute_mask``), and the output has the wrapper's own compute dtype, as with
+    ``keras.layers.SpectralNormalization``.
 
     The power iteration always runs in float32 or wider (also under the
     ``mixed_float16`` / ``mixed_bfloat16`` policies). ``u`` and ``v`` are
@@ -184,21 +174,12 @@ class SpectralNormalization(keras.layers.Wrapper):
         self.power_iterations = int(power_iterations)
         self.mode = mode
         self.eps = float(eps)
-        # Conv1D pads causal inputs in its own call, which _scaled_linear_part does not.
-        self._scales_operand = (
-            isinstance(
-                layer,
-                CONV_LAYERS
-                + CONV_TRANSPOSE_LAYERS
-                + (keras.layers.Dense, keras.layers.Embedding),
-            )
-            and type(layer).call
-            in (
-                keras.layers.Dense.call,
-                keras.layers.Embedding.call,
-                *(cls.call for cls in CONV_LAYERS + CONV_TRANSPOSE_LAYERS),
-            )
-            and getattr(layer, "padding", None) != "causal"
+        # A Dense layer with its stock call scales its input; other layers run their own
+        # call with the normalized weight substituted.
+        self._scales_input = (
+            mode == "matrix"
+            and isinstance(layer, keras.layers.Dense)
+            and type(layer).call is keras.layers.Dense.call
         )
         if layer.built:
             kernel_views(layer)
@@ -282,9 +263,19 @@ class SpectralNormalization(keras.layers.Wrapper):
         list of tensor, shape ()
             One per normalized weight, differentiable in the weight.
         """
+        return [sigma for sigma, _, _ in self._estimates(training, differentiable=True)]
+
+    def _estimates(self, training, differentiable):
+        """``(sigma, u, v)`` per normalized weight, ``sigma`` computed from ``u`` and ``v``.
+
+        In training the power iteration runs first and the updated ``u``, ``v`` are stored.
+        ``sigma`` is differentiable in the weight only if ``differentiable``.
+        """
         result = []
         for index, (u, v) in enumerate(self._vectors):
             operand = self._operand(index)
+            if not differentiable:
+                operand = ops.stop_gradient(operand)
             if training:
                 sigma, new_u, new_v = power_iteration(
                     self._maps[index],
@@ -297,36 +288,56 @@ class SpectralNormalization(keras.layers.Wrapper):
                 u.assign(new_u)
                 v.assign(new_v)
             else:
-                sigma = sigma_from_vectors(self._maps[index], operand, u.value, v.value)
-            result.append(safe_divisor(sigma, self.eps))
+                new_u, new_v = ops.stop_gradient(u.value), ops.stop_gradient(v.value)
+                sigma = sigma_from_vectors(self._maps[index], operand, new_u, new_v)
+            result.append((safe_divisor(sigma, self.eps), new_u, new_v))
         return result
 
     def call(self, inputs, training=False):
-        sigmas = self.sigmas(training=bool(training))
-        if self._scales_operand:
-            if isinstance(self.layer, keras.layers.Embedding):
-                outputs = self.layer(inputs)
-                return outputs / ops.cast(sigmas[0], outputs.dtype)
-            linear = _scaled_linear_part(self.layer, inputs, sigmas[0])
-            return _add_bias_and_activate(self.layer, linear)
-        return self._call_substituted(inputs, sigmas)
+        training = bool(training)
+        if self.mode == "operator":
+            # The operator's sigma has no closed-form weight gradient: differentiate it.
+            sigmas = self.sigmas(training=training)
+            weights = [ops.divide(w, s) for w, s in zip(self._weight_values(), sigmas)]
+            outputs = self._call_substituted(inputs, weights)
+        elif self._scales_input:
+            sigma, u, v = self._estimates(training, differentiable=False)[0]
+            outputs = _normalized_dense(self.layer, inputs, sigma, u, v)
+        else:
+            estimates = self._estimates(training, differentiable=False)
+            weights = [
+                normalized_weight(w, ops.cast(sigma, w.dtype), u, v, view)
+                for w, (sigma, u, v), view in zip(self._weight_values(), estimates, self._views)
+            ]
+            outputs = self._call_substituted(inputs, weights)
+        # The wrapped layer computes in its own dtype; the wrapper answers in its policy's,
+        # as keras.layers.SpectralNormalization does.
+        return ops.cast(outputs, self.compute_dtype)
 
-    def _call_substituted(self, inputs, sigmas):
-        """Run the layer with each normalized weight replaced by ``W / sigma``.
-
-        The layer is called as usual (its own input casting and autocasting under a
-        mixed precision policy, ``training`` from the call context) in a
-        ``keras.StatelessScope`` that maps its weights to their current values.
-        """
-        replaced = {}
-        for view, sigma in zip(self._views, sigmas):
+    def _weight_values(self):
+        """The current value of each normalized weight (a plain ``keras.Variable``)."""
+        values = []
+        for view in self._views:
             variable = getattr(self.layer, view.attribute)
             if not isinstance(variable, keras.Variable):
                 raise ValueError(
                     f"{type(self.layer).__name__}.{view.attribute} is not a plain weight "
                     "(LoRA enabled?); SpectralNormalization cannot substitute it."
                 )
-            replaced[id(variable)] = ops.divide(variable.value, sigma)
+            values.append(variable.value)
+        return values
+
+    def _call_substituted(self, inputs, weights):
+        """Run the layer with each normalized weight replaced by the given value.
+
+        The layer is called as usual (its own input casting and autocasting under a
+        mixed precision policy, ``training`` from the call context) in a
+        ``keras.StatelessScope`` that maps its weights to their current values.
+        """
+        replaced = {
+            id(getattr(self.layer, view.attribute)): weight
+            for view, weight in zip(self._views, weights)
+        }
         state = [(w, replaced.get(id(w), w.value)) for w in self.layer.variables]
         with keras.StatelessScope(state_mapping=state):
             return self.layer(inputs)
@@ -334,8 +345,13 @@ class SpectralNormalization(keras.layers.Wrapper):
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
 
+    @property
+    def supports_masking(self):
+        """Whether masks pass through: exactly when the wrapped layer supports masking."""
+        return self.layer.supports_masking
+
     def compute_mask(self, inputs, mask=None):
-        return self.layer.compute_mask(inputs, mask)
+        return self.layer.compute_mask(inputs, mask) if self.layer.supports_masking else None
 
     def get_config(self):
         config = super().get_config()

@@ -14,7 +14,10 @@ and semantics (``mode="matrix"``), or of the convolution's true operator norm
 * a zero weight gives a zero output, not NaN; the power iteration runs in float32 under
   autocast and for half-precision weights;
 * modules can be deep-copied and pickled whole; checkpoints of torch's parametrization and
-  legacy spectral norm load into them.
+  legacy spectral norm (every version) load into them;
+* complex weights are normalized as torch does (``sigma = u^H W v``) through ``W / sigma``;
+* torch's parametrization API (``module.parametrizations``) is absent, and its use raises an
+  error that names lipnorm's equivalent.
 
 The state follows torch's legacy layout: parameter ``<name>_orig`` (the same Parameter
 object the module had), buffers ``<name>_u`` and ``<name>_v``.
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from ._torch_checkpoint import lipnorm_keys, migrate_keys_
+from ._torch_checkpoint import lipnorm_keys, migrate_keys_, restore_legacy_v_
 from ._torch_layer_maps import ConvMap, LinearMap
 from ._torch_scaled_map import normalized_layer
 from ._torch_sigma import MatrixView, OperatorView, SigmaView, inner, update_sigma_
@@ -212,7 +215,8 @@ def sigma_of(module: nn.Module, name: str = "weight") -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        0-d, detached, float32 (float64 for float64 weights).
+        0-d, detached, float32 (float64 for float64 and complex128 weights); for complex
+        weights the real part of ``u^H A v`` (real up to rounding once u, v have converged).
 
     Raises
     ------
@@ -229,7 +233,8 @@ def sigma_of(module: nn.Module, name: str = "weight") -> torch.Tensor:
     """
     spec = _spec_of(module, name)
     with torch.no_grad():
-        return _estimate_sigma(module, name, _view_of(module, spec, name), 0)[2]
+        sigma = _estimate_sigma(module, name, _view_of(module, spec, name), 0)[2]
+    return sigma.real if sigma.is_complex() else sigma
 
 
 def sigmas(model: nn.Module) -> dict[str, float]:
@@ -346,6 +351,9 @@ def _check_operator_mode(module, name, dim):
         raise ValueError(f"mode='operator' needs the stock forward of a convolution; {kind} overrides it")
     if dim is not None:
         raise ValueError("dim is not used by mode='operator' (the operator acts on whole inputs); drop it")
+    if module._parameters[name].is_complex():
+        raise ValueError(f"mode='operator' does not support complex weights ({kind}.{name} is "
+                         f"{module._parameters[name].dtype}); use mode='matrix'")
     _, pre_pad = _conv_padding(module)
     if pre_pad is not None:
         raise ValueError(f"mode='operator' supports zero padding given as integers or symmetric 'same'; "
@@ -368,7 +376,7 @@ class _SpectralNormMixin:
     """Forward, checkpoint loading and pickling of a module with spectrally normalized tensors."""
 
     def forward(self, *args, **kwargs):
-        if type(self)._output_scaled:
+        if type(self)._output_scaled and not self.weight_orig.is_complex():
             return _output_scaled_forward(self, *args, **kwargs)
         if self.training:
             for name, spec in self._spectral_norm_specs.items():
@@ -379,10 +387,28 @@ class _SpectralNormMixin:
                               unexpected_keys, error_msgs):
         for name, spec in self._spectral_norm_specs.items():
             migrate_keys_(state_dict, prefix, name)
+            restore_legacy_v_(state_dict, prefix, name, MatrixView(spec.dim))
             if spec.mode == "operator":
                 _adopt_operator_vector_shapes(self, state_dict, prefix, name)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def extra_repr(self):
+        names = ", ".join(repr(name) for name in self._spectral_norm_specs)
+        first = next(iter(self._spectral_norm_specs))
+        note = (f"spectral_norm=[{names}] by lipnorm: undo with lipnorm.backends.torch."
+                f"remove_spectral_norm(module, {first!r})")
+        return ", ".join(filter(None, [super().extra_repr(), note]))
+
+    def __getattr__(self, attribute):
+        if attribute == "parametrizations":  # code written for torch.nn.utils.parametrize
+            name = next(iter(self._spectral_norm_specs))
+            raise AttributeError(
+                f"{type(self).__name__} is normalized by lipnorm, not torch.nn.utils.parametrize, so it has "
+                f"no .parametrizations: the original tensor is module.{name}_orig, u and v are "
+                f"module.{name}_u and module.{name}_v, and lipnorm.backends.torch.remove_spectral_norm"
+                f"(module, {name!r}) replaces remove_parametrizations")
+        return super().__getattr__(attribute)
 
     def __reduce_ex__(self, protocol):
         return (_rebuild_normalized_module, (type(self)._spectral_norm_base, tuple(self._spectral_norm_specs)),
@@ -503,7 +529,14 @@ def _normalized_tensor(module, name: str) -> torch.Tensor:
     v = getattr(module, name + "_v").to(dtype, copy=True)
     with torch.autocast(weight.device.type, enabled=False):
         sigma = inner(u, view.matvec(view.operand(weight.to(dtype)), v))
-    return weight / sigma.clamp_min(spec.eps).to(weight.dtype)
+    return weight / _clamped(sigma, spec.eps).to(weight.dtype)
+
+
+def _clamped(sigma: torch.Tensor, eps: float) -> torch.Tensor:
+    """``sigma`` clamped below by ``eps``; a complex ``sigma`` of modulus ``<= eps`` becomes ``eps``."""
+    if sigma.is_complex():
+        return torch.where(sigma.abs() > eps, sigma, torch.full_like(sigma, eps))
+    return sigma.clamp_min(eps)
 
 
 def _initialize_operator_vectors(module, name: str, view: OperatorView, input_shape: tuple[int, ...]) -> None:
