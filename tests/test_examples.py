@@ -32,7 +32,7 @@ def run_example(name: str, *args: str, cwd: Path) -> str:
 
 def test_every_example_is_tested():
     tested = {"sngan_digits_torch.py", "critic_digits_keras_jax.py",
-              "checkpoint_sigma_histogram.py", "certify_onnx_cli.py"}
+              "checkpoint_sigma_histogram.py", "certify_onnx_cli.py", "certified_robustness.py"}
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
 
 
@@ -76,3 +76,14 @@ def test_certify_onnx_cli(tmp_path):
     stored = float(re.search(r"Lipschitz constant <= (\S+)", out).group(1))
     assert printed == pytest.approx(stored, rel=1e-5)
     assert (tmp_path / "certificate.png").stat().st_size > 1000
+
+
+def test_certified_robustness(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("foolbox")
+    out = run_example("certified_robustness.py", cwd=tmp_path)
+    clean, certified, attacked = (float(v) for v in re.search(
+        r"clean (\S+), certified at eps 0.5 (\S+), under attack (\S+)", out).groups())
+    assert certified <= attacked <= clean  # certified <= empirical <= clean
+    assert "pairwise L_yj by" in out
+    assert (tmp_path / "robustness.png").stat().st_size > 1000

@@ -155,7 +155,7 @@ def run_certify(args: argparse.Namespace, *, console=None) -> int:
         ladder.add_column(column, justify="right" if column in {"bound", "upper/lower", "time [s]"} else "left")
     for run in certificate.ladder:
         ratio = "" if run.upper is None or not certificate.lower else f"{run.upper / certificate.lower:.4g}"
-        note = run.note + (" (reported)" if run.method == certificate.method and run.upper is not None else "")
+        note = (run.note + (" (reported)" if run.method == certificate.method and run.upper is not None else "")).strip()
         ladder.add_row(run.method, "—" if run.upper is None else f"{run.upper:.6g}", ratio,
                        f"{run.seconds:.2f}", note)
     console.print(ladder)
