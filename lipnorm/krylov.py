@@ -4,14 +4,39 @@ Both methods work on any :class:`lipnorm.operators.LinearOperator` and keep ever
 vector in the operator's namespace, dtype and device; only scalars (norms, the
 small bidiagonal matrix) come to the host, to decide when to stop.
 
-Both stop on the residual of the Ritz pair ``(sigma, u, v)``: with
-``A v = sigma u`` and ``r = A^H u - sigma v``, the augmented Hermitian matrix
-``[[0, A], [A^H, 0]]`` has an eigenvalue within ``||r|| / sqrt(2)`` of ``sigma``
-(Bauer-Fike / Weyl for Hermitian matrices). Stopping when ``||r|| <= rtol * sigma``
-therefore bounds the error by ``rtol`` relative to the singular value the
-iteration converged to, which for a random (or warm) start is the largest.
-Unlike a rule on the change of sigma between steps, this rule does not stop
-early on clustered spectra (Gaussian matrices), where sigma creeps.
+Both stop on an error estimate of the Ritz value ``sigma`` with its vectors
+``u, v`` (``A v = sigma u``, residual ``r = A^H u - sigma v``); ``[u; v] / sqrt(2)``
+is then an approximate eigenvector of the augmented Hermitian matrix
+``[[0, A], [A^H, 0]]``, whose eigenvalues are ``+-sigma_i``, with Rayleigh quotient
+``sigma`` and residual ``||r|| / sqrt(2)``.
+
+* The residual rule (power iteration; Lanczos while the gap is not resolved): some
+  singular value lies within ``||r|| / sqrt(2)`` of ``sigma`` (Weyl), so
+  ``||r|| <= rtol * sigma`` bounds the error by ``rtol`` relative to the singular
+  value the iteration converged to, which for a random (or warm) start is the largest.
+* The gap rule (Lanczos): ``sigma**2`` is the Rayleigh quotient of ``v`` for
+  ``A^H A``, with residual ``sigma ||r||``. If no singular value but sigma_max lies
+  above ``sigma_2 < sigma``, Kato-Temple's bound for ``A^H A`` gives
+  ``sigma_max - sigma <= sigma ||r||^2 / (2 (sigma - sigma_2) (sigma + sigma_2))``,
+  about ``||r||^2 / (4 (sigma - sigma_2))``. Lanczos takes the gap from its own
+  Ritz values ``theta_1 >= theta_2`` with residuals ``||r_1||, ||r_2||``:
+  ``g = theta_1 - theta_2 - max(||r_1||, ||r_2||)`` (the gap less what both may still
+  move, as PROPACK does), ``sigma_2 <= theta_1 - g`` and ``sigma_2 >= theta_2``
+  (interlacing), and stops when ``sigma ||r_1||^2 / (2 g (sigma + theta_2)) <= rtol * sigma``.
+  The gap counts as resolved only once ``g`` exceeds both residuals (``theta_2`` has
+  settled too: from a warm start, or early on, it may still be far from the value it
+  will converge to); until then the residual rule decides. The
+  error of the top Ritz value falls like ``||r||^2 / g``, so the residual rule alone
+  would run on until the error is orders of magnitude below ``rtol``.
+
+The gap rule is as good as its gap: a singular value the Krylov space has not
+yet found (the start vector nearly orthogonal to its singular vector) is invisible
+to it, as to every method built on products from one start vector. A random start
+makes that unlikely; a warm start close to one singular vector makes it likely
+for the values clustered with it, so Lanczos uses the gap rule only from a random
+start (``random_start=True``). Unlike a rule on the change of sigma between
+steps, neither rule stops early on clustered spectra (Gaussian matrices), where
+sigma creeps.
 
 References
 ----------
@@ -19,6 +44,10 @@ References
    of a matrix", SIAM J. Numer. Anal. 2(2), 1965 (bidiagonalization).
 .. [2] Y. Saad, *Numerical Methods for Large Eigenvalue Problems*, 2nd ed., SIAM
    2011, §4.3 (residual bounds) and §6.3 (Lanczos with reorthogonalization).
+.. [3] B. N. Parlett, *The Symmetric Eigenvalue Problem*, SIAM 1998, §10.5
+   (Kato-Temple: error bounds from the residual and the gap).
+.. [4] R. M. Larsen, "Lanczos bidiagonalization with partial reorthogonalization",
+   DAIMI PB-357, 1998 (PROPACK; its refined error bounds from the Ritz values' gaps).
 """
 
 from __future__ import annotations
@@ -28,6 +57,7 @@ import math
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 
 from lipnorm.operators import LinearOperator
 
@@ -69,8 +99,11 @@ class IterationResult:
         Unit left and right Ritz vectors, in the operator's namespace.
     residual : float
         ``||A^H u - sigma v||``.
+    error : float
+        The estimate of ``sigma_max - sigma`` the method stopped on (see the module
+        docstring): the gap rule's bound where the gap was resolved, else the residual.
     converged : bool
-        Whether ``residual <= rtol * sigma`` was reached (or the Krylov space
+        Whether ``error <= rtol * sigma`` was reached (or the Krylov space
         became invariant, which makes the result exact).
     iterations : int
         Iterations run (one iteration = one ``matvec`` and one ``rmatvec``).
@@ -82,6 +115,7 @@ class IterationResult:
     u: Any
     v: Any
     residual: float
+    error: float
     converged: bool
     iterations: int
     matvecs: int
@@ -206,7 +240,7 @@ def power_iteration(
     v : array, shape (n,)
         Unit start vector in the operator's namespace.
     rtol : float
-        Stop when the residual is at most ``rtol * sigma``.
+        Stop when the residual is at most ``rtol * sigma`` (the residual rule).
     max_iter : int
         Iterations allowed.
 
@@ -227,15 +261,15 @@ def power_iteration(
         u = operator.matvec(v)
         first = _product_norm(xp, u, operator.dtype, first=iteration == 1)
         if first == 0.0:
-            return IterationResult(0.0, u, v, 0.0, True, iteration, 2 * iteration - 1)
+            return IterationResult(0.0, u, v, 0.0, 0.0, True, iteration, 2 * iteration - 1)
         u = u / first
         w = operator.rmatvec(u)
         sigma = _check_finite(vector_norm(xp, w))
         residual = vector_norm(xp, w - first * v)
         v = w / sigma
         if residual <= rtol * sigma:
-            return IterationResult(sigma, u, v, residual, True, iteration, 2 * iteration)
-    return IterationResult(sigma, u, v, residual, False, max_iter, 2 * max_iter)
+            return IterationResult(sigma, u, v, residual, residual, True, iteration, 2 * iteration)
+    return IterationResult(sigma, u, v, residual, residual, False, max_iter, 2 * max_iter)
 
 
 def _orthogonalize(xp: Any, x: Any, basis: list[Any], complex_dtype: bool) -> Any:
@@ -249,15 +283,20 @@ def _orthogonalize(xp: Any, x: Any, basis: list[Any], complex_dtype: bool) -> An
     return x
 
 
-def lanczos(operator: LinearOperator, v: Any, *, rtol: float, max_iter: int) -> IterationResult:
+def lanczos(
+    operator: LinearOperator, v: Any, *, rtol: float, max_iter: int, random_start: bool = False
+) -> IterationResult:
     """Golub-Kahan-Lanczos bidiagonalization with full reorthogonalization.
 
     Builds ``A V_k = U_k B_k`` with ``B_k`` upper bidiagonal; the largest singular
-    value of ``B_k`` is the estimate, and ``beta_k |p_k|`` (``p`` the top left
-    singular vector of ``B_k``) is the exact residual of the Ritz pair, so the
-    stopping rule costs no extra product. The basis is restarted from the best
-    Ritz vector after :data:`MAX_BASIS` steps. When the Krylov space becomes
-    invariant (a rank-deficient matrix, or the whole space is spanned) the
+    value of ``B_k`` is the estimate, and ``beta_k |p_k|`` (``p`` its left singular
+    vector) is the exact residual of the Ritz pair. The same for the second singular
+    value gives the gap, so the stopping rule (the gap rule of the module docstring
+    from a random start, the residual rule while the gap is not resolved or from any
+    other start) costs no extra product, and the two top singular triplets of ``B_k``
+    cost O(k) a step. The basis is restarted
+    from the best Ritz vector after :data:`MAX_BASIS` steps. When the Krylov space
+    becomes invariant (a rank-deficient matrix, or the whole space is spanned) the
     result is exact.
 
     Parameters
@@ -266,9 +305,14 @@ def lanczos(operator: LinearOperator, v: Any, *, rtol: float, max_iter: int) -> 
     v : array, shape (n,)
         Unit start vector in the operator's namespace.
     rtol : float
-        Stop when the residual is at most ``rtol * sigma``.
+        Stop when the error estimate is at most ``rtol * sigma``.
     max_iter : int
         Iterations allowed (each is one ``matvec`` and one ``rmatvec``).
+    random_start : bool
+        Whether ``v`` is a random vector, which has a component along every singular
+        vector: then the gap rule may stop. A warm start (a vector close to a singular
+        vector) hides the singular values near it from the first Krylov spaces, so the
+        gap its Ritz values show may not exist: only the residual rule stops then.
 
     Returns
     -------
@@ -301,19 +345,10 @@ def lanczos(operator: LinearOperator, v: Any, *, rtol: float, max_iter: int) -> 
             alpha = _product_norm(xp, p, operator.dtype, first=iterations == 1)
             if not alphas and alpha == 0.0:
                 # A v = 0 for a random start: A is the zero operator.
-                return IterationResult(0.0, p, v, 0.0, True, iterations, 2 * iterations - 1)
+                return IterationResult(0.0, p, v, 0.0, 0.0, True, iterations, 2 * iterations - 1)
             if alphas and alpha <= negligible * sigma:
                 # A V_k lies in span(U_k): the singular values of [B_k | beta_k e_k] are exact.
-                sigma, left_coef, right_coef = _top_triplet(_bidiagonal(alphas, betas, True))
-                return IterationResult(
-                    sigma,
-                    _combine(xp, left_coef, left, operator),
-                    _combine(xp, right_coef, right, operator),
-                    0.0,
-                    True,
-                    iterations,
-                    2 * iterations - 1,
-                )
+                return _exact_result(operator, alphas, betas, left, right, iterations, 2 * iterations - 1)
             left.append(p / alpha)
             alphas.append(alpha)
             r = _orthogonalize(
@@ -321,35 +356,116 @@ def lanczos(operator: LinearOperator, v: Any, *, rtol: float, max_iter: int) -> 
             )
             beta = _check_finite(vector_norm(xp, r))
             betas.append(beta)
-            sigma, left_coef, right_coef = _top_triplet(_bidiagonal(alphas, betas, False))
-            residual = abs(beta * left_coef[-1])
+            ritz = _top_ritz(alphas, betas)
+            sigma = ritz.sigma
             if len(alphas) >= m and beta > negligible * sigma:
                 # U_k spans the whole range: A = U_k [B_k | beta_k e_k] V_{k+1}^H exactly.
                 right.append(r / beta)
-                sigma, left_coef, right_coef = _top_triplet(_bidiagonal(alphas, betas, True))
-                residual = 0.0
-            converged = (
-                residual <= rtol * sigma or beta <= negligible * sigma or len(alphas) >= n
-            )
+                return _exact_result(operator, alphas, betas, left, right, iterations, 2 * iterations)
+            error = ritz.error if random_start else ritz.residual
+            converged = error <= rtol * sigma or beta <= negligible * sigma or len(alphas) >= n
             if converged or len(alphas) >= basis_limit or iterations >= max_iter:
                 break
             right.append(r / beta)
-        u_ritz = _combine(xp, left_coef, left, operator)
-        v_ritz = _combine(xp, right_coef, right, operator)
+        u_ritz = _combine(xp, ritz.left, left, operator)
+        v_ritz = _combine(xp, ritz.right, right, operator)
         if converged or iterations >= max_iter:
             return IterationResult(
-                sigma, u_ritz, v_ritz, residual, converged, iterations, 2 * iterations
+                sigma, u_ritz, v_ritz, ritz.residual, error, converged, iterations, 2 * iterations
             )
         v = v_ritz / vector_norm(xp, v_ritz)
 
 
-def _bidiagonal(alphas: list[float], betas: list[float], rectangular: bool) -> np.ndarray:
-    """``B_k`` (k x k), or ``[B_k | beta_k e_k]`` (k x (k+1)) when ``rectangular``."""
+@dataclasses.dataclass
+class _RitzEstimate:
+    """The top Ritz value of ``B_k`` with its residual, error estimate and coefficients."""
+
+    sigma: float
+    residual: float
+    error: float
+    left: np.ndarray  # coefficients of the left Ritz vector in U_k
+    right: np.ndarray  # coefficients of the right Ritz vector in V_k
+
+
+def _top_ritz(alphas: list[float], betas: list[float]) -> _RitzEstimate:
+    """The top Ritz value of ``B_k`` (``alphas`` on its diagonal, ``betas[:-1]`` above it).
+
+    The two largest singular values of ``B_k`` and their vectors come from its
+    Golub-Kahan form, the ``2k x 2k`` tridiagonal matrix with zero diagonal and
+    ``alpha_1, beta_1, alpha_2, ..., alpha_k`` beside it: its eigenvalues are
+    ``+-theta_i``, with eigenvectors ``(q_1, p_1, q_2, p_2, ...) / sqrt(2)`` for the
+    right and left singular vectors ``q`` and ``p``. Bisection and inverse iteration
+    on it cost O(k), where a dense SVD of ``B_k`` costs O(k^3).
+    """
     k = len(alphas)
-    matrix = np.zeros((k, k + 1 if rectangular else k))
+    beside = np.empty(2 * k - 1)
+    beside[0::2] = alphas
+    beside[1::2] = betas[: k - 1]
+    count = min(2, k)
+    values, vectors = scipy.linalg.eigh_tridiagonal(
+        np.zeros(2 * k), beside, select="i", select_range=(2 * k - count, 2 * k - 1)
+    )
+    values, vectors = values[::-1], vectors[:, ::-1]
+    residuals = [abs(betas[-1] * vectors[-1, i]) * math.sqrt(2.0) for i in range(count)]
+    right, left = vectors[0::2, 0], vectors[1::2, 0]
+    return _RitzEstimate(
+        float(values[0]),
+        residuals[0],
+        _error_estimate(values, residuals),
+        left / np.linalg.norm(left),
+        right / np.linalg.norm(right),
+    )
+
+
+def _error_estimate(values: np.ndarray, residuals: list[float]) -> float:
+    """Estimate of ``sigma_max - theta_1`` from the top Ritz values and their residuals.
+
+    The gap rule's bound ``theta_1 r_1^2 / (2 g (theta_1 + theta_2))`` with
+    ``g = theta_1 - theta_2 - max(r_1, r_2)`` where that gap exceeds both residuals
+    (see the module docstring), else ``r_1`` (the residual rule).
+    """
+    top = residuals[0]
+    if len(values) < 2:
+        return top
+    first, second = float(values[0]), float(values[1])
+    gap = first - second - max(residuals)
+    if gap <= max(residuals):
+        return top
+    return first * top * (top / gap) / (2.0 * (first + second))
+
+
+def _exact_result(
+    operator: LinearOperator,
+    alphas: list[float],
+    betas: list[float],
+    left: list[Any],
+    right: list[Any],
+    iterations: int,
+    matvecs: int,
+) -> IterationResult:
+    """The exact top triplet once the Krylov space is invariant (``A V_k`` in span(U_k),
+    or U_k spans the range), from the k x (k+1) matrix ``[B_k | beta_k e_k]``;
+    ``right`` holds ``V_{k+1}``."""
+    sigma, left_coef, right_coef = _top_triplet(_augmented_bidiagonal(alphas, betas))
+    xp = operator.xp
+    return IterationResult(
+        sigma,
+        _combine(xp, left_coef, left, operator),
+        _combine(xp, right_coef, right, operator),
+        0.0,
+        0.0,
+        True,
+        iterations,
+        matvecs,
+    )
+
+
+def _augmented_bidiagonal(alphas: list[float], betas: list[float]) -> np.ndarray:
+    """``[B_k | beta_k e_k]`` (k x (k+1)): ``alphas`` on the diagonal, ``betas`` above it."""
+    k = len(alphas)
+    matrix = np.zeros((k, k + 1))
     matrix[np.arange(k), np.arange(k)] = alphas
-    couplings = k if rectangular else k - 1
-    matrix[np.arange(couplings), np.arange(1, couplings + 1)] = betas[:couplings]
+    matrix[np.arange(k), np.arange(1, k + 1)] = betas
     return matrix
 
 
