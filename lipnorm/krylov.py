@@ -23,9 +23,13 @@ is then an approximate eigenvector of the augmented Hermitian matrix
   ``g = theta_1 - theta_2 - max(||r_1||, ||r_2||)`` (the gap less what both may still
   move, as PROPACK does), ``sigma_2 <= theta_1 - g`` and ``sigma_2 >= theta_2``
   (interlacing), and stops when ``sigma ||r_1||^2 / (2 g (sigma + theta_2)) <= rtol * sigma``.
-  The gap counts as resolved only once ``g`` exceeds both residuals (``theta_2`` has
-  settled too: from a warm start, or early on, it may still be far from the value it
-  will converge to); until then the residual rule decides. The
+  The gap counts as resolved only once ``g`` exceeds ``||r_2||`` (``theta_2`` has
+  settled: from a warm start, or early on, it may still be far from the value it
+  will converge to) and :data:`GAP_RESIDUALS` times ``||r_1||`` (on a cluster,
+  ``theta_2`` may have found a lower member while the members next to sigma_max,
+  within a few residuals of ``sigma``, are not yet resolved). Until then the
+  residual rule decides; the gap rule thus serves relative gaps above about
+  ``4 GAP_RESIDUALS**2 rtol``. The
   error of the top Ritz value falls like ``||r||^2 / g``, so the residual rule alone
   would run on until the error is orders of magnitude below ``rtol``.
 
@@ -59,7 +63,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from lipnorm.operators import LinearOperator
+from lipnorm.operators import LinearOperator, to_numpy_dtype
 
 __all__ = [
     "IterationResult",
@@ -74,6 +78,8 @@ __all__ = [
 
 #: Largest Krylov basis kept before Lanczos restarts from its best Ritz vector.
 MAX_BASIS = 256
+#: The gap rule needs the gap to the second Ritz value to be this many top residuals wide.
+GAP_RESIDUALS = 10.0
 
 
 class ScaleError(ValueError):
@@ -171,15 +177,22 @@ def random_vector(operator: LinearOperator, length: int, seed: Any) -> Any:
     """A unit Gaussian start vector from NumPy's ``Generator``, moved to the operator's device.
 
     The array API has no random numbers, so lipnorm draws them with NumPy
-    (seedable with ``seed``) and converts them to the operator's dtype and device.
+    (seedable with ``seed``), converts them to the operator's dtype on the host and
+    copies them to its device (once: a device without double precision never sees
+    a float64 array).
     """
     rng = np.random.default_rng(seed)
     values = rng.standard_normal(length)
-    xp = operator.xp
-    if xp.isdtype(operator.dtype, "complex floating"):
+    if operator.xp.isdtype(operator.dtype, "complex floating"):
         values = values + 1j * rng.standard_normal(length)
     values /= np.linalg.norm(values)
-    return xp.astype(xp.asarray(values, device=operator.device), operator.dtype)
+    return _on_device(values, operator)
+
+
+def _on_device(values: np.ndarray, operator: LinearOperator) -> Any:
+    """Host ``values`` in the operator's dtype (cast on the host), copied to its device."""
+    host = np.asarray(values, dtype=to_numpy_dtype(operator.dtype))
+    return operator.xp.asarray(host, device=operator.device)
 
 
 def _epsilon(xp: Any, dtype: Any) -> float:
@@ -331,12 +344,12 @@ def lanczos(
     m, n = operator.shape
     basis_limit = max(1, min(m, n, MAX_BASIS))
     iterations = 0
+    sigma = 0.0
     while True:
         left: list[Any] = []
         right: list[Any] = [v]
         alphas: list[float] = []
         betas: list[float] = []
-        sigma = 0.0
         while True:
             iterations += 1
             p = operator.matvec(right[-1])
@@ -421,15 +434,16 @@ def _error_estimate(values: np.ndarray, residuals: list[float]) -> float:
     """Estimate of ``sigma_max - theta_1`` from the top Ritz values and their residuals.
 
     The gap rule's bound ``theta_1 r_1^2 / (2 g (theta_1 + theta_2))`` with
-    ``g = theta_1 - theta_2 - max(r_1, r_2)`` where that gap exceeds both residuals
-    (see the module docstring), else ``r_1`` (the residual rule).
+    ``g = theta_1 - theta_2 - max(r_1, r_2)`` where that gap exceeds ``r_2`` and
+    :data:`GAP_RESIDUALS` times ``r_1`` (see the module docstring), else ``r_1`` (the
+    residual rule).
     """
     top = residuals[0]
     if len(values) < 2:
         return top
     first, second = float(values[0]), float(values[1])
     gap = first - second - max(residuals)
-    if gap <= max(residuals):
+    if gap <= max(GAP_RESIDUALS * top, residuals[1]):
         return top
     return first * top * (top / gap) / (2.0 * (first + second))
 
@@ -477,6 +491,4 @@ def _top_triplet(matrix: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
 
 def _combine(xp: Any, coefficients: Any, vectors: list[Any], operator: LinearOperator) -> Any:
     """``sum_i coefficients[i] * vectors[i]`` in the operator's namespace."""
-    weights = xp.asarray(coefficients, device=operator.device)
-    weights = xp.astype(weights, operator.dtype)
-    return xp.matmul(weights, xp.stack(vectors))
+    return xp.matmul(_on_device(coefficients, operator), xp.stack(vectors))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lipnorm import krylov
-from lipnorm._xp import array_namespace, library_name, to_numpy
+from lipnorm._xp import array_namespace, device_of, library_name, to_numpy
 from lipnorm.certificates import SigmaInterval, certified_stack_bounds, gram_iteration_bounds
 from lipnorm.operators import (
     DaskOperator,
@@ -127,6 +127,12 @@ def _start_vector(operator: LinearOperator, state: SigmaState | None, seed: Any)
         raise TypeError(
             f"the state holds {library_name(state.v)} arrays but the weight needs "
             f"{operator.xp.__name__} vectors; mixed array libraries in one call"
+        )
+    if device_of(state.v) != operator.device:
+        raise ValueError(
+            f"the state's vectors are on device {device_of(state.v)} but the weight is on "
+            f"{operator.device}; move the state's u and v to the weight's device (lipnorm "
+            "moves nothing between devices), or start without a state"
         )
     if tuple(state.v.shape) != (n,):
         raise ValueError(
@@ -249,6 +255,8 @@ def estimate_sigma(
         Non-numeric or boolean dtype, arrays of different libraries, not an array.
     ValueError
         NaN/Inf entries, an empty or 0-d array, N-D without ``dim``, bad options;
+        a torch tensor on the meta device (no values); a ``state`` on another device
+        than the weight;
         a sigma beyond the range of the dtype it is returned in; an operator
         (not an array, which is scaled by a power of two instead) whose products
         are too small or too large for its dtype

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lipnorm
-from lipnorm._xp import array_namespace, library_name
+from lipnorm._xp import array_namespace, device_of, library_name
 from tests.helpers import (
     assert_contains,
     assert_relative_close,
@@ -168,7 +168,8 @@ def test_warm_start_in_the_null_space_of_a_pruned_weight(backend, method):
     _, state = lipnorm.estimate_sigma(backend.asarray(values), method=method, return_state=True, seed=0)
     # The state's right vector, e_1 up to rounding, set to e_1 exactly; the pruning removes column 1.
     xp = array_namespace(state.v)  # NumPy for Dask, whose vectors are NumPy arrays
-    state = dataclasses.replace(state, v=xp.asarray([1.0, 0.0, 0.0], dtype=state.v.dtype))
+    exact = xp.asarray([1.0, 0.0, 0.0], dtype=state.v.dtype, device=device_of(state.v))
+    state = dataclasses.replace(state, v=exact)
     pruned = values.copy()
     pruned[:, 0] = 0.0
     sigma, warm = lipnorm.estimate_sigma(
