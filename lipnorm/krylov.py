@@ -403,28 +403,40 @@ class _RitzEstimate:
 def _top_ritz(alphas: list[float], betas: list[float]) -> _RitzEstimate:
     """The top Ritz value of ``B_k`` (``alphas`` on its diagonal, ``betas[:-1]`` above it).
 
-    The two largest singular values of ``B_k`` and their vectors come from its
-    Golub-Kahan form, the ``2k x 2k`` tridiagonal matrix with zero diagonal and
-    ``alpha_1, beta_1, alpha_2, ..., alpha_k`` beside it: its eigenvalues are
-    ``+-theta_i``, with eigenvectors ``(q_1, p_1, q_2, p_2, ...) / sqrt(2)`` for the
-    right and left singular vectors ``q`` and ``p``. Bisection and inverse iteration
-    on it cost O(k), where a dense SVD of ``B_k`` costs O(k^3).
+    The two largest singular values ``theta_i`` of ``B_k`` and their right vectors ``q``
+    are the top eigenpairs of the tridiagonal ``B_k^T B_k`` (scaled by the largest
+    alpha so that squaring cannot overflow): LAPACK's bisection (``stebz``) and inverse
+    iteration (``stein``) cost O(k), a dense SVD of ``B_k`` O(k^3). The left vectors
+    are ``p = B_k q / theta``; the residuals ``beta_k |p_k| = beta_k alpha_k |q_k| / theta``.
+    Squaring loses nothing the top two values need: their relative accuracy stays
+    near the machine epsilon.
     """
     k = len(alphas)
-    beside = np.empty(2 * k - 1)
-    beside[0::2] = alphas
-    beside[1::2] = betas[: k - 1]
-    count = min(2, k)
-    values, vectors = scipy.linalg.eigh_tridiagonal(
-        np.zeros(2 * k), beside, select="i", select_range=(2 * k - count, 2 * k - 1)
+    if k == 1:  # B_1 = [alpha_1]: its vectors are [1], its residual beta_1
+        return _RitzEstimate(alphas[0], betas[0], betas[0], np.ones(1), np.ones(1))
+    scale = max(alphas)
+    diagonal = np.asarray(alphas) / scale
+    above = np.asarray(betas[: k - 1]) / scale
+    gram_diagonal = diagonal**2
+    gram_diagonal[1:] += above**2
+    gram_beside = diagonal[:-1] * above
+    found, values, blocks, splits, _ = scipy.linalg.lapack.dstebz(
+        gram_diagonal, gram_beside, 2, 0.0, 0.0, k - 1, k, 0.0, "B"
     )
-    values, vectors = values[::-1], vectors[:, ::-1]
-    residuals = [abs(betas[-1] * vectors[-1, i]) * math.sqrt(2.0) for i in range(count)]
-    right, left = vectors[0::2, 0], vectors[1::2, 0]
+    vectors, _ = scipy.linalg.lapack.dstein(gram_diagonal, gram_beside, values[:found], blocks, splits)
+    order = np.argsort(values[:found])[::-1]
+    thetas = np.sqrt(np.maximum(values[:found][order], 0.0)) * scale
+    right = vectors[:, order[0]]
+    left = diagonal * right
+    left[:-1] += above * right[1:]
+    residuals = [
+        abs(betas[-1] * alphas[-1] * vectors[-1, i]) / theta if theta > 0 else abs(betas[-1])
+        for i, theta in zip(order, thetas)
+    ]
     return _RitzEstimate(
-        float(values[0]),
+        float(thetas[0]),
         residuals[0],
-        _error_estimate(values, residuals),
+        _error_estimate(thetas, residuals),
         left / np.linalg.norm(left),
         right / np.linalg.norm(right),
     )
