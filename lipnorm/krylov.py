@@ -10,10 +10,11 @@ is then an approximate eigenvector of the augmented Hermitian matrix
 ``[[0, A], [A^H, 0]]``, whose eigenvalues are ``+-sigma_i``, with Rayleigh quotient
 ``sigma`` and residual ``||r|| / sqrt(2)``.
 
-* The residual rule (power iteration; Lanczos while the gap is not resolved): some
-  singular value lies within ``||r|| / sqrt(2)`` of ``sigma`` (Weyl), so
-  ``||r|| <= rtol * sigma`` bounds the error by ``rtol`` relative to the singular
-  value the iteration converged to, which for a random (or warm) start is the largest.
+* The residual rule (power iteration; Lanczos from a warm start, or while the gap is
+  not resolved): some singular value lies within ``||r|| / sqrt(2)`` of ``sigma``
+  (Weyl), so ``||r|| <= rtol * sigma`` bounds the error by ``rtol`` relative to the
+  singular value the iteration converged to, which for a random (or warm) start is
+  the largest unless the top values form a cluster a few ``rtol`` wide.
 * The gap rule (Lanczos): ``sigma**2`` is the Rayleigh quotient of ``v`` for
   ``A^H A``, with residual ``sigma ||r||``. If no singular value but sigma_max lies
   above ``sigma_2 < sigma``, Kato-Temple's bound for ``A^H A`` gives
@@ -28,10 +29,10 @@ is then an approximate eigenvector of the augmented Hermitian matrix
   will converge to) and :data:`GAP_RESIDUALS` times ``||r_1||`` (on a cluster,
   ``theta_2`` may have found a lower member while the members next to sigma_max,
   within a few residuals of ``sigma``, are not yet resolved). Until then the
-  residual rule decides; the gap rule thus serves relative gaps above about
-  ``4 GAP_RESIDUALS**2 rtol``. The
-  error of the top Ritz value falls like ``||r||^2 / g``, so the residual rule alone
-  would run on until the error is orders of magnitude below ``rtol``.
+  residual rule decides; the gap rule alone decides for relative gaps above about
+  ``4 GAP_RESIDUALS**2 rtol``. The error of the top Ritz value falls like
+  ``||r||^2 / g``, so the residual rule alone would run on until the error is orders
+  of magnitude below ``rtol``.
 
 The gap rule is as good as its gap: a singular value the Krylov space has not
 yet found (the start vector nearly orthogonal to its singular vector) is invisible

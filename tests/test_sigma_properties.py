@@ -2,8 +2,14 @@
 
 Matrices: shapes 1..300 x 1..300, ranks 0..full, scales 1e-20..1e20, four kinds
 of spectra (Gaussian, clustered, repeated top value, geometrically decaying),
-float32/float64/complex64/complex128. Run on NumPy and on array_api_strict (the
-latter proves the core uses only the array API standard, hence runs on CuPy).
+float32/float64/complex64/complex128. Run on NumPy, on array_api_strict (which
+proves the core uses only the array API standard, hence runs on CuPy) and on
+array_api_strict's second device, which refuses to combine arrays of two devices.
+
+What ``rtol`` promises (see ``estimate_sigma``): a converged estimate is within
+``rtol`` of a singular value, never above sigma_max, and within ``rtol`` of sigma_max
+itself where the top singular value stands apart (here: a relative gap of at least
+``100 rtol``); ``state.error`` is then at least the error delivered.
 """
 
 from __future__ import annotations
@@ -71,14 +77,20 @@ def matrices(draw) -> np.ndarray:
 
 
 def _as_backend(name: str, values: np.ndarray):
-    if name == "array_api_strict":
+    if name.startswith("array_api_strict"):
         import array_api_strict
 
-        return array_api_strict.asarray(values)
+        device = array_api_strict.Device("device1") if name.endswith("device1") else None
+        return array_api_strict.asarray(values, device=device)
     return values
 
 
-BACKENDS = pytest.mark.parametrize("backend_name", ["numpy", "array_api_strict"])
+BACKENDS = pytest.mark.parametrize(
+    "backend_name", ["numpy", "array_api_strict", "array_api_strict-device1"]
+)
+#: Relative gap sigma_1 - sigma_2 (in units of rtol) from which the estimate must be within
+#: rtol of sigma_max itself, and state.error at least its error.
+SEPARATED_GAP = 100
 
 
 @BACKENDS
@@ -101,7 +113,15 @@ def test_estimate_within_rtol_or_says_so(backend_name, matrix, seed):
         assert float(sigma) == 0.0
         return
     if state.converged:
-        assert_converged_estimate(float(sigma), singular_values(matrix), rtol + rounding)
+        values = singular_values(matrix)
+        assert_converged_estimate(float(sigma), values, rtol + rounding)
+        gap = (values[0] - values[1]) / values[0] if len(values) > 1 else 1.0
+        if gap >= SEPARATED_GAP * rtol:
+            error = (truth - float(sigma)) / truth
+            assert error <= rtol + rounding, f"gap {gap:.1e}: error {error:.2e} > rtol"
+            assert error <= state.error / truth + rounding, (
+                f"gap {gap:.1e}: error {error:.2e} above the estimate {state.error / truth:.2e}"
+            )
     assert float(sigma) <= truth * (1 + rounding), "a Ritz value cannot exceed sigma_max"
 
 
