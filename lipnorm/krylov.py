@@ -421,17 +421,21 @@ def _top_ritz(alphas: list[float], betas: list[float]) -> _RitzEstimate:
     gram_diagonal = diagonal**2
     gram_diagonal[1:] += above**2
     gram_beside = diagonal[:-1] * above
-    found, values, blocks, splits, _ = scipy.linalg.lapack.dstebz(
+    found, values, blocks, splits, info = scipy.linalg.lapack.dstebz(
         gram_diagonal, gram_beside, 2, 0.0, 0.0, k - 1, k, 0.0, "B"
     )
-    vectors, _ = scipy.linalg.lapack.dstein(gram_diagonal, gram_beside, values[:found], blocks, splits)
+    vectors, vectors_info = scipy.linalg.lapack.dstein(
+        gram_diagonal, gram_beside, values[:found], blocks, splits
+    )
+    if info or vectors_info or found != 2:  # LAPACK did not converge: the dense SVD instead
+        return _ritz_from_svd(alphas, betas)
     order = np.argsort(values[:found])[::-1]
     thetas = np.sqrt(np.maximum(values[:found][order], 0.0)) * scale
     right = vectors[:, order[0]]
     left = diagonal * right
     left[:-1] += above * right[1:]
     residuals = [
-        abs(betas[-1] * alphas[-1] * vectors[-1, i]) / theta if theta > 0 else abs(betas[-1])
+        betas[-1] * (alphas[-1] / theta) * abs(vectors[-1, i]) if theta > 0 else betas[-1]
         for i, theta in zip(order, thetas)
     ]
     return _RitzEstimate(
@@ -440,6 +444,16 @@ def _top_ritz(alphas: list[float], betas: list[float]) -> _RitzEstimate:
         _error_estimate(thetas, residuals),
         left / np.linalg.norm(left),
         right / np.linalg.norm(right),
+    )
+
+
+def _ritz_from_svd(alphas: list[float], betas: list[float]) -> _RitzEstimate:
+    """What :func:`_top_ritz` computes, from a dense SVD of ``B_k`` (O(k^3))."""
+    k = len(alphas)
+    left, values, right_t = np.linalg.svd(_augmented_bidiagonal(alphas, betas)[:, :k])
+    residuals = [abs(betas[-1] * left[-1, i]) for i in range(2)]
+    return _RitzEstimate(
+        float(values[0]), residuals[0], _error_estimate(values, residuals), left[:, 0], right_t[0]
     )
 
 
@@ -458,7 +472,7 @@ def _error_estimate(values: np.ndarray, residuals: list[float]) -> float:
     gap = first - second - max(residuals)
     if gap <= max(GAP_RESIDUALS * top, residuals[1]):
         return top
-    return first * top * (top / gap) / (2.0 * (first + second))
+    return top * (top / gap) * (first / (2.0 * (first + second)))
 
 
 def _exact_result(

@@ -194,3 +194,21 @@ def test_lanczos_stops_on_the_gap_from_a_random_start_and_on_the_residual_when_w
     _, warm = lipnorm.estimate_sigma(matrix, method="lanczos", rtol=rtol, state=cold, return_state=True)
     assert warm.converged
     assert warm.error == warm.residual <= rtol * warm.sigma, (warm.error, warm.residual)
+
+
+@pytest.mark.parametrize("k", [2, 3, 40, 200])
+def test_ritz_pairs_from_the_tridiagonal_match_the_dense_svd(k):
+    """Lanczos's O(k) top Ritz pairs (LAPACK stebz/stein on B^T B) agree with the dense SVD
+    of B it falls back to, vectors up to sign; scaled near the double-precision range."""
+    from lipnorm.krylov import _ritz_from_svd, _top_ritz
+
+    rng = np.random.default_rng(k)
+    for scale in (1.0, 1e250, 1e-250):
+        alphas = list(scale * (0.5 + rng.random(k)))
+        betas = list(scale * rng.random(k))
+        fast, dense = _top_ritz(alphas, betas), _ritz_from_svd(alphas, betas)
+        assert_relative_close(fast.sigma, dense.sigma, 1e-14, f"k={k} sigma")
+        assert abs(fast.residual - dense.residual) <= 1e-12 * dense.sigma
+        assert abs(fast.error - dense.error) <= 1e-12 * dense.sigma
+        for ours, reference in ((fast.left, dense.left), (fast.right, dense.right)):
+            assert np.max(np.abs(np.abs(ours) - np.abs(reference))) <= 1e-10
