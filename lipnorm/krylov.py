@@ -30,15 +30,19 @@ is then an approximate eigenvector of the augmented Hermitian matrix
   ``theta_2`` may have found a lower member while the members next to sigma_max,
   within a few residuals of ``sigma``, are not yet resolved). Until then the
   residual rule decides; the gap rule alone decides for relative gaps above about
-  ``4 GAP_RESIDUALS**2 rtol``. The error of the top Ritz value falls like
+  ``4 GAP_RESIDUALS**2 rtol``. The gap rule must hold at two steps in a row: a
+  singular value the Krylov space had not yet resolved shows up as a jump of
+  ``theta_2``, which closes the gap. The error of the top Ritz value falls like
   ``||r||^2 / g``, so the residual rule alone would run on until the error is orders
   of magnitude below ``rtol``.
 
 The gap rule is as good as its gap: a singular value the Krylov space has not
-yet found (the start vector nearly orthogonal to its singular vector) is invisible
-to it, as to every method built on products from one start vector. A random start
-makes that unlikely; a warm start close to one singular vector makes it likely
-for the values clustered with it, so Lanczos uses the gap rule only from a random
+yet separated from sigma_max (a few residuals below it, on a repeated or clustered
+top, it merges into the top Ritz vector instead of showing as ``theta_2``) is
+invisible to it, and the estimate then falls short of the error by up to that
+value's distance to sigma_max; no rule built on the Ritz values of one Krylov
+space can tell. A warm start close to one singular vector makes that likely for
+the values clustered with it, so Lanczos uses the gap rule only from a random
 start (``random_start=True``). Unlike a rule on the change of sigma between
 steps, neither rule stops early on clustered spectra (Gaussian matrices), where
 sigma creeps.
@@ -351,6 +355,7 @@ def lanczos(
         right: list[Any] = [v]
         alphas: list[float] = []
         betas: list[float] = []
+        gap_rule_held = False  # at the previous step of this Krylov space
         while True:
             iterations += 1
             p = operator.matvec(right[-1])
@@ -377,7 +382,14 @@ def lanczos(
                 right.append(r / beta)
                 return _exact_result(operator, alphas, betas, left, right, iterations, 2 * iterations)
             error = ritz.error if random_start else ritz.residual
-            converged = error <= rtol * sigma or beta <= negligible * sigma or len(alphas) >= n
+            gap_rule_holds = random_start and ritz.error <= rtol * sigma
+            converged = (
+                ritz.residual <= rtol * sigma
+                or (gap_rule_holds and gap_rule_held)
+                or beta <= negligible * sigma
+                or len(alphas) >= n
+            )
+            gap_rule_held = gap_rule_holds
             if converged or len(alphas) >= basis_limit or iterations >= max_iter:
                 break
             right.append(r / beta)
@@ -406,8 +418,8 @@ def _top_ritz(alphas: list[float], betas: list[float]) -> _RitzEstimate:
 
     The two largest singular values ``theta_i`` of ``B_k`` and their right vectors ``q``
     are the top eigenpairs of the tridiagonal ``B_k^T B_k`` (scaled by the largest
-    alpha so that squaring cannot overflow): LAPACK's bisection (``stebz``) and inverse
-    iteration (``stein``) cost O(k), a dense SVD of ``B_k`` O(k^3). The left vectors
+    alpha so that squaring cannot overflow): LAPACK's MRRR (``stemr``) computes them
+    in O(k), a dense SVD of ``B_k`` costs O(k^3). The left vectors
     are ``p = B_k q / theta``; the residuals ``beta_k |p_k| = beta_k alpha_k |q_k| / theta``.
     Squaring loses nothing the top two values need: their relative accuracy stays
     near the machine epsilon.
@@ -421,22 +433,19 @@ def _top_ritz(alphas: list[float], betas: list[float]) -> _RitzEstimate:
     gram_diagonal = diagonal**2
     gram_diagonal[1:] += above**2
     gram_beside = diagonal[:-1] * above
-    found, values, blocks, splits, info = scipy.linalg.lapack.dstebz(
-        gram_diagonal, gram_beside, 2, 0.0, 0.0, k - 1, k, 0.0, "B"
+    found, values, vectors, info = scipy.linalg.lapack.dstemr(
+        gram_diagonal, np.append(gram_beside, 0.0), 2, 0.0, 0.0, k - 1, k
     )
-    vectors, vectors_info = scipy.linalg.lapack.dstein(
-        gram_diagonal, gram_beside, values[:found], blocks, splits
-    )
-    if info or vectors_info or found != 2:  # LAPACK did not converge: the dense SVD instead
+    if info or found != 2:  # LAPACK did not converge: the dense SVD instead
         return _ritz_from_svd(alphas, betas)
-    order = np.argsort(values[:found])[::-1]
-    thetas = np.sqrt(np.maximum(values[:found][order], 0.0)) * scale
-    right = vectors[:, order[0]]
+    values, vectors = values[1::-1], vectors[:, 1::-1]  # descending
+    thetas = np.sqrt(np.maximum(values, 0.0)) * scale
+    right = vectors[:, 0]
     left = diagonal * right
     left[:-1] += above * right[1:]
     residuals = [
         betas[-1] * (alphas[-1] / theta) * abs(vectors[-1, i]) if theta > 0 else betas[-1]
-        for i, theta in zip(order, thetas)
+        for i, theta in enumerate(thetas)
     ]
     return _RitzEstimate(
         float(thetas[0]),

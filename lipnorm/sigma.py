@@ -211,21 +211,21 @@ def estimate_sigma(
     rtol : float
         Relative accuracy of sigma: the iteration stops when its estimate of the
         error ``sigma_max - sigma`` is at most ``rtol * sigma`` (``state.error``).
-        Lanczos estimates it by about ``residual**2 / (4 gap)``, the gap to the next
-        singular value taken from its own Ritz values (Kato-Temple): the result
-        is then within ``rtol`` of sigma_max whenever the Krylov space has found
-        the singular values next to the top one, as it does from a random start
-        on all but contrived matrices. While that gap is not resolved (top
-        singular values that agree to within about the residual), from a warm
-        start (``state=``, whose vector hides the values clustered with it), and
-        always for ``method="power"``, the rule is ``residual <= rtol * sigma``, which bounds
-        the distance to *a* singular value of ``W`` by ``rtol * sigma``: to
-        sigma_max or to one of the values clustered with it (see
-        :mod:`lipnorm.krylov`). Either way sigma never exceeds sigma_max (up to
-        rounding), and in single precision the products' own rounding (about
-        ``sqrt(n)`` units of the last place) limits what ``rtol`` can deliver. A
-        :class:`ConvergenceWarning` says when ``max_iter`` ran out first.
-        Only :func:`sigma_bounds` certifies.
+        Lanczos from a random start estimates it by about ``residual**2 / (4 gap)``,
+        the gap to the next singular value taken from its own Ritz values
+        (Kato-Temple): the result is then within ``rtol`` of sigma_max when that
+        gap is real. It is not when singular values the Krylov space has not yet
+        separated from sigma_max lie closer to it than the next Ritz value: a
+        repeated or clustered top with further values a few residuals below can
+        stop it early, by up to about that distance. Otherwise (gap not
+        resolved, a warm start ``state=``, ``method="power"``) the rule is
+        ``residual <= rtol * sigma``, which bounds the distance to *a* singular
+        value of ``W`` by ``rtol * sigma``: to sigma_max or to one of the values
+        clustered with it (see :mod:`lipnorm.krylov`). Either way sigma never
+        exceeds sigma_max (up to rounding), and in single precision the products'
+        own rounding (about ``sqrt(n)`` units of the last place) limits what
+        ``rtol`` can deliver. A :class:`ConvergenceWarning` says when ``max_iter``
+        ran out first. Only :func:`sigma_bounds` certifies.
     max_iter : int, optional
         Iterations allowed (one iteration is one product with ``A`` and one
         with ``A^H``). Default: 10000 for power iteration, 2000 for Lanczos.

@@ -6,10 +6,11 @@ float32/float64/complex64/complex128. Run on NumPy, on array_api_strict (which
 proves the core uses only the array API standard, hence runs on CuPy) and on
 array_api_strict's second device, which refuses to combine arrays of two devices.
 
-What ``rtol`` promises (see ``estimate_sigma``): a converged estimate is within
-``rtol`` of a singular value, never above sigma_max, and within ``rtol`` of sigma_max
-itself where the top singular value stands apart (here: a relative gap of at least
-``100 rtol``); ``state.error`` is then at least the error delivered.
+What ``rtol`` promises (see ``estimate_sigma``): a converged estimate is never above
+sigma_max and is within ``rtol`` of sigma_max itself where the top singular value stands
+apart (here: a relative gap of at least ``100 rtol``); where the residual rule stopped
+it (always from a warm start), it is within ``rtol`` of a singular value. On a top
+cluster the gap rule can stop before that (see lipnorm.krylov).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ BACKENDS = pytest.mark.parametrize(
     "backend_name", ["numpy", "array_api_strict", "array_api_strict-device1"]
 )
 #: Relative gap sigma_1 - sigma_2 (in units of rtol) from which the estimate must be within
-#: rtol of sigma_max itself, and state.error at least its error.
+#: rtol of sigma_max itself.
 SEPARATED_GAP = 100
 
 
@@ -114,14 +115,15 @@ def test_estimate_within_rtol_or_says_so(backend_name, matrix, seed):
         return
     if state.converged:
         values = singular_values(matrix)
-        assert_converged_estimate(float(sigma), values, rtol + rounding)
+        if state.residual <= rtol * state.sigma:
+            # The residual rule's promise: within rtol of a singular value (of sigma_max if
+            # it is isolated). The gap rule (a smaller residual is not needed) makes it only
+            # where the top stands apart, checked next.
+            assert_converged_estimate(float(sigma), values, rtol + rounding)
         gap = (values[0] - values[1]) / values[0] if len(values) > 1 else 1.0
         if gap >= SEPARATED_GAP * rtol:
             error = (truth - float(sigma)) / truth
             assert error <= rtol + rounding, f"gap {gap:.1e}: error {error:.2e} > rtol"
-            assert error <= state.error / truth + rounding, (
-                f"gap {gap:.1e}: error {error:.2e} above the estimate {state.error / truth:.2e}"
-            )
     assert float(sigma) <= truth * (1 + rounding), "a Ritz value cannot exceed sigma_max"
 
 
