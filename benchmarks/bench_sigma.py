@@ -11,6 +11,10 @@ Every method runs in this one process on the same float32 matrices, medians over
 - on the 4096×4096 matrix, the time of ``W @ X`` for ``X`` with 1 to 16 columns: what a
   block Krylov method (several vectors per pass over W) would pay per vector.
 
+With ``--device cuda`` the matrices are torch tensors on the GPU and lipnorm runs next
+to ``torch.linalg.matrix_norm(W, 2)`` there (ARPACK and NumPy have no GPU); the table
+goes to ``benchmarks/results/bench_sigma_cuda.md``.
+
 Errors are relative to ``scipy.linalg.svdvals`` of the same matrix in float64. "Krylov
 minimum" is the fewest products with W and Wᵀ after which the best estimate in the Krylov
 space of the start vector (the exact-arithmetic Lanczos Ritz value, computed here in
@@ -18,7 +22,8 @@ float64 with full reorthogonalization) is within 1e-6 of σ: no method that buil
 products from one start vector can need fewer (it does not pay for verifying convergence).
 
 Run ``python benchmarks/bench_sigma.py`` (or ``make bench``); it writes
-``benchmarks/results/bench_sigma.md``.
+``benchmarks/results/bench_sigma.md``. ``--only 4096`` keeps the matrices whose name
+holds that text.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import lipnorm
 
 RTOL = 1e-6
 RESULTS = Path(__file__).parent / "results" / "bench_sigma.md"
+CUDA_RESULTS = RESULTS.with_name("bench_sigma_cuda.md")
 
 
 @dataclass
@@ -68,18 +74,32 @@ def benchmark_matrices(seed: int = 0) -> dict[str, np.ndarray]:
         "Gaussian 4096×512": rng.standard_normal((4096, 512), dtype=np.float32),
         "Gaussian 1024×1024": rng.standard_normal((1024, 1024), dtype=np.float32),
         "decaying σᵢ = 0.99ⁱ, 2048×2048": decaying,
+        "Gaussian 4096×4096 / 64, default_rng(0)": (
+            np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32) / 64
+        ),
     }
 
 
-def median_time(run: Callable[[int], float], repeats: int) -> tuple[float, float]:
-    """Median seconds of ``run(repeat_index)`` and the value it returned the first time."""
-    seconds, first = [], None
+def median_times(runs: dict[str, Callable[[int], float]], repeats: int) -> dict[str, tuple[float, float]]:
+    """Median seconds of each ``run(repeat_index)`` and the value it returned the first time.
+
+    The runs take turns within every repeat, so a change in the machine's load falls on
+    all of them alike rather than on whichever ran during it.
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    first: dict[str, float] = {}
     for repeat in range(repeats):
-        start = time.perf_counter()
-        value = run(repeat)
-        seconds.append(time.perf_counter() - start)
-        first = value if first is None else first
-    return statistics.median(seconds), float(first)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            value = run(repeat)
+            seconds[name].append(time.perf_counter() - start)
+            first.setdefault(name, float(value))
+    return {name: (statistics.median(times), first[name]) for name, times in seconds.items()}
+
+
+def median_time(run: Callable[[int], float], repeats: int) -> tuple[float, float]:
+    """:func:`median_times` of one run."""
+    return median_times({"run": run}, repeats)["run"]
 
 
 class CountingOperator(scipy.sparse.linalg.LinearOperator):
@@ -179,15 +199,6 @@ def measure(
     """Every method on ``matrix``; also the certified interval and its median time."""
     import torch
 
-    results = []
-    seconds, sigma = median_time(lambda r: lipnorm.estimate_sigma(matrix, rtol=RTOL, seed=r), repeats)
-    _, state = lipnorm.estimate_sigma(matrix, rtol=RTOL, seed=0, return_state=True)
-    results.append(Measurement("lipnorm estimate_sigma (rtol 1e-6)", sigma, seconds, state.matvecs, state.method))
-
-    for tol, label in ((0, "default tol"), (RTOL, "tol=1e-6")):
-        seconds, sigma = median_time(lambda r: arpack(matrix, tol, r), repeats)
-        results.append(Measurement(f"scipy svds k=1, ARPACK, {label}", sigma, seconds, arpack_matvecs(matrix, tol)))
-
     power_counts = []
 
     def run_power(seed: int) -> float:
@@ -195,8 +206,25 @@ def measure(
         power_counts.append(count)
         return sigma
 
-    seconds, sigma = median_time(run_power, repeats)
-    results.append(Measurement("power iteration, stop on Δσ ≤ 1e-6 σ", sigma, seconds, power_counts[0]))
+    fast = median_times(
+        {
+            "lipnorm": lambda r: lipnorm.estimate_sigma(matrix, rtol=RTOL, seed=r),
+            "arpack default": lambda r: arpack(matrix, 0, r),
+            "arpack 1e-6": lambda r: arpack(matrix, RTOL, r),
+            "power": run_power,
+        },
+        repeats,
+    )
+    _, state = lipnorm.estimate_sigma(matrix, rtol=RTOL, seed=0, return_state=True)
+    results = []
+    for key, method, matvecs, note in (
+        ("lipnorm", "lipnorm estimate_sigma (rtol 1e-6)", state.matvecs, state.method),
+        ("arpack default", "scipy svds k=1, ARPACK, default tol", arpack_matvecs(matrix, 0), ""),
+        ("arpack 1e-6", "scipy svds k=1, ARPACK, tol=1e-6", arpack_matvecs(matrix, RTOL), ""),
+        ("power", "power iteration, stop on Δσ ≤ 1e-6 σ", power_counts[0], ""),
+    ):
+        seconds, sigma = fast[key]
+        results.append(Measurement(method, sigma, seconds, matvecs, note))
 
     seconds, sigma = median_time(lambda r: np.linalg.norm(matrix, 2), slow_repeats)
     results.append(Measurement("np.linalg.norm(W, 2) (full SVD)", sigma, seconds))
@@ -207,6 +235,25 @@ def measure(
     bounds_seconds, _ = median_time(lambda r: lipnorm.sigma_bounds(matrix).upper, slow_repeats)
     interval = lipnorm.sigma_bounds(matrix)
     return results, interval, bounds_seconds
+
+
+def measure_cuda(matrix: np.ndarray, repeats: int, slow_repeats: int) -> list[Measurement]:
+    """lipnorm and torch's full SVD on a CUDA copy of ``matrix``.
+
+    Each timed call ends by reading sigma on the host, which waits for the GPU; one
+    untimed call of each first sets up the CUDA context and kernels.
+    """
+    import torch
+
+    weight = torch.asarray(matrix, device="cuda")
+    float(lipnorm.estimate_sigma(weight, rtol=RTOL, seed=0))
+    torch.linalg.matrix_norm(weight, 2).item()
+    seconds, sigma = median_time(lambda r: float(lipnorm.estimate_sigma(weight, rtol=RTOL, seed=r)), repeats)
+    _, state = lipnorm.estimate_sigma(weight, rtol=RTOL, seed=0, return_state=True)
+    results = [Measurement("lipnorm estimate_sigma (rtol 1e-6, cuda)", sigma, seconds, state.matvecs, state.method)]
+    seconds, sigma = median_time(lambda r: torch.linalg.matrix_norm(weight, 2).item(), slow_repeats)
+    results.append(Measurement("torch.linalg.matrix_norm(W, 2) (full SVD, cuda)", sigma, seconds))
+    return results
 
 
 def product_costs(matrix: np.ndarray, widths=(1, 2, 4, 8, 16), repeats: int = 20) -> list[str]:
@@ -245,32 +292,49 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the fast methods")
     parser.add_argument("--slow-repeats", type=int, default=3, help="repeats of full SVDs and bounds")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--only", default="", help="keep the matrices whose name holds this text")
+    parser.add_argument("--output", type=Path, help="default: benchmarks/results/bench_sigma[_cuda].md")
     args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    output = args.output or (CUDA_RESULTS if cuda else RESULTS)
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda needs torch with a CUDA device")
 
     lines = [
-        "# σ_max of dense float32 matrices: lipnorm vs ARPACK, full SVD, power iteration",
+        f"# σ_max of dense float32 matrices{' on CUDA' if cuda else ''}: lipnorm vs "
+        f"{'the full SVD' if cuda else 'ARPACK, full SVD, power iteration'}",
         "",
-        f"Written by `benchmarks/bench_sigma.py` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"Written by `benchmarks/bench_sigma.py{' --device cuda' if cuda else ''}` on "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"Python {platform.python_version()}.",
+        f"Python {platform.python_version()}{', ' + _gpu_name() if cuda else ''}.",
         f"Versions: {versions()}. BLAS: {blas_info()}.",
         f"Times are medians over {args.repeats} runs ({args.slow_repeats} for full SVDs and bounds), "
-        "all methods in one process, one after the other on the same matrix. Error: relative to "
+        "all methods in one process on the same matrix; lipnorm, ARPACK and power iteration "
+        "take turns within each repeat. Error: relative to "
         "scipy.linalg.svdvals of the same matrix in float64. Speed-up: time of the method / time "
         "of lipnorm estimate_sigma. Matvecs: products with W or Wᵀ (for ARPACK counted through a "
-        "LinearOperator in a separate run).",
+        "LinearOperator in a separate run). Krylov minimum: see the module docstring; "
+        "lipnorm's target is at most 1.3× it.",
         "",
     ]
     load_before = os.getloadavg()
     summary = []
-    for name, matrix in benchmark_matrices().items():
+    matrices = {name: m for name, m in benchmark_matrices().items() if args.only in name}
+    for name, matrix in matrices.items():
         print(f"{name}: reference SVD...", file=sys.stderr, flush=True)
         exact = float(scipy.linalg.svdvals(matrix.astype(np.float64))[0])
         minimum = krylov_minimum(matrix, exact)
         print(f"{name}: measuring...", file=sys.stderr, flush=True)
-        results, interval, bounds_seconds = measure(matrix, args.repeats, args.slow_repeats)
-        lipnorm_result = results[0]
+        if cuda:
+            results = measure_cuda(matrix, args.repeats, args.slow_repeats)
+        else:
+            results, interval, bounds_seconds = measure(matrix, args.repeats, args.slow_repeats)
+        ours = results[0]
         lines += [
             f"## {name}",
             "",
@@ -281,61 +345,85 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for result in results:
             error = abs(result.sigma - exact) / exact
-            speedup = result.seconds / lipnorm_result.seconds
+            speedup = result.seconds / ours.seconds
             method = result.method + (f" ({result.note})" if result.note else "")
             lines.append(
                 f"| {method} | {result.sigma:.9g} | {error:.1e} | {_seconds(result.seconds)} | "
                 f"{speedup:.1f}× | {result.matvecs if result.matvecs is not None else '—'} |"
             )
-        contains = interval.lower <= exact <= interval.upper
+        lines.append("")
+        if not cuda:
+            contains = interval.lower <= exact <= interval.upper
+            lines += [
+                f"`lipnorm.sigma_bounds`: [{interval.lower:.9g}, {interval.upper:.9g}] "
+                f"({interval.method}), upper/lower = 1 + {interval.upper / interval.lower - 1:.1e}, "
+                f"{_seconds(bounds_seconds)}, contains the SVD value: {'yes' if contains else 'NO'}.",
+                "",
+            ]
+        summary.append(_summary_row(name, exact, minimum, results, cuda))
+        print("\n".join(lines[-12:]), file=sys.stderr, flush=True)
+    if not cuda and "Gaussian 4096×4096" in matrices:
         lines += [
+            "## Products with several vectors (Gaussian 4096×4096)",
             "",
-            f"`lipnorm.sigma_bounds`: [{interval.lower:.9g}, {interval.upper:.9g}] "
-            f"({interval.method}), upper/lower = 1 + {interval.upper / interval.lower - 1:.1e}, "
-            f"{_seconds(bounds_seconds)}, contains the SVD value: {'yes' if contains else 'NO'}.",
+            "A block Krylov method multiplies W by b vectors per pass over the matrix. Median of "
+            "20 products `W @ X`, X with b columns (b = 1: a matrix-vector product):",
+            "",
+            "| b | time | per vector | vs b = 1 |",
+            "|---:|---:|---:|---:|",
+            *product_costs(matrices["Gaussian 4096×4096"]),
             "",
         ]
-        by_name = {r.method: r for r in results}
-        arpack_default = by_name["scipy svds k=1, ARPACK, default tol"]
-        svd = by_name["np.linalg.norm(W, 2) (full SVD)"]
-        summary.append(
-            f"| {name} | {abs(lipnorm_result.sigma - exact) / exact:.1e} | "
-            f"{abs(arpack_default.sigma - exact) / exact:.1e} | "
-            f"{arpack_default.seconds / lipnorm_result.seconds:.1f}× | "
-            f"{svd.seconds / lipnorm_result.seconds:.0f}× | "
-            f"{lipnorm_result.matvecs} / {arpack_default.matvecs} / {minimum} |"
-        )
-        print("\n".join(lines[-12:]), file=sys.stderr, flush=True)
-    square = benchmark_matrices()["Gaussian 4096×4096"]
-    lines += [
-        "## Products with several vectors (Gaussian 4096×4096)",
-        "",
-        "A block Krylov method multiplies W by b vectors per pass over the matrix. Median of "
-        "20 products `W @ X`, X with b columns (b = 1: a matrix-vector product):",
-        "",
-        "| b | time | per vector | vs b = 1 |",
-        "|---:|---:|---:|---:|",
-        *product_costs(square),
-        "",
-    ]
     load_after = os.getloadavg()
     lines[6:6] = [
         f"Load average (1 min) of the machine, which other jobs shared: {load_before[0]:.1f} at the "
         f"start, {load_after[0]:.1f} at the end; ratios between methods are more reliable than "
-        "absolute times.",
+        "absolute times, product counts more than either.",
     ]
-    lines[8:8] = [
-        "## Summary",
-        "",
-        "| matrix | lipnorm error | ARPACK error | lipnorm vs ARPACK | lipnorm vs full SVD | matvecs: lipnorm / ARPACK / Krylov minimum |",
-        "|---|---:|---:|---:|---:|---:|",
-        *summary,
-        "",
-    ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.output}", file=sys.stderr)
+    lines[8:8] = ["## Summary", "", *_summary_header(cuda), *summary, ""]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n".join(lines) + "\n")
+    print(f"wrote {output}", file=sys.stderr)
     return 0
+
+
+def _summary_header(cuda: bool) -> list[str]:
+    if cuda:
+        return [
+            "| matrix | lipnorm error | lipnorm vs full SVD (cuda) | matvecs: lipnorm / Krylov minimum |",
+            "|---|---:|---:|---:|",
+        ]
+    return [
+        "| matrix | lipnorm error | ARPACK error | lipnorm vs ARPACK | lipnorm vs full SVD "
+        "| matvecs: lipnorm / ARPACK / Krylov minimum | lipnorm / minimum |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+
+def _summary_row(name: str, exact: float, minimum: int, results: list[Measurement], cuda: bool) -> str:
+    """One matrix's line of the summary table."""
+    ours = results[0]
+    by_name = {r.method: r for r in results}
+    error = abs(ours.sigma - exact) / exact
+    if cuda:
+        svd = by_name["torch.linalg.matrix_norm(W, 2) (full SVD, cuda)"]
+        return (
+            f"| {name} | {error:.1e} | {svd.seconds / ours.seconds:.0f}× | "
+            f"{ours.matvecs} / {minimum} ({ours.matvecs / minimum:.2f}×) |"
+        )
+    arpack_default = by_name["scipy svds k=1, ARPACK, default tol"]
+    svd = by_name["np.linalg.norm(W, 2) (full SVD)"]
+    return (
+        f"| {name} | {error:.1e} | {abs(arpack_default.sigma - exact) / exact:.1e} | "
+        f"{arpack_default.seconds / ours.seconds:.2f}× | {svd.seconds / ours.seconds:.0f}× | "
+        f"{ours.matvecs} / {arpack_default.matvecs} / {minimum} | {ours.matvecs / minimum:.2f}× |"
+    )
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return f"GPU {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
 
 
 def _seconds(seconds: float) -> str:

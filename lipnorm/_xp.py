@@ -24,6 +24,7 @@ import numpy as np
 
 __all__ = [
     "array_namespace",
+    "device_of",
     "is_tensorflow_array",
     "library_name",
     "to_numpy",
@@ -108,6 +109,13 @@ def array_namespace(*arrays: Any) -> Any:
         return array_api_compat.array_namespace(*arrays)
     except TypeError as error:
         raise TypeError(_mixed_message(arrays)) from error
+
+
+def device_of(x: Any) -> Any:
+    """The device an array of any supported library lives on (TensorFlow's device string)."""
+    if is_tensorflow_array(x):
+        return x.device
+    return array_api_compat.device(x)
 
 
 def _mixed_message(arrays: tuple[Any, ...]) -> str:

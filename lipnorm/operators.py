@@ -26,7 +26,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from lipnorm._xp import array_namespace, is_tensorflow_array, library_name, to_numpy
+from lipnorm._xp import array_namespace, device_of, is_tensorflow_array, library_name, to_numpy
 
 __all__ = [
     "DaskOperator",
@@ -94,7 +94,7 @@ class DenseOperator(LinearOperator):
         self.xp = xp
         self.shape = (int(matrix.shape[0]), int(matrix.shape[1]))
         self.dtype = matrix.dtype
-        self.device = _device_of(matrix)
+        self.device = device_of(matrix)
         self._complex = xp.isdtype(matrix.dtype, "complex floating")
 
     def matvec(self, x: Any) -> Any:
@@ -215,12 +215,6 @@ def _is_operator_like(obj: Any) -> bool:
     return all(hasattr(obj, name) for name in ("shape", "dtype", "matvec", "rmatvec"))
 
 
-def _device_of(x: Any) -> Any:
-    if is_tensorflow_array(x):
-        return x.device
-    return array_api_compat.device(x)
-
-
 def as_operator(weight: Any, dim: int | None = None) -> LinearOperator:
     """Return the linear-operator view of ``weight``.
 
@@ -324,7 +318,8 @@ def matrix_view(weight: Any, dim: int | None = None) -> tuple[Any, Any]:
         Non-numeric or boolean dtype; not an array; a sparse torch tensor.
     ValueError
         0-d input, N-D input without ``dim``, ``dim`` out of range, an empty
-        array, or NaN/Inf entries.
+        array, a torch tensor on the meta device (checked after its shape: it
+        has no values), or NaN/Inf entries.
     """
     xp = array_namespace(weight)
     if library_name(weight) == "torch" and str(weight.layout) != "torch.strided":
@@ -347,6 +342,12 @@ def matrix_view(weight: Any, dim: int | None = None) -> tuple[Any, Any]:
         )
     if math.prod(shape) == 0:
         raise ValueError(f"the array is empty (shape {shape}); sigma is undefined")
+    if library_name(weight) == "torch" and weight.device.type == "meta":
+        raise ValueError(
+            f"the torch tensor of shape {shape} is on the meta device, which holds no values, "
+            "and sigma needs them; materialize it first (e.g. module.to_empty(device='cpu') "
+            "and initialize its parameters)"
+        )
     matrix = weight if weight.dtype == working_dtype else xp.astype(weight, working_dtype)
     if ndim == 1:
         matrix = xp.reshape(matrix, (shape[0], 1))

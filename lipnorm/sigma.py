@@ -8,6 +8,7 @@ sigma_max, float rounding included (see :mod:`lipnorm.certificates`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lipnorm import krylov
-from lipnorm._xp import array_namespace, library_name, to_numpy
+from lipnorm._xp import array_namespace, device_of, library_name, to_numpy
 from lipnorm.certificates import SigmaInterval, certified_stack_bounds, gram_iteration_bounds
 from lipnorm.operators import (
     DaskOperator,
@@ -65,8 +66,13 @@ class SigmaState:
     residual : float
         ``||A^H u - sigma v||``; the estimate is within ``residual / sqrt(2)``
         of a singular value.
+    error : float
+        The estimate of ``sigma_max - sigma`` the iteration stopped on (see ``rtol`` in
+        :func:`estimate_sigma`): about ``residual**2 / (4 gap)`` where Lanczos from a
+        random start resolved the gap to the next singular value, else ``residual``;
+        0 when the result is exact.
     converged : bool
-        Whether ``residual <= rtol * sigma`` was reached. ``False`` comes with a
+        Whether ``error <= rtol * sigma`` was reached. ``False`` comes with a
         :class:`ConvergenceWarning`.
     iterations : int
         Iterations of the method (each one ``matvec`` and one ``rmatvec``).
@@ -80,6 +86,7 @@ class SigmaState:
     v: Any
     sigma: float
     residual: float
+    error: float
     converged: bool
     iterations: int
     matvecs: int
@@ -107,18 +114,25 @@ def _check_options(method: str, rtol: float, max_iter: int | None) -> None:
         raise ValueError(f"max_iter must be a positive integer or None, got {max_iter!r}")
 
 
-def _start_vector(operator: LinearOperator, state: SigmaState | None, seed: Any) -> Any:
+def _start_vector(operator: LinearOperator, state: SigmaState | None, seed: Any) -> tuple[Any, bool]:
+    """The unit start vector and whether it is random: the state's ``v``, else a random one."""
     n = operator.shape[1]
     if state is None:
-        return krylov.random_vector(operator, n, seed)
+        return krylov.random_vector(operator, n, seed), True
     if not isinstance(state, SigmaState):
         raise TypeError(f"state must be a SigmaState from estimate_sigma, got {type(state).__name__}")
     if state.v is None:  # from method="svd", which computes no vectors
-        return krylov.random_vector(operator, n, seed)
+        return krylov.random_vector(operator, n, seed), True
     if array_namespace(state.v) is not operator.xp:
         raise TypeError(
             f"the state holds {library_name(state.v)} arrays but the weight needs "
             f"{operator.xp.__name__} vectors; mixed array libraries in one call"
+        )
+    if device_of(state.v) != operator.device:
+        raise ValueError(
+            f"the state's vectors are on device {device_of(state.v)} but the weight is on "
+            f"{operator.device}; move the state's u and v to the weight's device (lipnorm "
+            "moves nothing between devices), or start without a state"
         )
     if tuple(state.v.shape) != (n,):
         raise ValueError(
@@ -128,8 +142,8 @@ def _start_vector(operator: LinearOperator, state: SigmaState | None, seed: Any)
     v = operator.xp.astype(state.v, operator.dtype)
     norm = krylov.vector_norm(operator.xp, v)
     if norm == 0.0:
-        return krylov.random_vector(operator, n, seed)
-    return v / norm
+        return krylov.random_vector(operator, n, seed), True
+    return v / norm, False
 
 
 def _dense(operator: LinearOperator) -> Any:
@@ -155,7 +169,7 @@ def _svd_state(operator: LinearOperator) -> SigmaState:
         sigma = float(xp.max(svdvals(dense)))
     else:
         sigma = float(np.linalg.svd(to_numpy(dense), compute_uv=False)[0])
-    return SigmaState(None, None, sigma, 0.0, True, 0, 0, "svd")
+    return SigmaState(None, None, sigma, 0.0, 0.0, True, 0, 0, "svd")
 
 
 def _auto_method(operator: LinearOperator, rtol: float, state: SigmaState | None) -> str:
@@ -195,11 +209,23 @@ def estimate_sigma(
         matrices; a reference); ``"auto"``: ``"svd"`` for dense matrices whose
         smaller side is at most 32 (or 1024 when ``rtol < 1e-10``), else ``"lanczos"``.
     rtol : float
-        Relative accuracy: the iteration stops when the residual of its
-        singular triplet is at most ``rtol * sigma``, which bounds the error
-        by ``rtol * sigma`` with respect to a singular value of ``W``: sigma_max,
-        unless the top singular values agree to within a few ``rtol`` (then one
-        of them, see :mod:`lipnorm.krylov`); :func:`sigma_bounds` certifies.
+        Relative accuracy of sigma: the iteration stops when its estimate of the
+        error ``sigma_max - sigma`` is at most ``rtol * sigma`` (``state.error``).
+        Lanczos from a random start estimates it by about ``residual**2 / (4 gap)``,
+        the gap to the next singular value taken from its own Ritz values
+        (Kato-Temple): the result is then within ``rtol`` of sigma_max when that
+        gap is real. It is not when singular values the Krylov space has not yet
+        separated from sigma_max lie closer to it than the next Ritz value: a
+        repeated or clustered top with further values a few residuals below can
+        stop it early, by up to about that distance. Otherwise (gap not
+        resolved, a warm start ``state=``, ``method="power"``) the rule is
+        ``residual <= rtol * sigma``, which bounds the distance to *a* singular
+        value of ``W`` by ``rtol * sigma``: to sigma_max or to one of the values
+        clustered with it (see :mod:`lipnorm.krylov`). Either way sigma never
+        exceeds sigma_max (up to rounding), and in single precision the products'
+        own rounding (about ``sqrt(n)`` units of the last place) limits what
+        ``rtol`` can deliver. A :class:`ConvergenceWarning` says when ``max_iter``
+        ran out first. Only :func:`sigma_bounds` certifies.
     max_iter : int, optional
         Iterations allowed (one iteration is one product with ``A`` and one
         with ``A^H``). Default: 10000 for power iteration, 2000 for Lanczos.
@@ -229,6 +255,8 @@ def estimate_sigma(
         Non-numeric or boolean dtype, arrays of different libraries, not an array.
     ValueError
         NaN/Inf entries, an empty or 0-d array, N-D without ``dim``, bad options;
+        a torch tensor on the meta device (no values); a ``state`` on another device
+        than the weight;
         a sigma beyond the range of the dtype it is returned in; an operator
         (not an array, which is scaled by a power of two instead) whose products
         are too small or too large for its dtype
@@ -237,7 +265,8 @@ def estimate_sigma(
     Warns
     -----
     ConvergenceWarning
-        When ``max_iter`` is reached before ``rtol`` (``state.converged`` is then False).
+        When ``max_iter`` is reached before the error estimate is at most
+        ``rtol * sigma`` (``state.converged`` is then False).
 
     Examples
     --------
@@ -253,14 +282,13 @@ def estimate_sigma(
     if method == "svd":
         result = _svd_state(operator)
     else:
-        start = _start_vector(operator, state, seed)
-        run = krylov.lanczos if method == "lanczos" else krylov.power_iteration
+        start, random_start = _start_vector(operator, state, seed)
         limit = max_iter if max_iter is not None else (2000 if method == "lanczos" else 10000)
-        found = _iterate(run, operator, start, rtol=rtol, max_iter=limit)
-        if found.sigma == 0.0 and state is not None:
+        found = _iterate(_runner(method, random_start), operator, start, rtol=rtol, max_iter=limit)
+        if found.sigma == 0.0 and not random_start:
             # W v = 0 for the warm start (e.g. W pruned along it): not evidence that W = 0.
             cold = krylov.random_vector(operator, operator.shape[1], seed)
-            retry = _iterate(run, operator, cold, rtol=rtol, max_iter=limit)
+            retry = _iterate(_runner(method, True), operator, cold, rtol=rtol, max_iter=limit)
             found = dataclasses.replace(
                 retry,
                 iterations=found.iterations + retry.iterations,
@@ -271,6 +299,7 @@ def estimate_sigma(
             found.v,
             found.sigma,
             found.residual,
+            found.error,
             found.converged,
             found.iterations,
             found.matvecs,
@@ -278,14 +307,22 @@ def estimate_sigma(
         )
         if not found.converged:
             warnings.warn(
-                f"{method} stopped after {found.iterations} iterations with relative residual "
-                f"{found.residual / max(found.sigma, 1e-300):.2e} > rtol={rtol:g}; "
+                f"{method} stopped after {found.iterations} iterations with relative error "
+                f"estimate {found.error / max(found.sigma, 1e-300):.2e} > rtol={rtol:g}; "
                 "raise max_iter, use method='lanczos', or loosen rtol",
                 ConvergenceWarning,
                 stacklevel=2,
             )
     sigma = _as_output(operator, weight, result.sigma)
     return (sigma, result) if return_state else sigma
+
+
+def _runner(method: str, random_start: bool) -> Any:
+    """The iteration of ``method`` (``"lanczos"`` or ``"power"``) as ``run(operator, v, *,
+    rtol, max_iter)``; Lanczos uses its gap rule only from a random start."""
+    if method == "power":
+        return krylov.power_iteration
+    return functools.partial(krylov.lanczos, random_start=random_start)
 
 
 def _iterate(run: Any, operator: LinearOperator, start: Any, *, rtol: float, max_iter: int
@@ -320,6 +357,7 @@ def _iterate(run: Any, operator: LinearOperator, start: Any, *, rtol: float, max
         found,
         sigma=krylov.times_power_of_two(found.sigma, exponent),
         residual=krylov.times_power_of_two(found.residual, exponent),
+        error=krylov.times_power_of_two(found.error, exponent),
     )
 
 

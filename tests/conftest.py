@@ -1,9 +1,12 @@
 """Test configuration: the ``xp`` backend fixture and Hypothesis profiles.
 
-Backends: numpy, array_api_strict, torch, tensorflow, jax, dask. A backend that
-is not installed is skipped, unless it is named in the comma-separated
-environment variable ``LIPNORM_TEST_BACKENDS`` (CI names all of them): then its
-absence is an error. Hypothesis: ``HYPOTHESIS_PROFILE=ci`` (set by ``make test``
+Backends: numpy, array_api_strict, array_api_strict-device1, torch, tensorflow,
+jax, dask. ``array_api_strict-device1`` is array_api_strict with every array on its
+second device, ``array_api_strict.Device("device1")``: arrays of two devices cannot
+be combined there, so it catches what a GPU would (a start vector, a result or a
+state on the default device) without one. A backend that is not installed is
+skipped, unless it is named in the comma-separated environment variable
+``LIPNORM_TEST_BACKENDS`` (CI names all of them): then its absence is an error. Hypothesis: ``HYPOTHESIS_PROFILE=ci`` (set by ``make test``
 when ``CI=true``) runs the numeric properties with 500 examples each, the same ones
 on every run.
 """
@@ -27,7 +30,11 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
-BACKEND_NAMES = ("numpy", "array_api_strict", "torch", "tensorflow", "jax", "dask")
+#: The backends' test ids, ``library`` or ``library-device``: every library on its default
+#: device, array_api_strict also on a second one.
+BACKEND_IDS = (
+    "numpy", "array_api_strict", "array_api_strict-device1", "torch", "tensorflow", "jax", "dask"
+)
 
 
 def required_backends() -> set[str]:
@@ -48,11 +55,18 @@ def import_backend(name: str):
 
 
 class Backend:
-    """One array library under test: converts NumPy test data into its arrays."""
+    """One array library under test, on one device: converts NumPy test data into its arrays.
 
-    def __init__(self, name: str) -> None:
+    ``name`` is the library's (what ``lipnorm._xp.library_name`` reports); ``device`` is
+    the device its arrays are made on (None: the library's default).
+    """
+
+    def __init__(self, test_id: str) -> None:
+        self.test_id = test_id
+        name, _, device = test_id.partition("-")
         self.name = name
         self.module = import_backend(name)
+        self.device = self.module.Device(device) if device else None
         if name == "jax":
             import jax  # the module under test is jax.numpy
 
@@ -68,13 +82,16 @@ class Backend:
         if self.name == "dask":
             chunks = tuple(max(1, (s + 1) // 2) for s in values.shape)
             return self.module.from_array(values, chunks=chunks)
+        if self.device is not None:
+            return self.module.asarray(values, device=self.device)
         return self.module.asarray(values)
 
     def __repr__(self) -> str:
-        return self.name
+        return self.test_id
 
 
-@pytest.fixture(params=BACKEND_NAMES)
+@pytest.fixture(params=BACKEND_IDS)
 def backend(request) -> Backend:
-    """Each array library in turn (test ids: numpy, array_api_strict, torch, ...)."""
+    """Each array library in turn (test ids: numpy, array_api_strict,
+    array_api_strict-device1, torch, ...)."""
     return Backend(request.param)

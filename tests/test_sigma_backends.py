@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lipnorm
-from lipnorm._xp import array_namespace, library_name
+from lipnorm._xp import array_namespace, device_of, library_name
 from tests.helpers import (
     assert_contains,
     assert_relative_close,
@@ -168,7 +168,8 @@ def test_warm_start_in_the_null_space_of_a_pruned_weight(backend, method):
     _, state = lipnorm.estimate_sigma(backend.asarray(values), method=method, return_state=True, seed=0)
     # The state's right vector, e_1 up to rounding, set to e_1 exactly; the pruning removes column 1.
     xp = array_namespace(state.v)  # NumPy for Dask, whose vectors are NumPy arrays
-    state = dataclasses.replace(state, v=xp.asarray([1.0, 0.0, 0.0], dtype=state.v.dtype))
+    exact = xp.asarray([1.0, 0.0, 0.0], dtype=state.v.dtype, device=device_of(state.v))
+    state = dataclasses.replace(state, v=exact)
     pruned = values.copy()
     pruned[:, 0] = 0.0
     sigma, warm = lipnorm.estimate_sigma(
@@ -176,3 +177,38 @@ def test_warm_start_in_the_null_space_of_a_pruned_weight(backend, method):
     )
     assert_relative_close(float(sigma), 1.0, 1e-6, f"{backend}/{method}")
     assert warm.converged
+
+
+def test_lanczos_stops_on_the_gap_from_a_random_start_and_on_the_residual_when_warm():
+    """With sigma_max apart from the rest, the error estimate (about residual**2 / (4 gap))
+    reaches rtol long before the residual does; a warm start stops on the residual alone."""
+    rng = np.random.default_rng(7)
+    left = np.linalg.qr(rng.standard_normal((400, 300)))[0]
+    right = np.linalg.qr(rng.standard_normal((300, 300)))[0]
+    matrix = (left * 0.98 ** np.arange(300)) @ right.T  # sigma_max = 1, relative gap 0.02
+    rtol = 1e-8
+    sigma, cold = lipnorm.estimate_sigma(matrix, method="lanczos", rtol=rtol, seed=0, return_state=True)
+    assert cold.converged
+    assert cold.error <= rtol * cold.sigma < cold.residual, (cold.error, cold.residual)
+    assert_relative_close(float(sigma), 1.0, rtol, "gap rule")
+    _, warm = lipnorm.estimate_sigma(matrix, method="lanczos", rtol=rtol, state=cold, return_state=True)
+    assert warm.converged
+    assert warm.error == warm.residual <= rtol * warm.sigma, (warm.error, warm.residual)
+
+
+@pytest.mark.parametrize("k", [2, 3, 40, 200])
+def test_ritz_pairs_from_the_tridiagonal_match_the_dense_svd(k):
+    """Lanczos's O(k) top Ritz pairs (LAPACK stebz/stein on B^T B) agree with the dense SVD
+    of B it falls back to, vectors up to sign; scaled near the double-precision range."""
+    from lipnorm.krylov import _ritz_from_svd, _top_ritz
+
+    rng = np.random.default_rng(k)
+    for scale in (1.0, 1e250, 1e-250):
+        alphas = list(scale * (0.5 + rng.random(k)))
+        betas = list(scale * rng.random(k))
+        fast, dense = _top_ritz(alphas, betas), _ritz_from_svd(alphas, betas)
+        assert_relative_close(fast.sigma, dense.sigma, 1e-14, f"k={k} sigma")
+        assert abs(fast.residual - dense.residual) <= 1e-12 * dense.sigma
+        assert abs(fast.error - dense.error) <= 1e-12 * dense.sigma
+        for ours, reference in ((fast.left, dense.left), (fast.right, dense.right)):
+            assert np.max(np.abs(np.abs(ours) - np.abs(reference))) <= 1e-10

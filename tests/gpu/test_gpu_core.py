@@ -1,4 +1,9 @@
-"""The core on GPU arrays (CuPy, torch CUDA). Skipped where no GPU is present."""
+"""The core on GPU arrays (torch CUDA, CuPy). Skipped cleanly where no GPU is present.
+
+The same promises as tests/test_devices.py, which proves them without a GPU on
+array_api_strict's second device: results, states and start vectors stay on the
+weight's device, and a state on another device is refused rather than moved.
+"""
 
 from __future__ import annotations
 
@@ -6,56 +11,89 @@ import numpy as np
 import pytest
 
 import lipnorm
+from lipnorm._xp import device_of
 from tests.helpers import assert_contains, assert_relative_close, true_sigma
 
 RNG = np.random.default_rng(3)
 MATRIX = RNG.standard_normal((300, 200)).astype(np.float32)
 
 
-def _cupy():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA device")
-    return cupy
+class GpuBackend:
+    """A GPU array library: ``asarray`` puts NumPy data on its device, ``host`` its CPU twin."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        if name == "torch-cuda":
+            torch = pytest.importorskip("torch")
+            if not torch.cuda.is_available():
+                pytest.skip("no CUDA device")
+            self.module = torch
+        else:
+            cupy = pytest.importorskip("cupy")
+            try:
+                if cupy.cuda.runtime.getDeviceCount() < 1:
+                    pytest.skip("no CUDA device")
+            except cupy.cuda.runtime.CUDARuntimeError:
+                pytest.skip("no CUDA device")
+            self.module = cupy
+
+    def asarray(self, values: np.ndarray, dtype=None):
+        if self.name == "torch-cuda":
+            return self.module.asarray(values, device="cuda", dtype=dtype)
+        return self.module.asarray(values, dtype=dtype)
+
+    def host(self, array):
+        """The same values in the library on the CPU (NumPy for CuPy)."""
+        return array.cpu() if self.name == "torch-cuda" else array.get()
 
 
-def _torch_cuda():
+@pytest.fixture(params=["torch-cuda", "cupy"])
+def gpu(request) -> GpuBackend:
+    return GpuBackend(request.param)
+
+
+def assert_on_device(x, device, what: str) -> None:
+    assert device_of(x) == device, f"{what} is on {device_of(x)}, not on {device}"
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power", "svd"])
+def test_result_and_state_stay_on_the_gpu(gpu, method):
+    weight = gpu.asarray(MATRIX)
+    sigma, state = lipnorm.estimate_sigma(weight, method=method, return_state=True, seed=0)
+    assert_on_device(sigma, device_of(weight), "sigma")
+    assert str(sigma.dtype).endswith("float32")
+    if method != "svd":
+        assert_on_device(state.u, device_of(weight), "state.u")
+        assert_on_device(state.v, device_of(weight), "state.v")
+    assert_relative_close(float(sigma), true_sigma(MATRIX), 2e-6, f"{gpu.name} {method}")
+    assert_contains(lipnorm.sigma_bounds(weight), true_sigma(MATRIX))
+
+
+def test_warm_start_stays_on_the_gpu(gpu):
+    weight = gpu.asarray(MATRIX)
+    _, state = lipnorm.estimate_sigma(weight, method="lanczos", return_state=True, seed=0)
+    nudged = (MATRIX + 1e-4 * RNG.standard_normal(MATRIX.shape)).astype(np.float32)
+    sigma, warm = lipnorm.estimate_sigma(gpu.asarray(nudged), state=state, return_state=True)
+    assert_on_device(sigma, device_of(weight), "sigma")
+    assert_on_device(warm.v, device_of(weight), "state.v")
+    assert warm.converged
+    assert_relative_close(float(sigma), true_sigma(nudged), 2e-6, f"{gpu.name} warm start")
+
+
+def test_a_gpu_state_is_not_moved_to_a_host_weight():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    return torch
-
-
-@pytest.mark.parametrize("method", ["lanczos", "power", "svd"])
-def test_cupy_stays_on_device(method):
-    cupy = _cupy()
-    weight = cupy.asarray(MATRIX)
-    sigma, state = lipnorm.estimate_sigma(weight, method=method, return_state=True)
-    assert isinstance(sigma, cupy.ndarray) and sigma.dtype == cupy.float32
-    if state.v is not None:
-        assert isinstance(state.v, cupy.ndarray)
-    assert_relative_close(float(sigma), true_sigma(MATRIX), 2e-6, f"cupy {method}")
-    assert_contains(lipnorm.sigma_bounds(weight), true_sigma(MATRIX))
-
-
-@pytest.mark.parametrize("method", ["lanczos", "power", "svd"])
-def test_torch_cuda_stays_on_device(method):
-    torch = _torch_cuda()
-    weight = torch.asarray(MATRIX, device="cuda")
-    sigma, state = lipnorm.estimate_sigma(weight, method=method, return_state=True)
-    assert sigma.device.type == "cuda" and sigma.dtype == torch.float32
-    if state.v is not None:
-        assert state.v.device.type == "cuda"
-    assert_relative_close(float(sigma), true_sigma(MATRIX), 2e-6, f"torch cuda {method}")
-    assert_contains(lipnorm.sigma_bounds(weight), true_sigma(MATRIX))
+    _, state = lipnorm.estimate_sigma(
+        torch.asarray(MATRIX, device="cuda"), method="lanczos", return_state=True, seed=0
+    )
+    with pytest.raises(ValueError, match="state's vectors are on device cuda"):
+        lipnorm.estimate_sigma(torch.asarray(MATRIX), state=state)
 
 
 def test_torch_cuda_half_precision():
-    torch = _torch_cuda()
-    weight = torch.asarray(MATRIX, device="cuda", dtype=torch.float16)
+    gpu = GpuBackend("torch-cuda")
+    weight = gpu.asarray(MATRIX, dtype=gpu.module.float16)
     sigma = lipnorm.estimate_sigma(weight)
-    assert sigma.dtype == torch.float16 and sigma.device.type == "cuda"
+    assert sigma.dtype == gpu.module.float16 and sigma.device.type == "cuda"
     assert_relative_close(float(sigma), true_sigma(weight), 1e-2, "float16")
