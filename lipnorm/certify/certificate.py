@@ -163,10 +163,13 @@ class Certificate:
             text.append("method    bound         time [s]  note")
             for run in self.ladder:
                 bound = "—" if run.upper is None else f"{run.upper:.6g}"
-                chosen = "  (reported)" if run.method == self.method and run.upper is not None else ""
-                ratio = (f"  upper/lower = {run.upper / self.lower:.4g}"
-                         if run.upper is not None and self.lower else "")
-                text.append(f"{run.method:<8}  {bound:<12}  {run.seconds:>8.2f}  {run.note}{chosen}{ratio}")
+                notes = [run.note]
+                if run.method == self.method and run.upper is not None:
+                    notes.append("(reported)")
+                if run.upper is not None and self.lower:
+                    notes.append(f"upper/lower = {run.upper / self.lower:.4g}")
+                text.append(f"{run.method:<8}  {bound:<12}  {run.seconds:>8.2f}  "
+                            + "  ".join(n for n in notes if n))
             text.append("")
         text.append(f"upper bound: {self.upper:.6g}   (certified by {self.method}, {self.seconds:.2f} s)")
         if self.lower is not None:
