@@ -48,12 +48,13 @@ docs-serve: $(VENV)/.test-installed
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 # Every figure of the docs (docs/img/), from the scripts that make them: docs/figures/*.py,
-# the plot of benchmarks/results/bench_conv.json, and the examples that draw one.
+# the plots of benchmarks/results/bench_conv.json and bench_tight.json, and the examples that draw one.
 # A few minutes on a CPU; the committed figures are what this wrote.
 FIGURE_SCRIPTS := $(wildcard docs/figures/[a-z]*.py)
 figures: $(VENV)/.test-installed
 	set -e; for script in $(FIGURE_SCRIPTS); do PYTHONPATH=. OMP_NUM_THREADS=1 $(PY) $$script; done
 	PYTHONPATH=. $(PY) benchmarks/plot_conv.py
+	PYTHONPATH=. $(PY) benchmarks/plot_tight.py
 	PYTHONPATH=. OMP_NUM_THREADS=1 $(PY) examples/sngan_digits_torch.py --plot docs/img/sngan_conv_norms.png
 	mkdir -p build
 	PYTHONPATH=. OMP_NUM_THREADS=1 $(PY) examples/checkpoint_sigma_histogram.py \

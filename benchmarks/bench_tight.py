@@ -8,13 +8,15 @@ not sound for GELU/SiLU, so it is not run there), LipSDP-Neuron through cvxpy + 
 (its multipliers re-checked by lipnorm's exact test; capped), and each lipnorm method.
 
 Run: PYTHONPATH=. python benchmarks/bench_tight.py [--quick] [--cvxpy-cap SECONDS]
-Writes benchmarks/results/bench_tight.md and docs/img/certify_ladder.png.
+Writes benchmarks/results/bench_tight.md and .json (``benchmarks/plot_tight.py`` draws
+docs/img/certify_ladder.png from it).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import sys
 import time
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lipnorm  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "bench_tight.md"
-FIGURE = Path(__file__).resolve().parents[1] / "docs" / "img" / "certify_ladder.png"
+JSON = RESULTS.with_suffix(".json")
 MLPS = [
     ("64-32-10 ReLU", [64, 32, 10], "relu"),
     ("64-64-64-10 tanh", [64, 64, 64, 10], "tanh"),
@@ -214,7 +216,7 @@ def main() -> None:
         table.append((f"ResNet-18 {size}×{size} (random)", None, low, rows, None, None))
         print(size, low, rows, flush=True)
     write(table, args)
-    plot(table)
+    save_json(table)
 
 
 def _cell(value, low, seconds=None):
@@ -267,28 +269,16 @@ def write(table, args) -> None:
     print(RESULTS.read_text())
 
 
-def plot(table) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(9, 4.2))
-    names = [row[0] for row in table if row[2]]
-    positions = np.arange(len(names))
-    series = [("product", "tab:red"), ("chain", "tab:orange"), ("sdp", "tab:blue")]
-    for offset, (method, color) in zip((-0.25, 0, 0.25), series):
-        values = [(row[3][method][0] or np.nan) / row[2] for row in table if row[2]]
-        axes.bar(positions + offset, values, width=0.25, color=color, label=method)
-    axes.axhline(1.0, color="tab:green", linestyle="--", label="lower bound")
-    axes.set_xticks(positions)
-    axes.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
-    axes.set_yscale("log")
-    axes.set_ylabel("certified bound / lower bound")
-    axes.set_title("The certificate ladder: every bar is a certified upper bound")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(FIGURE, dpi=120)
+def save_json(table) -> None:
+    """The figures of the table, for benchmarks/plot_tight.py."""
+    rows = []
+    for name, accuracy, low, methods, eclipse, reference in table:
+        rows.append({"network": name, "accuracy": accuracy, "lower": low,
+                     "methods": {m: {"upper": v[0], "seconds": v[1], "note": v[2]} for m, v in methods.items()},
+                     "eclipse_fast": None if eclipse is None else {"upper": eclipse[0], "seconds": eclipse[1]},
+                     "lipsdp_cvxpy": None if reference is None else
+                     {"upper": reference[0], "seconds": reference[1], "status": reference[2]}})
+    JSON.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
