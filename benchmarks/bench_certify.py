@@ -40,14 +40,9 @@ def naive_product(kernels) -> float:
 def torch_resnet18(quick: bool):
     import torch
 
-    from tests.resnet18 import ResNet18
+    from tests.resnet18 import random_resnet18
 
-    torch.manual_seed(0)
-    model = ResNet18().eval()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_var.uniform_(0.5, 2.0)
-            module.running_mean.normal_(0, 0.1)
+    model = random_resnet18()
     size = 64 if quick else 224
     kernels = [m.weight.detach().double().numpy() for m in model.modules()
                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]

@@ -111,17 +111,9 @@ def small_resnet(blocks: int = 2, width: int = 8):
 
 
 def resnet18(size: int):
-    import torch
+    from tests.resnet18 import random_resnet18
 
-    from tests.resnet18 import ResNet18
-
-    torch.manual_seed(0)
-    model = ResNet18().eval()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_var.uniform_(0.5, 2.0)
-            module.running_mean.normal_(0, 0.1)
-    return model, (3, size, size)
+    return random_resnet18(), (3, size, size)
 
 
 def eclipse_fast(model):

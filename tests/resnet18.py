@@ -43,3 +43,16 @@ class ResNet18(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x).flatten(1))
+
+
+def random_resnet18(seed: int = 0) -> ResNet18:
+    """ResNet-18 in eval mode with torch's initial weights and random BatchNorm statistics."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = ResNet18().eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 2.0)
+            module.running_mean.normal_(0, 0.1)
+    return model

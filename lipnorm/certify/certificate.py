@@ -219,14 +219,9 @@ class Certificate:
         -------
         matplotlib.figure.Figure
         """
-        try:
-            import matplotlib
+        from lipnorm._plotting import pyplot
 
-            if path is not None:
-                matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError as error:  # pragma: no cover - depends on the environment
-            raise ImportError("Certificate.plot needs matplotlib: pip install matplotlib") from error
+        plt = pyplot(path, "Certificate.plot")
         rows = [row for row in self.layers if row.cumulative is not None]
         figure, axes = plt.subplots(figsize=(max(6.0, 0.22 * len(rows) + 2), 4.0))
         positions = range(len(rows))

@@ -22,43 +22,28 @@ __all__ = ["ROBUSTNESS_PLOT", "build_model", "robust_section", "train_for_margin
 
 #: File name of the accuracy-against-eps plot, written into the demo's output directory.
 ROBUSTNESS_PLOT = "lipnorm-demo-robustness.png"
-INPUT_SHAPE = (1, 8, 8)
 #: The radius trained for, and the ones reported (L2, inputs in [0, 1], 64 pixels).
 TRAIN_EPS = 0.5
 EPS = (0.1, 0.25, 0.5, 1.0)
 EPOCHS = 30
 
 
-def build_model(seed: int = 0, width: int = 16) -> Any:
-    """Operator-normalized convolutions and a free linear classifier.
+def build_model(seed: int = 0) -> Any:
+    """Operator-normalized convolutions and a free linear classifier (the torch demo's CNN).
 
     Parameters
     ----------
     seed : int
         Seed of torch's generator for the initial weights.
-    width : int
-        Channels of the first convolution (the second has twice as many).
 
     Returns
     -------
     torch.nn.Sequential
         Maps ``(batch, 1, 8, 8)`` images to 10 logits.
     """
-    import torch
-    from torch import nn
+    from lipnorm.demo.torch_cnn import build_model as normalized_cnn
 
-    from lipnorm.backends.torch import spectral_norm
-
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        spectral_norm(nn.Conv2d(1, width, 3, padding=1), mode="operator", input_shape=INPUT_SHAPE),
-        nn.ReLU(),
-        spectral_norm(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), mode="operator",
-                      input_shape=(width, 8, 8)),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(2 * width * 4 * 4, 10),
-    )
+    return normalized_cnn(seed, normalized_classifier=False)
 
 
 def train_for_margins(model: Any, digits, *, epochs: int = EPOCHS, eps: float = TRAIN_EPS) -> float:

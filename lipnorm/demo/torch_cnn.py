@@ -26,13 +26,16 @@ CERTIFICATE_PLOT = "lipnorm-demo-certificate.png"
 INPUT_SHAPE = (1, 8, 8)
 
 
-def build_model(seed: int = 0) -> Any:
-    """Two operator-normalized convolutions and a normalized linear classifier.
+def build_model(seed: int = 0, *, normalized_classifier: bool = True) -> Any:
+    """Two operator-normalized convolutions and a linear classifier.
 
     Parameters
     ----------
     seed : int
         Seed of torch's generator for the initial weights.
+    normalized_classifier : bool
+        Spectrally normalize the classifier too (else it is free, as a margin loss wants:
+        its rows set the logit differences' scale).
 
     Returns
     -------
@@ -45,14 +48,17 @@ def build_model(seed: int = 0) -> Any:
     from lipnorm.backends.torch import spectral_norm
 
     torch.manual_seed(seed)
+    first = spectral_norm(nn.Conv2d(1, 16, 3, padding=1), mode="operator", input_shape=INPUT_SHAPE)
+    second = spectral_norm(nn.Conv2d(16, 32, 3, stride=2, padding=1), mode="operator",
+                           input_shape=(16, 8, 8))
+    classifier = nn.Linear(32 * 4 * 4, 10)
     return nn.Sequential(
-        spectral_norm(nn.Conv2d(1, 16, 3, padding=1), mode="operator", input_shape=INPUT_SHAPE),
+        first,
         nn.ReLU(),
-        spectral_norm(nn.Conv2d(16, 32, 3, stride=2, padding=1), mode="operator",
-                      input_shape=(16, 8, 8)),
+        second,
         nn.ReLU(),
         nn.Flatten(),
-        spectral_norm(nn.Linear(32 * 4 * 4, 10)),
+        spectral_norm(classifier) if normalized_classifier else classifier,
     )
 
 

@@ -128,14 +128,9 @@ class RobustnessReport:
         -------
         matplotlib.figure.Figure
         """
-        try:
-            import matplotlib
+        from lipnorm._plotting import pyplot
 
-            if path is not None:
-                matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError as error:  # pragma: no cover - depends on the environment
-            raise ImportError("RobustnessReport.plot needs matplotlib: pip install matplotlib") from error
+        plt = pyplot(path, "RobustnessReport.plot")
         figure, (curves, histogram) = plt.subplots(1, 2, figsize=(10, 4))
         curves.plot(self.eps, self.certified_accuracy, marker="o", label="certified (pairwise L_yj)")
         curves.plot(self.eps, self.global_certified_accuracy, marker=".", linestyle="--",
