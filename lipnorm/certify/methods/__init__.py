@@ -147,11 +147,9 @@ def run_ladder(graph: Graph, product, node_bounds, *, method: str, time_budget: 
                 value, proof = sdp_bound(network, time_budget=max(remaining, 0.0))
             else:
                 value, proof = _sdp_rows(network, rows, remaining)
-        except SdpTooLarge as error:
-            if method == "sdp":
+        except ValueError as error:  # too large for the budget, or no multipliers passed the check
+            if method == "sdp" and isinstance(error, SdpTooLarge):
                 raise
-            best.runs.append(MethodRun("sdp", None, time.perf_counter() - start, str(error)))
-        except ValueError as error:  # no multipliers passed the exact check
             best.runs.append(MethodRun("sdp", None, time.perf_counter() - start, str(error)))
         else:
             _record(best, "sdp", value, proof, time.perf_counter() - start, rows)
