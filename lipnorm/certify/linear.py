@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from lipnorm.bounds import round_up
+from lipnorm.certify.rounding import UNIT_ROUNDOFF, frobenius_upper
 
 __all__ = [
     "ConvMap",
@@ -31,7 +32,6 @@ __all__ = [
     "merge",
 ]
 
-_UNIT_ROUNDOFF = 2.0**-53
 
 
 @dataclass(frozen=True)
@@ -268,14 +268,14 @@ def _scaled(target: LinearMap, scale: ScaleMap, *, output_side: bool) -> LinearM
         if scale.axis is not None and scale.axis != target.axis:
             return None
         w = target.weight * (s[:, None] if output_side and s.ndim else s[None, :] if s.ndim else s)
-        error = _product_error(w, target.error, s_norm, scale.error, _frobenius(target.weight), 1)
+        error = _product_error(w, target.error, s_norm, scale.error, frobenius_upper(target.weight), 1)
         return replace(target, weight=w, error=error)
     if isinstance(target, ConvMap):
         if scale.axis is not None and scale.axis != target.channel_axis:
             return None
         k = target.kernel * _kernel_channel_factor(target, s, output_side)
         taps = math.prod(target.kernel.shape[2:])
-        error = _product_error(k, target.error, s_norm, scale.error, _frobenius(target.kernel), taps)
+        error = _product_error(k, target.error, s_norm, scale.error, frobenius_upper(target.kernel), taps)
         return replace(target, kernel=k, error=error)
     return None
 
@@ -302,12 +302,12 @@ def _dense_product(second: DenseMap, first: DenseMap) -> DenseMap | None:
     a, b = second.weight, first.weight
     product = a @ b
     inner = b.shape[0]
-    gamma = inner * _UNIT_ROUNDOFF / (1 - inner * _UNIT_ROUNDOFF)
-    rounding = gamma * _frobenius(np.abs(a) @ np.abs(b))
+    gamma = inner * UNIT_ROUNDOFF / (1 - inner * UNIT_ROUNDOFF)
+    rounding = gamma * frobenius_upper(np.abs(a) @ np.abs(b))
     error = round_up(
         round_up(rounding * 1.01)
-        + _frobenius(a) * first.error
-        + second.error * _frobenius(b)
+        + frobenius_upper(a) * first.error
+        + second.error * frobenius_upper(b)
         + second.error * first.error
     )
     return DenseMap(product, first.axis, error)
@@ -318,12 +318,9 @@ def _product_error(
     target_norm: float, taps: int,
 ) -> float:
     """Error bound of an elementwise product result = target·s (each entry ≤ 8u relative)."""
-    rounding = 8 * _UNIT_ROUNDOFF * _frobenius(result) * math.sqrt(taps)
+    rounding = 8 * UNIT_ROUNDOFF * frobenius_upper(result) * math.sqrt(taps)
     return round_up(
         rounding + scale_norm * target_error + scale_error * target_norm * math.sqrt(taps)
         + scale_error * target_error
     )
 
-
-def _frobenius(array: np.ndarray) -> float:
-    return round_up(float(np.linalg.norm(np.ravel(array))) * (1 + 1e-12))

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lipnorm.bounds import round_up
+from lipnorm.certify.rounding import UNIT_ROUNDOFF, frobenius_upper, gamma
 from lipnorm.certify.graph import Concat, Graph, Input, Linear, Lipschitz, Sum
 from lipnorm.certify.linear import ConvMap, DenseMap, FixedMap, LinearMap, ScaleMap, conv_map_operator
 
-__all__ = ["Block", "DenseNetwork", "NotDensifiable", "Unit", "dense_network"]
+__all__ = ["Block", "DenseNetwork", "NotDensifiable", "Unit", "add_blocks", "apply_matrix",
+           "dense_network", "scale_block"]
 
-_UNIT_ROUNDOFF = 2.0**-53
 #: The largest matrix (entries) a block may have: 2^24 float64 entries are 128 MiB.
 MAX_BLOCK_ENTRIES = 2**24
 
@@ -72,7 +73,7 @@ class Block:
         """Upper bound of ‖matrix‖_F."""
         if self.matrix is None:
             return round_up(math.sqrt(self.size))
-        return _frobenius(self.matrix)
+        return frobenius_upper(self.matrix)
 
 
 @dataclass
@@ -190,12 +191,11 @@ def dense_network(graph: Graph, node_bounds: dict, *, max_entries: int = MAX_BLO
             matrix = _dense_map(op.map, in_shape, out_shape, max_entries)
             if matrix is not None:
                 _check_blocks(source, matrix[0].shape[0], max_entries, node.name)
-                values[node.name] = {s: _apply(matrix, block) for s, block in source.items()}
+                values[node.name] = {s: apply_matrix(matrix, block) for s, block in source.items()}
                 continue
         slope = op.slope if isinstance(op, Lipschitz) else None
         if slope is not None and slope[0] == slope[1]:  # affine: x ↦ a·x + c, exactly linear
-            values[node.name] = {s: _apply((np.eye(_numel(in_shape)) * slope[0], 0.0), block)
-                                 for s, block in source.items()}
+            values[node.name] = {s: scale_block(block, slope[0]) for s, block in source.items()}
             continue
         _check_blocks(source, _numel(in_shape), max_entries, node.name)
         unit = Unit(node.name, node.inputs[0], _numel(in_shape), _numel(out_shape), slope,
@@ -289,7 +289,7 @@ def _spatial_map(linear_map: FixedMap, in_shape, out_shape):
     if matrix.shape != (_numel(out_shape), _numel(in_shape)):
         return None
     # the 1-D entries 1/divisor are each within u of exact; kron products add one rounding per factor
-    return matrix, round_up(2 * (len(factors) + 1) * _UNIT_ROUNDOFF * _frobenius(matrix))
+    return matrix, round_up(2 * (len(factors) + 1) * UNIT_ROUNDOFF * frobenius_upper(matrix))
 
 
 def _channels_first_positions(shape) -> np.ndarray:
@@ -299,15 +299,15 @@ def _channels_first_positions(shape) -> np.ndarray:
         tuple(range(1, len(spatial) + 1)) + (0,)).ravel()
 
 
-def _apply(map_and_error, block: Block) -> Block:
+def apply_matrix(map_and_error, block: Block) -> Block:
     """The block of ``map ∘ block``, with the rounding of the product in its error."""
     matrix, map_error = map_and_error
     if block.matrix is None:
         return Block(matrix, block.size, map_error)
     product = matrix @ block.matrix
     inner = matrix.shape[1]
-    rounding = _gamma(inner) * _frobenius(np.abs(matrix) @ np.abs(block.matrix))
-    error = round_up(rounding + _frobenius(matrix) * block.error + map_error * block.frobenius()
+    rounding = gamma(inner) * frobenius_upper(np.abs(matrix) @ np.abs(block.matrix))
+    error = round_up(rounding + frobenius_upper(matrix) * block.error + map_error * block.frobenius()
                      + map_error * block.error)
     return Block(product, block.size, error)
 
@@ -319,11 +319,21 @@ def _sum(values: list[dict[int, Block]]) -> dict[int, Block]:
             if source not in total:
                 total[source] = block
                 continue
-            left = total[source]
-            matrix = left.dense() + block.dense()
-            error = round_up(left.error + block.error + _UNIT_ROUNDOFF * _frobenius(matrix))
-            total[source] = Block(matrix, block.size, error)
+            total[source] = add_blocks(total[source], block)
     return total
+
+
+def scale_block(block: Block, scale: float) -> Block:
+    """The block of ``scale`` times a map, with the rounding of the scaling in its error."""
+    product = scale * block.dense()
+    return Block(product, block.size,
+                 round_up(abs(scale) * block.error + UNIT_ROUNDOFF * frobenius_upper(product)))
+
+
+def add_blocks(left: Block, right: Block) -> Block:
+    """The block of the sum of two maps from one source, with the sum's rounding in its error."""
+    matrix = left.dense() + right.dense()
+    return Block(matrix, right.size, round_up(left.error + right.error + UNIT_ROUNDOFF * frobenius_upper(matrix)))
 
 
 def _concat(values, in_shapes, out_shape, name: str) -> dict[int, Block]:
@@ -365,12 +375,6 @@ def _stack(values, placed=None, rows: int | None = None) -> dict[int, Block]:
     return {s: Block(m, m.shape[1], round_up(e * (1 + 1e-15))) for s, (m, e) in stacked.items()}
 
 
-def _gamma(count: int) -> float:
-    return 2 * count * _UNIT_ROUNDOFF / (1 - count * _UNIT_ROUNDOFF)
-
-
-def _frobenius(matrix: np.ndarray) -> float:
-    return round_up(float(np.linalg.norm(matrix)) * (1 + 1e-12))
 
 
 def _numel(shape) -> int:

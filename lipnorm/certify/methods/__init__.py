@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lipnorm.bounds import compose, round_up
+from lipnorm.bounds import compose
 from lipnorm.certify.graph import Graph
+from lipnorm.certify.rounding import vector_norm_upper
 
 __all__ = ["LADDER", "MethodRun", "run_ladder"]
 
@@ -164,7 +165,7 @@ def _sdp_rows(network, rows, budget: float):
     began = time.perf_counter()
     whole, whole_proof = sdp_bound(network, time_budget=budget / 2)
     proofs: list = [None] * len(rows)
-    values = [compose([_length(row), whole]) for row in rows]
+    values = [compose([vector_norm_upper(row), whole]) for row in rows]
     start = whole_proof.multipliers
     for index, row in enumerate(rows):
         share = (budget - (time.perf_counter() - began)) / (len(rows) - index)
@@ -190,13 +191,8 @@ class _RowProofs:
 
     def verify(self) -> np.ndarray:
         whole = self.whole.verify()
-        return np.array([compose([_length(row), whole]) if proof is None else proof.verify()
+        return np.array([compose([vector_norm_upper(row), whole]) if proof is None else proof.verify()
                          for row, proof in zip(self.rows, self.proofs)])
-
-
-def _length(row: np.ndarray) -> float:
-    """Upper bound of ‖row‖₂."""
-    return round_up(float(np.linalg.norm(row)) * (1 + 4 * (row.size + 1) * 2.0**-53))
 
 
 def _record(best: LadderResult, method: str, value, proof, seconds: float, rows) -> None:

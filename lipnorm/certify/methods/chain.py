@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from lipnorm.bounds import compose, residual_sum, round_up
-from lipnorm.certify.network import Block, DenseNetwork
+from lipnorm.certify.rounding import gamma, vector_norm_upper
+from lipnorm.certify.network import Block, DenseNetwork, add_blocks, apply_matrix, scale_block
 
 __all__ = ["ChainProof", "chain_bound"]
 
-_UNIT_ROUNDOFF = 2.0**-53
 
 
 @dataclass
@@ -101,7 +101,7 @@ def chain_bound(network: DenseNetwork, unit_caps: list[float], rows: np.ndarray 
     norms_per_row = [_row_norms(rows, chains[s][output]) for s in range(len(units) + 1)]
     whole = _combine([_norm(chains[s][output]) for s in range(len(units) + 1)], units, unit_bounds)
     bounds = np.array([min(_combine([n[i] for n in norms_per_row], units, unit_bounds),
-                           compose([_row_length(row), whole]))  # ‖row · f‖ ≤ ‖row‖ L(f)
+                           compose([vector_norm_upper(row), whole]))  # ‖row · f‖ ≤ ‖row‖ L(f)
                        for i, row in enumerate(rows)])
     return bounds, ChainProof(network, list(unit_caps), rows)
 
@@ -125,30 +125,16 @@ def _chain(blocks: dict[int, Block], units, chains, source: int, target: int) ->
         if m == 0 or inner is None:
             continue
         term = _scaled_product(blocks[j + 1], inner, m)
-        total = term if total is None else _add(total, term)
+        total = term if total is None else add_blocks(total, term)
     return total
 
 
 def _scaled_product(left: Block, right: Block, scale: float) -> Block:
     """``scale · left · right`` with its error bound."""
-    a = left.dense() * scale if left.matrix is not None else None
-    b = right.dense()
-    if a is None:
-        product, rounding = scale * b, _UNIT_ROUNDOFF * _frobenius(scale * b)
-        a_norm = abs(scale) * left.frobenius()
-    else:
-        product = a @ b
-        rounding = (_gamma(a.shape[1] + 1) * _frobenius(np.abs(a) @ np.abs(b))
-                    + _UNIT_ROUNDOFF * _frobenius(a) * right.frobenius())
-        a_norm = _frobenius(a)
-    error = round_up(rounding + a_norm * right.error + abs(scale) * left.error * right.frobenius()
-                     + abs(scale) * left.error * right.error)
-    return Block(product, right.size, error)
-
-
-def _add(left: Block, right: Block) -> Block:
-    matrix = left.dense() + right.dense()
-    return Block(matrix, right.size, round_up(left.error + right.error + _UNIT_ROUNDOFF * _frobenius(matrix)))
+    if left.matrix is None:  # an identity block (exact)
+        return scale_block(right, scale)
+    scaled = scale_block(left, scale)
+    return apply_matrix((scaled.matrix, scaled.error), right)
 
 
 def _norm(block: Block | None) -> float:
@@ -171,20 +157,9 @@ def _row_norms(rows: np.ndarray, block: Block | None) -> list[float]:
         return [0.0] * rows.shape[0]
     matrix = block.dense()
     product = rows @ matrix
-    rounding = _gamma(rows.shape[1] + 1) * np.linalg.norm(np.abs(rows) @ np.abs(matrix), axis=1)
-    norms = np.linalg.norm(product, axis=1) * (1 + 4 * _gamma(product.shape[1] + 1))
+    rounding = gamma(rows.shape[1] + 1) * np.linalg.norm(np.abs(rows) @ np.abs(matrix), axis=1)
+    norms = np.linalg.norm(product, axis=1) * (1 + 4 * gamma(product.shape[1] + 1))
     total = norms + rounding + np.linalg.norm(rows, axis=1) * block.error
     return [round_up(float(v) * (1 + 1e-12)) for v in total]
 
 
-def _row_length(row: np.ndarray) -> float:
-    """Upper bound of ‖row‖₂."""
-    return round_up(float(np.linalg.norm(row)) * (1 + 2 * _gamma(row.size + 1)))
-
-
-def _gamma(count: int) -> float:
-    return 2 * count * _UNIT_ROUNDOFF / (1 - count * _UNIT_ROUNDOFF)
-
-
-def _frobenius(matrix: np.ndarray) -> float:
-    return round_up(float(np.linalg.norm(matrix)) * (1 + 1e-12))

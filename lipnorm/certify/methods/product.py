@@ -9,7 +9,6 @@ is compared with (and never looser than, see :mod:`lipnorm.certify.methods`).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from lipnorm.bounds import compose, concatenation, residual_sum, round_up
 from lipnorm.certify.certificate import LayerBound
 from lipnorm.certify.graph import Concat, Graph, Input, Linear, Sum
 from lipnorm.certify.linear import DenseMap, certified_norm
+from lipnorm.certify.rounding import gamma, vector_norm_upper
 
 __all__ = ["NodeBound", "ProductProof", "ProductResult", "bound_nodes", "product_bound", "product_row_bounds"]
 
@@ -160,14 +160,14 @@ def product_row_bounds(graph: Graph, product: ProductResult, node_bounds, rows: 
     ndarray, shape (p,)
     """
     rows = np.asarray(rows, dtype=np.float64)
-    row_norms = [round_up(float(np.linalg.norm(r)) * (1 + 4 * 2.0**-53 * math.sqrt(r.size))) for r in rows]
+    row_norms = [vector_norm_upper(r) for r in rows]
     last = graph.nodes[graph.outputs[0]] if len(graph.outputs) == 1 else None
     shape = graph.shapes.get(last.name) if last is not None else None
     if (last is not None and isinstance(last.op, Linear) and isinstance(last.op.map, DenseMap)
             and shape is not None and len(shape) == 2 and last.op.map.axis % 2 == 1):
         weight, error = last.op.map.weight, last.op.map.error
         combined = rows @ weight
-        rounding = 2 * (weight.shape[0] + 1) * 2.0**-53 * np.linalg.norm(np.abs(rows) @ np.abs(weight), axis=1)
+        rounding = gamma(weight.shape[0] + 1) * np.linalg.norm(np.abs(rows) @ np.abs(weight), axis=1)
         norms = np.linalg.norm(combined, axis=1) * (1 + 2.0**-40) + rounding
         incoming = product.cumulative[last.inputs[0]]
         return np.array([compose([round_up(float(n) + r * error), incoming]) for n, r in zip(norms, row_norms)])

@@ -39,12 +39,12 @@ from fractions import Fraction
 import numpy as np
 
 from lipnorm.bounds import round_up
+from lipnorm.certify.rounding import UNIT_ROUNDOFF, frobenius_upper, gamma
 from lipnorm.certificates import certify_positive_semidefinite
 from lipnorm.certify.network import DenseNetwork
 
 __all__ = ["SdpProof", "SdpTooLarge", "check_multipliers", "sdp_bound"]
 
-_UNIT_ROUNDOFF = 2.0**-53
 #: Floating-point rate assumed when judging whether the SDP fits a time budget (measured on a
 #: busy 2-core CPU: a Cholesky factorization of order 2000 took 0.33 s).
 _FLOPS_PER_SECOND = 3.0e9
@@ -164,7 +164,7 @@ def check_multipliers(problem, multipliers: list[np.ndarray], rho: float) -> boo
     matrix = -h
     xs = np.arange(problem.input_size)
     matrix[xs, xs] += rho
-    error = round_up(error + 2 * _UNIT_ROUNDOFF * float(np.max(np.abs(np.diag(matrix)))) * math.sqrt(problem.size))
+    error = round_up(error + 2 * UNIT_ROUNDOFF * float(np.max(np.abs(np.diag(matrix)))) * math.sqrt(problem.size))
     return certify_positive_semidefinite(matrix, error)
 
 
@@ -191,7 +191,7 @@ class _Problem:
         if row is not None:
             row = np.asarray(row, dtype=np.float64).reshape(1, -1)
             output_error = round_up(float(np.linalg.norm(row)) * output_error
-                                    + _gamma(output.shape[0] + 1) * float(np.linalg.norm(np.abs(row) @ np.abs(output))))
+                                    + gamma(output.shape[0] + 1) * float(np.linalg.norm(np.abs(row) @ np.abs(output))))
             output = row @ output
         self.output_columns, self.output, self.output_error = columns, output, output_error
         self.constant = np.zeros((self.size, self.size))
@@ -213,13 +213,13 @@ class _Problem:
         if with_error:
             absolute = np.zeros_like(h)
             absolute[np.ix_(self.output_columns, self.output_columns)] = np.abs(self.output).T @ np.abs(self.output)
-        perturbation = 2 * _frobenius(self.output) * self.output_error + self.output_error**2
+        perturbation = 2 * frobenius_upper(self.output) * self.output_error + self.output_error**2
         inner = self.output.shape[0]
         for unit, columns, z, z_error, gram, lam, own in zip(
                 self.network.units, self.unit_columns, self.unit_matrices, self.unit_errors,
                 self.opaque_grams, multipliers, self.ranges[1:]):
             inner = max(inner, z.shape[0])
-            z_norm = _frobenius(z)
+            z_norm = frobenius_upper(z)
             if unit.slope is None:
                 mu = float(lam[0])
                 h[own, own] -= mu
@@ -248,7 +248,7 @@ class _Problem:
         if not with_error:
             return h
         count = inner + len(self.network.units) + 4
-        error = _gamma(count) * _frobenius(absolute) * 2 + perturbation
+        error = gamma(count) * frobenius_upper(absolute) * 2 + perturbation
         return h, round_up(error * (1 + 1e-10))
 
     def rho(self, multipliers):
@@ -384,9 +384,3 @@ def _sqrt_up(value: float) -> float:
     return root
 
 
-def _gamma(count: int) -> float:
-    return 2 * count * _UNIT_ROUNDOFF / (1 - count * _UNIT_ROUNDOFF)
-
-
-def _frobenius(matrix: np.ndarray) -> float:
-    return round_up(float(np.linalg.norm(matrix)) * (1 + 1e-12))
