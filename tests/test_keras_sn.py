@@ -19,15 +19,7 @@ from keras import ops  # noqa: E402
 from lipnorm.backends._keras_kernel_views import kernel_matrix, kernel_views  # noqa: E402
 from lipnorm.backends.keras import SpectralNormalization  # noqa: E402
 
-BACKEND = keras.backend.backend()
-
-
-@pytest.fixture(autouse=True, params=[BACKEND])
-def keras_backend(request):
-    """Puts the backend's name in every test id and starts each test from a clean state."""
-    keras.utils.set_random_seed(0)
-    yield request.param
-    keras.config.set_dtype_policy("float32")
+from tests.keras_fixtures import BACKEND, keras_backend  # noqa: E402, F401  (autouse fixture)
 
 
 @pytest.fixture

@@ -21,15 +21,7 @@ from keras.src import testing  # noqa: E402  (Keras's own layer-test harness)
 
 from lipnorm.backends.keras import SpectralNormalization  # noqa: E402
 
-BACKEND = keras.backend.backend()
-
-
-@pytest.fixture(autouse=True, params=[BACKEND])
-def keras_backend(request):
-    """Puts the backend's name in every test id and starts each test from a clean state."""
-    keras.utils.set_random_seed(0)
-    yield request.param
-    keras.config.set_dtype_policy("float32")
+from tests.keras_fixtures import BACKEND, keras_backend  # noqa: E402, F401  (autouse fixture)
 
 
 class _LayerTest(testing.TestCase):
