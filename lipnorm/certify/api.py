@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lipnorm.certify.certificate import Certificate
-from lipnorm.certify.graph import certify_graph
+from lipnorm.certify.ladder import certify_graph
 
 __all__ = ["certify", "model_format"]
 

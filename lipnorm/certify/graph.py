@@ -9,22 +9,18 @@ Each node is one of
 * ``Sum()``: the sum of its inputs (residual addition);
 * ``Concat()``: the concatenation of its inputs.
 
-:func:`certify_graph` merges adjacent linear maps (:func:`prepare_graph`), bounds every
-node, composes the bounds (:mod:`lipnorm.certify.methods.product`) and climbs the ladder
-of tighter methods (:mod:`lipnorm.certify.methods`) that ``method`` asks for.
+:func:`prepare_graph` merges adjacent linear maps and drops unused nodes; the bounding
+methods (:mod:`lipnorm.certify.methods`) read the result, and the ladder
+(:mod:`lipnorm.certify.ladder`) runs them. This module imports neither.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
 
-from lipnorm.certify.certificate import Certificate, LayerBound
 from lipnorm.certify.linear import LinearMap, merge
 
-__all__ = ["Concat", "Graph", "Input", "Linear", "Lipschitz", "Node", "Sum", "certify_graph",
-           "prepare_graph"]
+__all__ = ["Concat", "Graph", "Input", "Linear", "Lipschitz", "Node", "Sum", "prepare_graph"]
 
 
 @dataclass(frozen=True)
@@ -170,79 +166,6 @@ def prepare_graph(graph: Graph) -> Graph:
     _prune_unused(graph, graph.outputs)
     _merge_linear_chains(graph, graph.outputs)
     return graph
-
-
-def certify_graph(graph: Graph, *, model_name: str, input_shape: tuple[int, ...] | None,
-                  skipped: list[tuple[str, str]] | None = None, progress=None,
-                  method: str = "product", time_budget: float = 60.0, rows=None) -> Certificate:
-    """Merge, bound and compose a graph into a :class:`Certificate`.
-
-    Parameters
-    ----------
-    graph : Graph
-    model_name : str
-        Shown in reports.
-    input_shape : tuple of int or None
-        The input shape (without batch) the bound holds for.
-    skipped : list of (name, type), optional
-        Layers that pass values through unchanged (dropout, identity, constant shifts):
-        listed in the report with bound 1.
-    progress : callable, optional
-        Called as ``progress(done, total, layer_name)`` before each layer is bounded.
-    method : {"product", "chain", "sdp", "auto"}
-        See :mod:`lipnorm.certify.methods`.
-    time_budget : float
-        Seconds the tighter methods may take, counted from the start.
-    rows : array_like, shape (p, output size), optional
-        Also bound each functional ``x ↦ rows[i] · f(x)`` (``Certificate.row_upper``).
-
-    Returns
-    -------
-    Certificate
-    """
-    from lipnorm.certify.methods import METHODS, run_ladder
-    from lipnorm.certify.methods.product import bound_nodes, product_bound
-
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if not (isinstance(time_budget, (int, float)) and time_budget > 0):
-        raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
-    started = time.perf_counter()
-    prepare_graph(graph)
-    node_bounds = bound_nodes(graph, progress)
-    product = product_bound(graph, node_bounds)
-    if rows is not None:
-        rows = _checked_rows(rows, graph)
-    ladder = run_ladder(graph, product, node_bounds, method=method, time_budget=time_budget,
-                        rows=rows, started=started)
-    layers = list(product.rows)
-    for name, layer_type in skipped or []:
-        layers.append(LayerBound(name, layer_type, 1.0, None, "passes values through", 0.0))
-    return Certificate(
-        model=model_name,
-        input_shape=None if input_shape is None else tuple(input_shape),
-        upper=ladder.upper,
-        layers=layers,
-        seconds=time.perf_counter() - started,
-        method=ladder.method,
-        ladder=tuple(ladder.runs),
-        row_upper=None if ladder.row_upper is None else tuple(float(v) for v in ladder.row_upper),
-        proof=ladder,
-    )
-
-
-def _checked_rows(rows, graph: Graph):
-    import numpy as np
-
-    rows = np.asarray(rows, dtype=np.float64)
-    if rows.ndim != 2 or rows.shape[0] == 0 or not np.all(np.isfinite(rows)):
-        raise ValueError(f"rows must be a finite 2-D array (p, output size), got shape {rows.shape}")
-    sizes = [graph.shapes.get(o) for o in graph.outputs]
-    if all(s is not None for s in sizes):
-        size = sum(math.prod(s[1:]) for s in sizes)
-        if rows.shape[1] != size:
-            raise ValueError(f"rows have {rows.shape[1]} columns but the model has {size} outputs")
-    return rows
 
 
 def _prune_unused(graph: Graph, outputs: list[str]) -> None:

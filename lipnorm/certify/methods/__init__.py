@@ -1,4 +1,4 @@
-"""The ladder of sound methods that bound a graph, and the choice among them.
+"""The bounding methods: interchangeable strategies over one prepared graph.
 
 ``product``
     Every layer bounded on its own, the bounds composed (:mod:`.product`). Any graph.
@@ -9,31 +9,45 @@
 ``sdp``
     LipSDP-Neuron with slope ranges, multipliers optimised and then checked exactly
     (:mod:`.sdp`). Needs the dense view, and a network small enough for the time budget.
-``auto``
-    ``product``, then each tighter method that applies while time remains; the smallest
-    certified bound is reported.
 
-A method that does not apply (a layer it cannot handle, a network too large) is recorded
-in the ladder with the reason, and the next one is tried; nothing that was not checked
-is ever reported.
+Every method but ``product`` is a module of this package with a function
+``run(context: MethodContext) -> (bound, proof)``: the bound is certified (one value per
+row when ``context.rows`` is given) and ``proof.verify()`` computes it again. A method
+that cannot bound the graph raises :class:`NotApplicable` (or :class:`TooLarge`) with
+the reason; the ladder (:mod:`lipnorm.certify.ladder`) records it and goes on. A new
+method is one more module here and one more name in :data:`LADDER`.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from lipnorm.bounds import compose
 from lipnorm.certify.graph import Graph
-from lipnorm.certify.rounding import vector_norm_upper
 
-__all__ = ["LADDER", "MethodRun", "run_ladder"]
+__all__ = ["LADDER", "METHODS", "MethodContext", "MethodRun", "NotApplicable", "TooLarge", "method_runner"]
 
-#: The methods, loosest first.
+#: The methods, loosest first: ``method=name`` climbs the ladder up to ``name``.
 LADDER = ("product", "chain", "sdp")
+#: What ``certify(method=...)`` accepts: a rung of the ladder, or ``"auto"`` (all of them).
 METHODS = (*LADDER, "auto")
+
+
+class NotApplicable(ValueError):
+    """A method cannot bound this graph (a layer it cannot read, a view it cannot build).
+
+    The ladder records the message and goes on with the next method.
+    """
+
+
+class TooLarge(NotApplicable):
+    """The method would not finish within the time budget; the message names size and budget.
+
+    Raised to the caller when the method was asked for by name, recorded under ``"auto"``.
+    """
 
 
 @dataclass(frozen=True)
@@ -58,159 +72,69 @@ class MethodRun:
 
 
 @dataclass
-class LadderResult:
-    """The runs of the ladder, and the best certified result.
+class MethodContext:
+    """What every method reads: the graph, the product's results, the rows, the clock.
 
     Attributes
     ----------
-    runs : list of MethodRun
-    method : str
-        The method whose bound is reported (for output rows: that of the largest row bound).
-    upper : float
-    row_upper : ndarray or None
-        Per output row, the smallest certified bound over the methods.
-    proofs : dict of str to proof
-        Each certified method's proof (``verify()`` recomputes its bound).
-    """
-
-    runs: list[MethodRun]
-    method: str
-    upper: float
-    row_upper: np.ndarray | None
-    proofs: dict
-
-    def verify(self):
-        """The reported bound (or row bounds) computed again from the stored proofs."""
-        if self.row_upper is None:
-            return self.proofs[self.method].verify()
-        return np.min([np.asarray(proof.verify(), dtype=np.float64) for proof in self.proofs.values()], axis=0)
-
-
-def run_ladder(graph: Graph, product, node_bounds, *, method: str, time_budget: float,
-               rows: np.ndarray | None, started: float) -> LadderResult:
-    """Run ``product`` (given) and the tighter methods ``method`` asks for.
-
-    Parameters
-    ----------
     graph : Graph
-        Pruned and merged.
+        Pruned and merged (:func:`lipnorm.certify.graph.prepare_graph`).
     product : ProductResult
-        The product method's result (always computed first).
-    node_bounds : dict
-        Each node's own bound.
-    method : {"product", "chain", "sdp", "auto"}
-    time_budget : float
-        Seconds, counted from ``started``.
-    rows : ndarray, shape (p, output size), optional
-        Bound the functionals ``rows[i] · f`` instead of ``f``.
-    started : float
-        ``time.perf_counter()`` when certification started.
-
-    Returns
-    -------
-    LadderResult
-
-    Raises
-    ------
-    SdpTooLarge
-        When ``method="sdp"`` and the SDP is too large for the time budget (under
-        ``"auto"`` the ladder records this and keeps the tighter of the other bounds).
+        The product method's result (``product.cumulative[name]`` bounds the map from the
+        input to each node: an independent cap for the tighter methods).
+    node_bounds : dict of str to NodeBound
+        Each unary node's own bound.
+    rows : ndarray, shape (p, output size), or None
+        Bound the functionals ``x ↦ rows[i] · f(x)`` instead of ``f``.
+    deadline : float
+        ``time.perf_counter()`` value by which the methods should be done.
+    views : dict
+        Views of the graph built by one method and kept for the next (see :meth:`view`).
     """
-    from lipnorm.certify.methods.product import ProductProof, product_row_bounds
 
-    row_bounds = None if rows is None else product_row_bounds(graph, product, node_bounds, rows)
-    upper = product.upper if rows is None else float(np.max(row_bounds))
-    best = LadderResult([MethodRun("product", upper, time.perf_counter() - started)],
-                        "product", upper, row_bounds, {"product": ProductProof(graph, rows)})
-    wanted = {"product": (), "chain": ("chain",), "sdp": ("chain", "sdp"), "auto": ("chain", "sdp")}[method]
-    if not wanted:
-        return best
+    graph: Graph
+    product: object
+    node_bounds: dict
+    rows: np.ndarray | None
+    deadline: float
+    views: dict = field(default_factory=dict)
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (never negative)."""
+        return max(self.deadline - time.perf_counter(), 0.0)
+
+    def view(self, name: str, build):
+        """The view ``name`` of the graph, built once by ``build(self)`` and kept.
+
+        A view that could not be built is remembered too: its :class:`NotApplicable` is
+        raised again to every method that asks for it.
+        """
+        if name not in self.views:
+            try:
+                self.views[name] = build(self)
+            except NotApplicable as error:
+                self.views[name] = error
+        value = self.views[name]
+        if isinstance(value, NotApplicable):
+            raise value
+        return value
+
+    def dense_network(self):
+        """The dense view (:func:`lipnorm.certify.network.dense_network`), built once."""
+        return self.view("dense", _build_dense_network)
+
+
+def _build_dense_network(context: MethodContext):
     from lipnorm.certify.network import NotDensifiable, dense_network
 
-    start = time.perf_counter()
     try:
-        network = dense_network(graph, node_bounds)
+        return dense_network(context.graph, context.node_bounds)
     except NotDensifiable as error:
-        return _not_applicable(best, wanted, f"no dense view: {error}", start)
-    caps = [product.cumulative[unit.input_node] for unit in network.units]
-    if "chain" in wanted:
-        from lipnorm.certify.methods.chain import chain_bound
-
-        value, proof = chain_bound(network, caps, rows)
-        _record(best, "chain", value, proof, time.perf_counter() - start, rows)
-    if "sdp" in wanted:
-        from lipnorm.certify.methods.sdp import SdpTooLarge, sdp_bound
-
-        start = time.perf_counter()
-        remaining = time_budget - (start - started)
-        try:
-            if rows is None:
-                value, proof = sdp_bound(network, time_budget=max(remaining, 0.0))
-            else:
-                value, proof = _sdp_rows(network, rows, remaining)
-        except ValueError as error:  # too large for the budget, or no multipliers passed the check
-            if method == "sdp" and isinstance(error, SdpTooLarge):
-                raise
-            best.runs.append(MethodRun("sdp", None, time.perf_counter() - start, str(error)))
-        else:
-            _record(best, "sdp", value, proof, time.perf_counter() - start, rows)
-    return best
+        raise NotApplicable(f"no dense view: {error}") from error
 
 
-def _sdp_rows(network, rows, budget: float):
-    """Row bounds from the SDP: ‖row‖ times the whole output's bound, then one SDP per row
-    (warm-started from the previous one) while the budget lasts; the smaller bound counts."""
-    from lipnorm.certify.methods.sdp import SdpTooLarge, sdp_bound
-
-    began = time.perf_counter()
-    whole, whole_proof = sdp_bound(network, time_budget=budget / 2)
-    proofs: list = [None] * len(rows)
-    values = [compose([vector_norm_upper(row), whole]) for row in rows]
-    start = whole_proof.multipliers
-    for index, row in enumerate(rows):
-        share = (budget - (time.perf_counter() - began)) / (len(rows) - index)
-        try:
-            value, proof = sdp_bound(network, time_budget=share, row=row, start=start)
-        except SdpTooLarge:
-            break
-        except ValueError:  # this row's multipliers failed the check: its cap stands
-            continue
-        if value < values[index]:
-            values[index], proofs[index] = value, proof
-        start = proof.multipliers
-    return np.array(values), _RowProofs(whole_proof, proofs, rows)
-
-
-@dataclass
-class _RowProofs:
-    """SDP proofs of output rows: the whole output's, and a row's own where it was tighter."""
-
-    whole: object
-    proofs: list
-    rows: np.ndarray
-
-    def verify(self) -> np.ndarray:
-        whole = self.whole.verify()
-        return np.array([compose([vector_norm_upper(row), whole]) if proof is None else proof.verify()
-                         for row, proof in zip(self.rows, self.proofs)])
-
-
-def _record(best: LadderResult, method: str, value, proof, seconds: float, rows) -> None:
-    """Add a run; keep it as the result where it is tighter (per row for output rows)."""
-    best.proofs[method] = proof
-    if rows is None:
-        best.runs.append(MethodRun(method, float(value), seconds))
-        if value < best.upper:
-            best.upper, best.method = float(value), method
-        return
-    value = np.asarray(value, dtype=np.float64)
-    best.runs.append(MethodRun(method, float(np.max(value)), seconds))
-    best.row_upper = np.minimum(best.row_upper, value)
-    if float(np.max(best.row_upper)) < best.upper:
-        best.upper, best.method = float(np.max(best.row_upper)), method
-
-
-def _not_applicable(best: LadderResult, wanted, reason: str, start: float) -> LadderResult:
-    for name in wanted:
-        best.runs.append(MethodRun(name, None, time.perf_counter() - start, f"not applicable ({reason})"))
-    return best
+def method_runner(name: str):
+    """The ``run`` function of the method ``name`` (a rung of :data:`LADDER` but ``product``)."""
+    if name not in LADDER or name == "product":
+        raise ValueError(f"no method module for {name!r}")
+    return importlib.import_module(f"{__name__}.{name}").run

@@ -34,8 +34,7 @@ from lipnorm.bounds import compose, residual_sum, round_up
 from lipnorm.certify.rounding import gamma, vector_norm_upper
 from lipnorm.certify.network import Block, DenseNetwork, add_blocks, apply_matrix, scale_block
 
-__all__ = ["ChainProof", "chain_bound"]
-
+__all__ = ["ChainProof", "chain_bound", "run"]
 
 
 @dataclass
@@ -58,6 +57,13 @@ class ChainProof:
     def verify(self):
         """The bound computed again from the stored network (every norm certified anew)."""
         return chain_bound(self.network, self.unit_caps, self.rows)[0]
+
+
+def run(context):
+    """The chain bound of the context's graph, through its dense view (see :mod:`lipnorm.certify.methods`)."""
+    network = context.dense_network()
+    caps = [context.product.cumulative[unit.input_node] for unit in network.units]
+    return chain_bound(network, caps, context.rows)
 
 
 def chain_bound(network: DenseNetwork, unit_caps: list[float], rows: np.ndarray | None = None):
