@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lipnorm.certify.formats import model_format
+
 __all__ = ["LowerBound", "lipschitz_lower_bound"]
 
 
@@ -81,8 +83,6 @@ def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int =
     >>> lb.value <= lipnorm.certify(net, (4,)).upper                    # doctest: +SKIP
     True
     """
-    from lipnorm.certify.api import model_format
-
     rng = np.random.default_rng(seed)
     if inputs is None:
         if input_shape is None:

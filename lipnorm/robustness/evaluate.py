@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lipnorm.certify.api import model_format
+from lipnorm.certify.formats import model_format
 
 __all__ = ["EVALUATION_TOLERANCE", "declared_input_shape", "evaluate_logits", "input_dtype",
            "logit_function", "to_numpy"]

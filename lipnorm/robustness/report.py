@@ -210,7 +210,7 @@ def robustness(model, x, y, eps=DEFAULT_EPS, *, attack: bool = False, domain=Non
     global_radii = found.radii_with(found.bounds.global_pairwise())
     empirical, attack_name = None, None
     if attack:
-        from lipnorm.certify.api import model_format
+        from lipnorm.certify.formats import model_format
         from lipnorm.robustness.attack import ATTACKS, attack_success
 
         start = time.perf_counter()
