@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lipnorm.certify.formats import model_format
+from lipnorm.certify.inputs import check_input_shape
 
 __all__ = ["LowerBound", "lipschitz_lower_bound"]
 
@@ -76,6 +77,8 @@ def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int =
     ------
     TypeError
         For a model that is neither torch nor Keras.
+    ValueError
+        For inputs (or ``input_shape``) of a shape the model does not take, naming both.
 
     Example
     -------
@@ -97,6 +100,8 @@ def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int =
         if np.all(low == high):
             low = high = None
     kind = model_format(model)
+    if kind in ("torch", "keras"):
+        check_input_shape(model, x.shape[1:], "input_shape is" if inputs is None else "inputs has samples of shape")
     if kind == "torch":
         evaluate, vjp = _torch_functions(model)
         precision = np.dtype(np.float64)
