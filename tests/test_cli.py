@@ -240,7 +240,7 @@ def test_tensor_names_are_never_cut(capsys, tmp_path, monkeypatch, width):
 
     path = tmp_path / "w.npz"
     np.savez(path, **{LONG_NAMES[0]: FC1, LONG_NAMES[1]: FC2, "features.0.weight": CONV})
-    monkeypatch.setattr("lipnorm.cli._rich", lambda: (Console(width=width), Table))
+    monkeypatch.setattr("lipnorm.cli.console.rich_table_console", lambda: (Console(width=width), Table))
     assert main(["sigma", str(path), "--input-size", "6,6"]) == 0
     out = capsys.readouterr().out
     for name in (*LONG_NAMES, "features.0.weight"):
@@ -412,7 +412,7 @@ def test_interval_ends_are_rounded_outward_exactly():
     """The printed ends of an interval never cut into it, whatever the float."""
     from decimal import Decimal
 
-    from lipnorm.cli import _significant
+    from lipnorm.cli.sigma_table import _significant
 
     values = np.random.default_rng(2).lognormal(0, 8, size=2000)
     for value in [*values, 54.58703129197087, 4.9999999999999999, 1e-300, 9.999999999999e20]:
@@ -579,7 +579,7 @@ def test_a_progress_bar_runs_over_the_tensors_on_a_terminal(capsys, npz_file, mo
     from rich.console import Console
 
     terminal = io.StringIO()
-    monkeypatch.setattr("lipnorm.cli._progress_console",
+    monkeypatch.setattr("lipnorm.cli.sigma._progress_console",
                         lambda: Console(file=terminal, force_terminal=True, width=100))
     rows = run_json(capsys, str(npz_file))  # stdout is the JSON alone
     assert len(rows) == 3
