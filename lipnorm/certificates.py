@@ -52,6 +52,7 @@ __all__ = [
     "certify_gram_stack",
     "certify_stack",
     "certify_positive_semidefinite",
+    "certify_shifted_cholesky",
     "gram_iteration_block_bounds",
     "gram_iteration_bounds",
 ]
@@ -768,7 +769,8 @@ def certify_positive_semidefinite(matrix: np.ndarray, formation_error: float = 0
     (spectral norm) of it. A successful floating-point Cholesky factorization ``R`` of
     ``fl(matrix − c I)`` gives ``λ_min ≥ c − γ_{d+1}‖R‖_F² − 2u(c + max|diag|)`` (Higham,
     Thm 10.3); the shift ``c`` is chosen just above what that rounding term and
-    ``formation_error`` can be, and raised once if the factor's size asks for more.
+    ``formation_error`` can be, and raised once if the factor's size asks for more
+    (:func:`certify_shifted_cholesky`).
 
     Parameters
     ----------
@@ -795,23 +797,71 @@ def certify_positive_semidefinite(matrix: np.ndarray, formation_error: float = 0
     if not np.all(np.isfinite(matrix)):
         return False
     diagonal = np.arange(dimension)
-    largest_diagonal = float(np.max(np.abs(matrix[diagonal, diagonal])))
-    gamma = _gamma(dimension + 1, False)
-    square = max(float(np.trace(matrix)), 0.0)  # ‖R‖_F² = trace(matrix − cI) in exact arithmetic
-    for _ in range(2):
-        rounding = gamma * square * 1.01 + 2 * _UNIT_ROUNDOFF * 2 * largest_diagonal
-        shift = 2 * (rounding + float(formation_error)) + dimension * dimension * _SMALLEST_SUBNORMAL
+
+    def factor_square(shift: float) -> float | None:
         shifted = matrix.copy()
         shifted[diagonal, diagonal] -= shift
         try:
             factor = np.linalg.cholesky(shifted)
         except np.linalg.LinAlgError:
+            return None
+        return float(np.vdot(factor, factor))
+
+    return certify_shifted_cholesky(
+        factor_square, dimension=dimension, trace=float(np.trace(matrix)),
+        largest_diagonal=float(np.max(np.abs(matrix[diagonal, diagonal]))),
+        formation_error=formation_error)
+
+
+def certify_shifted_cholesky(factor_square: Callable[[float], float | None], *, dimension: int, trace: float,
+                             largest_diagonal: float, formation_error: float = 0.0,
+                             complex_dtype: bool = False) -> bool:
+    """Whether a Hermitian matrix is certainly positive semidefinite, from Cholesky factorizations.
+
+    The check of :func:`certify_positive_semidefinite` for a matrix held in any form: the
+    caller factors ``fl(A − c I)`` by a conventional Cholesky algorithm (any order of
+    elimination and of summation, as for a sparse or block-structured matrix factored
+    block by block with LAPACK's ``potrf`` and ``trsm``) and returns ``‖R‖_F²``. Then
+    ``R^H R = A − c I + E`` with ``|E| ≤ γ_{d+1}|R^H||R|`` (Higham, Thm 10.3), so
+    ``λ_min(A) ≥ c − γ_{d+1}‖R‖_F² − 2u(c + max|diag|)``, and the exact matrix is within
+    ``formation_error`` of ``A``.
+
+    Parameters
+    ----------
+    factor_square : callable
+        ``factor_square(c)`` factors ``fl(A − c I)`` and returns ``‖R‖_F²`` (computed in
+        float64), or None where the factorization failed.
+    dimension : int
+        ``d``: the longest inner product the factorization forms is at most ``d`` terms.
+    trace : float
+        ``trace(A)`` (the first estimate of ``‖R‖_F²``).
+    largest_diagonal : float
+        ``max |A_ii|``.
+    formation_error : float
+        Upper bound of the spectral norm of ``A − exact``.
+    complex_dtype : bool
+        Whether ``A`` is complex Hermitian (complex rounding constants).
+
+    Returns
+    -------
+    bool
+        True only if ``λ_min(exact) ≥ 0`` is proven.
+    """
+    if not (math.isfinite(trace) and math.isfinite(largest_diagonal) and math.isfinite(formation_error)):
+        return False
+    gamma = _gamma(dimension + 1, complex_dtype)
+    square = max(trace, 0.0)  # ‖R‖_F² = trace(A − cI) in exact arithmetic
+    subnormal = dimension * dimension * _SMALLEST_SUBNORMAL * (2 if complex_dtype else 1)
+    for _ in range(2):
+        rounding = gamma * square * 1.01 + 2 * _UNIT_ROUNDOFF * 2 * largest_diagonal
+        shift = 2 * (rounding + float(formation_error)) + subnormal
+        computed = factor_square(shift)
+        if computed is None:
             return False
-        square = float(np.vdot(factor, factor)) * (1.0 + _gamma(dimension * dimension + 2, False))
+        square = computed * (1.0 + _gamma(dimension * dimension + 2, complex_dtype))
         if not math.isfinite(square):
             return False
-        delta = (gamma * square + 2 * _UNIT_ROUNDOFF * (shift + largest_diagonal)
-                 + dimension * dimension * _SMALLEST_SUBNORMAL)
+        delta = gamma * square + 2 * _UNIT_ROUNDOFF * (shift + largest_diagonal) + subnormal
         if shift - float(_up(delta * (1.0 + 1e-6))) - float(_up(float(formation_error))) > 0:
             return True
     return False
