@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from lipnorm.certify.formats import model_format
+from lipnorm.certify.inputs import check_input_shape
 
 __all__ = ["LowerBound", "lipschitz_lower_bound"]
 
@@ -91,7 +92,8 @@ def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int =
     TypeError
         For a model that is neither torch nor Keras.
     ValueError
-        For inputs without a batch axis, or neither inputs nor ``input_shape``.
+        For inputs without a batch axis, neither inputs nor ``input_shape``, or inputs (or
+        ``input_shape``) of a shape the model does not take, naming both.
 
     Example
     -------
@@ -114,6 +116,8 @@ def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int =
         if np.all(low == high):
             low = high = None
     kind = model_format(model)
+    if kind in ("torch", "keras"):
+        check_input_shape(model, x.shape[1:], "input_shape is" if inputs is None else "inputs has samples of shape")
     if kind == "torch":
         exact, fast = _torch_models(model)
     elif kind == "keras":
