@@ -1,7 +1,7 @@
 """The reference lower bound: exact-Jacobian ascent from the data's best points (torch).
 
 For a torch model with few outputs (the Jacobian is formed whole): every data point's
-‖J(x)‖₂ is computed exactly (full Jacobian by ``torch.func.jacrev`` in float64, then its
+‖J(x)‖₂ is computed exactly (full Jacobian in float64, one backward pass per output, then its
 largest singular value), the ``starts`` points where it is largest start an ascent of
 ``steps`` steps, and the largest ‖J(x)‖₂ met is the result. One step, at every start at
 once: with (u, v) the top singular pair of J(x), propose x' = x + η·g/‖g‖ along the
@@ -71,19 +71,18 @@ def jacobian_norms(model, x, chunk: int = 64):
     v : torch.Tensor, shape (batch, *input_shape)
     """
     import torch
-    from torch.func import jacrev, vmap
-
-    def single(point):
-        return model(point[None]).reshape(-1)
 
     sigmas, us, vs = [], [], []
     for start in range(0, len(x), chunk):
-        with torch.no_grad():
-            jac = vmap(jacrev(single))(x[start:start + chunk])  # (b, outputs, *input_shape)
-        u, s, vh = torch.linalg.svd(jac.reshape(jac.shape[0], jac.shape[1], -1), full_matrices=False)
+        points = x[start:start + chunk].clone().requires_grad_(True)
+        out = model(points).reshape(len(points), -1)
+        rows = [torch.autograd.grad(out[:, k].sum(), points, retain_graph=k + 1 < out.shape[1])[0]
+                for k in range(out.shape[1])]  # one forward pass, a backward pass per output
+        jac = torch.stack(rows, 1).reshape(len(points), out.shape[1], -1)
+        u, s, vh = torch.linalg.svd(jac, full_matrices=False)
         sigmas.append(s[:, 0])
         us.append(u[:, :, 0])
-        vs.append(vh[:, 0, :].reshape(x[start:start + chunk].shape))
+        vs.append(vh[:, 0, :].reshape(points.shape))
     return torch.cat(sigmas), torch.cat(us), torch.cat(vs)
 
 
