@@ -30,10 +30,10 @@ ran is compared with lipnorm's. Both sides use the libraries' default threads, o
 ``MKL_NUM_THREADS``): on a machine shared with other jobs torch's two OpenMP threads can
 make its SVD many times slower than one thread does, which would flatter lipnorm.
 
-Run ``PYTHONPATH=. python benchmarks/bench_checkpoint.py`` (about 20 minutes on 2 cores);
-it writes ``benchmarks/results/bench_checkpoint.md`` (``bench_checkpoint_threads1.md`` with
-``--threads 1``). ``--only speed`` or ``--only memory`` runs one part (the table then has
-that part only).
+Run ``PYTHONPATH=. python benchmarks/bench_checkpoint.py`` (about an hour on a busy 2-core
+machine); it writes ``benchmarks/results/bench_checkpoint_speed.md`` and
+``bench_checkpoint_memory.md`` (``..._threads1.md`` with ``--threads 1``). ``--only speed``
+or ``--only memory`` runs one part.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "checkpoints"
-RESULTS = Path(__file__).parent / "results" / "bench_checkpoint.md"
+RESULTS = Path(__file__).parent / "results"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 HIDDEN, MLP, HEAD, KV_HEADS, VOCAB, LAYERS = 2048, 5632, 64, 4, 32000, 9
@@ -284,19 +284,23 @@ def main() -> None:
     if args.svd_baseline:
         svd_baseline(args.svd_baseline, args.names.split(","))
         return
-    load_before = os.getloadavg()
-    lines = []
+    parts = {"speed": lambda: speed_table(measure_speed(args.repeats, args.full_baseline, args.threads)),
+             "memory": lambda: memory_table(measure_memory(args.threads))}
     try:
-        if args.only in (None, "speed"):
-            lines += speed_table(measure_speed(args.repeats, args.full_baseline, args.threads))
-        if args.only in (None, "memory"):
-            lines += memory_table(measure_memory(args.threads))
+        for part in ([args.only] if args.only else parts):
+            load_before = os.getloadavg()
+            lines = parts[part]()
+            write_results(part, lines, args, load_before)
     finally:
         if not args.keep:
             shutil.rmtree(BUILD, ignore_errors=True)
+
+
+def write_results(part: str, lines: list[str], args: argparse.Namespace, load_before) -> None:
+    """Write one part's table with the command, machine, versions, threads and load."""
     load_after = os.getloadavg()
     options = "".join([" --full-baseline" if args.full_baseline else "",
-                       f" --only {args.only}" if args.only else "",
+                       f" --only {part}",
                        f" --threads {args.threads}" if args.threads else ""])
     header = [
         "# `lipnorm sigma` on checkpoints: time against a full SVD per matrix, peak memory",
@@ -306,14 +310,13 @@ def main() -> None:
         f"{platform.python_version()} · {versions()} · "
         f"{f'{args.threads} thread(s) per library' if args.threads else 'default threads'} · load average "
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (a machine shared with other "
-        f"jobs) · median of {args.repeats} repeats for the estimates and the SVD, one run with "
-        "certified intervals.",
+        f"jobs)" + (f" · median of {args.repeats} repeats for the estimates and the SVD, one run "
+                    "with certified intervals." if part == "speed" else "."),
         "",
     ]
-    results = RESULTS.with_name(f"bench_checkpoint_threads{args.threads}.md") if args.threads else RESULTS
+    results = RESULTS / f"bench_checkpoint_{part}{f'_threads{args.threads}' if args.threads else ''}.md"
     results.write_text("\n".join(header + lines))
-    print(results.read_text())
-
+    print(results.read_text(), flush=True)
 
 if __name__ == "__main__":
     main()
