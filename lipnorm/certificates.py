@@ -62,6 +62,8 @@ _SMALLEST_SUBNORMAL = 2.0**-1074
 _DENSE_ESTIMATE_LIMIT = 256
 #: Matrices at least this large are Cholesky-factored one at a time, smaller ones in batches.
 _SINGLE_FACTOR_MIN_DIMENSION = 32
+#: Gram matrices at least this large are formed by BLAS rank-k updates, one at a time.
+_RANK_UPDATE_MIN_DIMENSION = 32
 _RANKING_LANCZOS_STEPS = 16
 
 
@@ -180,10 +182,38 @@ def block_grams(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     p, q = blocks.shape[-2:]
     complex_dtype = bool(np.iscomplexobj(blocks))
-    adjoint = np.conj(np.swapaxes(blocks, -1, -2))
-    gram = adjoint @ blocks if p >= q else blocks @ adjoint
-    squares = np.sum(np.abs(blocks) ** 2, axis=(-2, -1)) * (1.0 + _gamma(p * q + 2, complex_dtype))
+    if min(p, q) >= _RANK_UPDATE_MIN_DIMENSION:
+        gram = _rank_update_grams(blocks)
+    else:
+        adjoint = np.conj(np.swapaxes(blocks, -1, -2))
+        gram = adjoint @ blocks if p >= q else blocks @ adjoint
+    squares = (np.einsum("...ij,...ij->...", blocks.real, blocks.real)
+               + (np.einsum("...ij,...ij->...", blocks.imag, blocks.imag) if complex_dtype else 0.0))
+    squares = squares * (1.0 + _gamma(p * q + 2, complex_dtype))
     return gram, _gamma(max(p, q) + 2, complex_dtype) * squares
+
+
+def _rank_update_grams(blocks: np.ndarray) -> np.ndarray:
+    """The smaller Gram matrix of each block by BLAS's Hermitian (symmetric) rank-k update.
+
+    Half the products of a general matrix product, the same dot products (so the same
+    rounding bound); the upper triangle is filled from the lower one, exactly.
+    """
+    from scipy.linalg import blas
+
+    p, q = blocks.shape[-2:]
+    complex_dtype = bool(np.iscomplexobj(blocks))
+    update = blas.zherk if complex_dtype else blas.dsyrk
+    side = min(p, q)
+    gram = np.empty(blocks.shape[:-2] + (side, side), dtype=blocks.dtype)
+    flat_blocks = blocks.reshape((-1, p, q))
+    flat_gram = gram.reshape((-1, side, side))
+    strict_upper = np.triu_indices(side, 1)
+    for block, out in zip(flat_blocks, flat_gram):
+        # Aᴴ A (trans=2 for complex, 1 for real) when p >= q, as block_grams promises, else A Aᴴ
+        out[...] = update(1.0, block, lower=1, trans=(2 if complex_dtype else 1) if p >= q else 0)
+        out[strict_upper] = np.conj(out.T[strict_upper])
+    return gram
 
 
 def _certified_lower(stack: _HostStack, index: int, vector: np.ndarray, right: bool) -> float:

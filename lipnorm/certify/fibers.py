@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lipnorm.bounds import round_up
-from lipnorm.certificates import certified_stack_bounds, certify_gram_stack
+from lipnorm.certificates import block_grams, certified_stack_bounds, certify_gram_stack
 from lipnorm.certify.rounding import UNIT_ROUNDOFF, gamma
 from lipnorm.certify.torus import TorusBlock, TorusConv, TorusNetwork, TorusSpace
 from lipnorm.conv.spectrum import half_frequencies
@@ -148,6 +148,13 @@ class FiberBlock:
         counts = fiber_counts(self.source, self.fiber_grid)
         eye = np.eye(self.source.channels, dtype=np.complex128) * self.scale
         return np.broadcast_to(eye, (fibers or 1, math.prod(counts)) + eye.shape).copy()
+
+
+def _frobenius(stack: np.ndarray) -> np.ndarray:
+    """‖matrix‖_F over the last two axes (rounding included)."""
+    squares = (np.einsum("...ij,...ij->...", stack.real, stack.real)
+               + np.einsum("...ij,...ij->...", stack.imag, stack.imag))
+    return np.sqrt(squares) * (1 + gamma(stack.shape[-1] * stack.shape[-2] + 2))
 
 
 def _row_frobenius(data: np.ndarray) -> np.ndarray:
@@ -263,20 +270,28 @@ def compose(left: FiberBlock, right: FiberBlock, scale: float = 1.0) -> FiberBlo
     zetas, rows, c_t = left.data.shape[:3]
     c_u = left.source.channels
     r2 = left.data.shape[3] // c_u
-    right_rows = right.data[:, _column_sources(t_counts, u_counts)]  # (Z, T, R2, c_u, X)
+    if t_counts == u_counts:  # one right row per target row, the same one
+        right_rows = right.data[:, :, None]
+    else:
+        right_rows = right.data[:, _column_sources(t_counts, u_counts)]  # (Z, T, R2, c_u, X)
     left_groups = left.data.reshape(zetas, rows, c_t, r2, c_u).transpose(0, 1, 3, 2, 4)  # (Z, T, R2, c_t, c_u)
     product = left_groups @ right_rows  # (Z, T, R2, c_t, X)
     # rounding: each column group's product is within 2γ(c_u + 2) ‖L_v‖_F ‖R_v‖_F, the groups side by side
-    left_f = np.sqrt(np.sum(np.abs(left_groups) ** 2, axis=(-2, -1)))
-    right_f = np.sqrt(np.sum(np.abs(right_rows) ** 2, axis=(-2, -1)))
+    left_f = _frobenius(left_groups)
+    right_f = _frobenius(right_rows)
     rounding = (2 * gamma(c_u + 2) * float(np.sqrt(np.sum((left_f * right_f) ** 2, axis=-1)).max())
                 * (1 + gamma(c_u * (r2 + right.data.shape[3]) + 8))) if product.size else 0.0
     q2 = tuple(u // t for u, t in zip(u_counts, t_counts))
     q1 = tuple(s // u for s, u in zip(s_counts, u_counts))
-    d = len(grid)
-    shaped = product.transpose(0, 1, 3, 2, 4).reshape((zetas, rows, c_t) + q2 + q1 + (right.source.channels,))
-    order = [0, 1, 2] + [i for axis in range(d) for i in (3 + d + axis, 3 + axis)] + [3 + 2 * d]
-    data = np.ascontiguousarray(shaped.transpose(order)).reshape(zetas, rows, c_t, -1)
+    if r2 == 1:
+        data = product[:, :, 0]
+    elif math.prod(q1) == 1:  # the column groups v2 are already in order
+        data = np.ascontiguousarray(product.transpose(0, 1, 3, 2, 4)).reshape(zetas, rows, c_t, -1)
+    else:
+        d = len(grid)
+        shaped = product.transpose(0, 1, 3, 2, 4).reshape((zetas, rows, c_t) + q2 + q1 + (right.source.channels,))
+        order = [0, 1, 2] + [i for axis in range(d) for i in (3 + d + axis, 3 + axis)] + [3 + 2 * d]
+        data = np.ascontiguousarray(shaped.transpose(order)).reshape(zetas, rows, c_t, -1)
     error = left.norm * right.error + left.error * (right.norm + right.error) + rounding
     norm = left.norm * right.norm + rounding
     return FiberBlock(data, right.source, left.target, grid, round_up(error * (1 + 4 * UNIT_ROUNDOFF)),
@@ -301,6 +316,24 @@ def _coarse(space: TorusSpace, fiber_grid) -> bool:
     """Whether one frequency of ``space`` gathers columns from several fibers (its grid is a
     proper divisor of the fiber grid, or the one-point grid: norms through Gram sums)."""
     return all(n == 1 for n in space.grid) or any(n % f for n, f in zip(space.grid, fiber_grid))
+
+
+def _rows_upper(rows: np.ndarray) -> float:
+    """Certified upper bound of the largest ‖rows[i]‖₂ of a stack of complex matrices.
+
+    The smaller Gram matrix of each (:func:`lipnorm.certificates.block_grams`), certified
+    at one threshold (:func:`lipnorm.certificates.certify_gram_stack`). Entries far from 1
+    (where squares could overflow or underflow wholesale) go through
+    :func:`lipnorm.certificates.certified_stack_bounds`, which scales them first.
+    """
+    largest = float(np.max(np.abs(rows))) if rows.size else 0.0
+    if largest == 0.0:
+        return 0.0
+    if not 2.0**-400 < largest < 2.0**400:
+        return float(certified_stack_bounds(rows).upper)
+    gram, formation = block_grams(rows)
+    certificate = certify_gram_stack(gram, formation, complex_dtype=True, inner=max(rows.shape[-2:]))
+    return round_up(math.sqrt(certificate.upper_squared) * (1 + 4 * UNIT_ROUNDOFF))
 
 
 class NormAccumulator:
@@ -343,8 +376,7 @@ class NormAccumulator:
             self.upper[key] = max(self.upper.get(key, 0.0), round_up(abs(block.scale) + block.error))
             return
         if not _coarse(block.target, block.fiber_grid):
-            rows = block.data.reshape((-1,) + block.data.shape[2:])
-            bound = certified_stack_bounds(rows).upper if np.any(rows) else 0.0
+            bound = _rows_upper(block.data.reshape((-1,) + block.data.shape[2:]))
             block.norm = min(block.norm, round_up(bound))
             self.upper[key] = max(self.upper.get(key, 0.0), round_up(bound + block.error))
             return
@@ -468,3 +500,73 @@ def held_entries_per_fiber(network: TorusNetwork) -> int:
     largest_source = max(s.channels * math.prod(fiber_counts(s, grid)) for s in sources)
     largest_target = max(t.channels for t in targets)
     return 4 * largest_source * largest_target
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A block's shape on one fiber: rows ``T``, ``c_t``, columns ``R · c_s`` (None: identity)."""
+
+    rows: int
+    height: int
+    width: int | None
+
+
+class FiberCost:
+    """The floating-point work of the chain method on a torus network, by a pass over shapes.
+
+    The same recursion as :class:`FiberAlgebra` (:func:`lipnorm.certify.methods.chain.chain_norms`),
+    counting real flops: a complex product is four real ones, a certified norm a Gram matrix
+    (``side² · other``) and a Cholesky factorization (``side³ / 3``) per row matrix.
+
+    Parameters
+    ----------
+    network : TorusNetwork
+    """
+
+    def __init__(self, network: TorusNetwork):
+        self.network = network
+        self.fibers = half_frequencies(network.fiber_grid).shape[0]
+        self.flops = 0.0
+        self.seen: set = set()
+
+    def parts(self):
+        return [None]
+
+    def _shape(self, target: TorusSpace, source: TorusSpace) -> _Shape:
+        grid = self.network.fiber_grid
+        t, s = fiber_counts(target, grid), fiber_counts(source, grid)
+        return _Shape(math.prod(t), target.channels, math.prod(s) // math.prod(t) * source.channels)
+
+    def evaluate(self, block: TorusBlock, source: int, part) -> _Shape:
+        space = self.network.source_space(source)
+        target = next((p.convs[-1].target for p in block if p.convs), space)
+        for path in block:
+            for conv in path.convs:
+                if id(conv) not in self.seen:
+                    self.seen.add(id(conv))
+                    shape = self._shape(conv.target, conv.source)
+                    self.flops += 8.0 * self.fibers * shape.rows * shape.height * shape.width * math.prod(conv.kernel.shape[2:])
+        return _Shape(0, 0, None) if target == space and all(not p.convs for p in block) else self._shape(target, space)
+
+    def compose(self, left: _Shape, right: _Shape, scale: float) -> _Shape:
+        if left.width is None or right.width is None:
+            return right if left.width is None else left
+        inner = right.height
+        self.flops += 8.0 * self.fibers * left.rows * left.height * left.width * (right.width / 1.0)
+        return _Shape(left.rows, left.height, left.width // max(inner, 1) * right.width)
+
+    def add(self, left: _Shape, right: _Shape) -> _Shape:
+        return left if left.width is not None else right
+
+    def record(self, key, block: _Shape, part) -> None:
+        if block.width is None or key in self.seen:
+            return
+        self.seen.add(key)
+        side, other = sorted((block.height, block.width))
+        self.flops += self.fibers * block.rows * (4.0 * side * side * other + 8.0 * side**3 / 3)
+
+    def norm(self, key) -> float:
+        return 0.0
+
+    def row_norms(self, key, rows):
+        return None

@@ -32,7 +32,7 @@ from lipnorm.certify.rounding import UNIT_ROUNDOFF, frobenius_upper, gamma
 from lipnorm.certify.graph import Concat, Graph, Input, Linear, Lipschitz, Sum, inferred_shapes
 from lipnorm.certify.linear import ConvMap, DenseMap, FixedMap, LinearMap, ScaleMap, conv_map_operator
 
-__all__ = ["Block", "DenseAlgebra", "DenseNetwork", "NotDensifiable", "Unit", "add_blocks", "apply_matrix",
+__all__ = ["Block", "DenseAlgebra", "DenseCost", "DenseNetwork", "NotDensifiable", "Unit", "add_blocks", "apply_matrix",
            "dense_network", "scale_block"]
 
 #: The largest matrix (entries) a block may have: 2^24 float64 entries are 128 MiB.
@@ -435,3 +435,52 @@ def _certified_norm(block: Block) -> float:
     if not np.any(matrix):
         return round_up(block.error)
     return round_up(lipnorm.sigma_bounds(matrix).upper + block.error)
+
+
+class DenseCost:
+    """The floating-point work of the chain method on a dense network, by a pass over shapes.
+
+    The same recursion as :class:`DenseAlgebra`, counting real flops: a product of
+    ``m × k`` and ``k × n`` matrices ``2 m k n`` (twice, with its rounding bound), a certified
+    norm a Gram matrix (``side² · other``) and a Cholesky factorization (``side³ / 3``).
+
+    Parameters
+    ----------
+    network : DenseNetwork, or any network of the same structure
+    shape_of : callable, optional
+        ``shape_of(block, source)``: the shape of a direct block as a matrix (None for an
+        identity); by default that of the dense view's block. Given another view of the
+        same graph (the torus view, whose windows are the dense view's tensors), it
+        estimates the dense view's work before the dense view is built.
+    """
+
+    def __init__(self, network, shape_of=None):
+        self.network = network
+        self.flops = 0.0
+        self.shape_of = shape_of or (lambda block, source: None if block.matrix is None else block.matrix.shape)
+
+    def parts(self):
+        return [None]
+
+    def evaluate(self, block, source: int, part):
+        return self.shape_of(block, source)
+
+    def compose(self, left, right, scale: float):
+        if left is None or right is None:
+            return right if left is None else left
+        self.flops += 4.0 * left[0] * left[1] * right[1]
+        return (left[0], right[1])
+
+    def add(self, left, right):
+        return left if left is not None else right
+
+    def record(self, key, block, part) -> None:
+        if key[0] == "chain" and block is not None:
+            side, other = sorted(block)
+            self.flops += 2.0 * side * side * other + side**3 / 3
+
+    def norm(self, key) -> float:
+        return 0.0
+
+    def row_norms(self, key, rows):
+        return None

@@ -34,6 +34,7 @@ References
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,7 +43,7 @@ import numpy as np
 from lipnorm.bounds import compose, residual_sum
 from lipnorm.certify.rounding import vector_norm_upper
 
-__all__ = ["ChainAlgebra", "ChainPlan", "ChainProof", "chain_bound", "chain_plan", "run"]
+__all__ = ["ChainAlgebra", "ChainPlan", "ChainProof", "ChainViews", "chain_bound", "chain_plan", "run"]
 
 
 class ChainAlgebra(Protocol):
@@ -287,10 +288,159 @@ def chain_bound(network, algebra_factory, unit_caps: list[float], rows: np.ndarr
     return np.array(row_bounds), proof
 
 
+#: Floating-point rates assumed when judging what fits the time budget (measured on a busy
+#: 2-core CPU: the torus view's complex products and certificates, the dense view's real ones).
+_TORUS_FLOPS_PER_SECOND = 4e9
+_DENSE_FLOPS_PER_SECOND = 1.5e10
+#: How far back the torus view's chains may reach, tried in this order (None: to the input).
+_SPANS = (None, 8, 6, 4, 3, 2, 1)
+#: Share of the remaining budget the dense view may take when the torus view runs too.
+_DENSE_SHARE = 0.5
+
+
+@dataclass
+class ChainViews:
+    """The chain bounds of the views that ran, and what the others did (:attr:`note`).
+
+    Attributes
+    ----------
+    proofs : list of ChainProof
+    values : list of float or ndarray
+    notes : list of str
+    """
+
+    proofs: list
+    values: list
+    notes: list
+
+    @property
+    def note(self) -> str:
+        """Which view gave the bound, and what each view did (shown in the ladder)."""
+        return "; ".join(self.notes)
+
+    def verify(self):
+        """The smallest bound (per row for rows) of the views, each computed again."""
+        values = [np.asarray(proof.verify(), dtype=np.float64) for proof in self.proofs]
+        best = np.min(values, axis=0)
+        return float(best) if best.ndim == 0 else best
+
+
 def run(context):
-    """The chain bound of the context's graph (see :mod:`lipnorm.certify.methods`)."""
+    """The chain bound of the context's graph, from the torus view and the dense view
+    (:mod:`lipnorm.certify.methods`).
+
+    The dense view (exact zero padding, matrices) runs when its estimated work fits the
+    budget (half of what remains when the torus view runs too); the torus view
+    (convolutions kept as convolutions) runs with its chains reaching as far back as its
+    estimated work allows. The smaller bound counts (per row for rows); the note says
+    which view gave it and why a view did not run.
+
+    Raises
+    ------
+    NotApplicable
+        Neither view can hold the graph.
+    TooLarge
+        No view fits the budget.
+    """
+    from lipnorm.certify.methods import NotApplicable, TooLarge
+
+    views, notes, too_large = [], [], []
+    try:
+        torus = context.torus_network()
+    except NotApplicable as error:
+        torus, notes = None, [str(error)]
+    allowed = context.remaining() * (_DENSE_SHARE if torus is not None else 1.0)
+    seconds = _dense_seconds_before(torus) if torus is not None else 0.0
+    dense = None
+    if seconds <= allowed:
+        try:
+            dense = context.dense_network()
+        except NotApplicable as error:
+            notes.append(str(error))
+    if dense is not None:
+        seconds = _dense_seconds(dense)
+    if seconds > allowed:
+        too_large.append(f"dense view: about {seconds:.0f} s of work, more than the {allowed:.0f} s "
+                         "the time budget leaves it")
+    elif dense is not None:
+        views.append(_dense_run(context, dense))
+    if torus is not None:
+        plan, seconds = _torus_plan(torus, context.remaining())
+        if plan is None:
+            too_large.append(f"torus view: about {seconds:.0f} s of work even with the shortest chains, "
+                             f"more than the {context.remaining():.0f} s left")
+        else:
+            views.append(_torus_run(context, torus, plan))
+    if not views:
+        if too_large:
+            raise TooLarge("; ".join(too_large + notes))
+        raise NotApplicable("; ".join(notes))
+    values = [value for value, _, _ in views]
+    best = int(np.argmin([float(np.max(v)) for v in values]))
+    ordered = [views[best]] + views[:best] + views[best + 1:]
+    labels = [f"{note} (the bound)" if i == 0 and len(views) > 1 else note
+              for i, (_, _, note) in enumerate(ordered)]
+    proof = ChainViews([p for _, p, _ in views], values, labels + too_large)
+    combined = np.min([np.asarray(v, dtype=np.float64) for v in values], axis=0)
+    return (float(combined) if combined.ndim == 0 else combined), proof
+
+
+def _dense_seconds_before(torus) -> float:
+    """The dense view's estimated seconds from the torus view's structure (its windows are
+    the dense view's tensors), before the dense view is built."""
+    from lipnorm.certify.network import DenseCost
+
+    def shape_of(paths, source: int):
+        space = torus.source_space(source)
+        if all(not path.convs for path in paths):
+            return None
+        target = next(path.convs[-1].target for path in paths if path.convs)
+        return (target.channels * math.prod(target.window), space.channels * math.prod(space.window))
+
+    return chain_norms(torus, DenseCost(torus, shape_of), chain_plan(torus)).flops / _DENSE_FLOPS_PER_SECOND
+
+
+def _dense_seconds(network) -> float:
+    from lipnorm.certify.network import DenseCost
+
+    return chain_norms(network, DenseCost(network), chain_plan(network)).flops / _DENSE_FLOPS_PER_SECOND
+
+
+def _dense_run(context, network):
+    import time
+
     from lipnorm.certify.network import DenseAlgebra
 
-    network = context.dense_network()
+    start = time.perf_counter()
     caps = [context.product.cumulative[unit.input_node] for unit in network.units]
-    return chain_bound(network, DenseAlgebra, caps, context.rows, local_caps=False)
+    value, proof = chain_bound(network, DenseAlgebra, caps, context.rows, local_caps=False)
+    return value, proof, f"dense view: {float(np.max(value)):.6g} in {time.perf_counter() - start:.1f} s"
+
+
+def _torus_plan(network, seconds_left: float):
+    """The plan whose chains reach furthest back within the time left, and its estimated seconds."""
+    from lipnorm.certify.fibers import FiberCost
+
+    seconds = float("inf")
+    for span in _SPANS:
+        plan = chain_plan(network, span)
+        seconds = chain_norms(network, FiberCost(network), plan).flops / _TORUS_FLOPS_PER_SECOND
+        if seconds <= seconds_left:
+            return plan, seconds
+    return None, seconds
+
+
+def _torus_run(context, network, plan):
+    import time
+
+    from lipnorm.certify.fibers import FiberAlgebra
+
+    start = time.perf_counter()
+    caps = [float("inf")] * len(network.units)
+    value, proof = chain_bound(network, FiberAlgebra, caps, context.rows, plan=plan, view="torus")
+    reach = ("chains from the input" if all(a == 0 for a in plan.anchors)
+             else f"chains anchored up to {max(t + 1 - a for t, a in enumerate(plan.anchors))} units back")
+    grid = "×".join(str(n) for n in network.input_space.grid)
+    fibers = "×".join(str(n) for n in network.fiber_grid)
+    return value, proof, (f"torus view (input grid {grid}, {fibers} fibers, {reach}): "
+                          f"{float(np.max(value)):.6g} in {time.perf_counter() - start:.1f} s")
