@@ -67,7 +67,7 @@ class Certificate:
     lower : float or None
         A lower bound (from :func:`lipnorm.lipschitz_lower_bound`) when one was computed.
     method : str
-        The method whose bound ``upper`` is (``"product"``, ``"chain"`` or ``"sdp"``).
+        The method whose bound ``upper`` is (``"product"``, ``"chain"``, ``"conv_sdp"`` or ``"sdp"``).
     ladder : tuple of MethodRun
         Every method tried, with its certified bound (None where it did not apply, and
         why) and its time.
@@ -205,7 +205,7 @@ class Certificate:
             Path(path).write_text(text + "\n")
         return text
 
-    def plot(self, path: str | Path | None = None, *, log: bool = True):
+    def plot(self, path: str | Path | None = None, *, log: bool = True, title: str | None = None):
         """Bar chart of per-layer bounds with the cumulative bound (needs matplotlib).
 
         Parameters
@@ -214,6 +214,9 @@ class Certificate:
             Where to save the figure (format from the suffix).
         log : bool
             Logarithmic y axis (default).
+        title : str, optional
+            What was certified (a model), the first line of the title; the second gives
+            the whole model's bounds.
 
         Returns
         -------
@@ -230,7 +233,7 @@ class Certificate:
                   label="cumulative bound")
         if self.lower is not None and self.lower > 0:
             axes.axhline(self.lower, color="tab:green", linestyle="--", label="lower bound (model)")
-        styles = {"chain": "tab:orange", "sdp": "tab:purple"}
+        styles = {"chain": "tab:orange", "conv_sdp": "tab:green", "sdp": "tab:purple"}
         for run in self.ladder:
             if run.method in styles and run.upper is not None:
                 axes.axhline(run.upper, color=styles[run.method], linestyle=":",
@@ -240,8 +243,9 @@ class Certificate:
         if log and all(row.bound > 0 for row in rows):
             axes.set_yscale("log")
         axes.set_ylabel("Lipschitz bound (L2)")
-        axes.set_title(f"{self.model}: upper bound {self.upper:.4g} ({self.method})"
-                       + ("" if self.lower is None else f", lower bound {self.lower:.4g}"))
+        axes.set_title(f"{title or 'Lipschitz bound of each layer'}\nwhole model: upper bound {self.upper:.4g} "
+                       f"({self.method})" + ("" if self.lower is None else f", lower bound {self.lower:.4g}"),
+                       fontsize=10)
         axes.legend(fontsize=8)
         figure.tight_layout()
         if path is not None:
