@@ -38,7 +38,7 @@ import torch
 from lipnorm.certify.rounding import UNIT_ROUNDOFF, gamma
 from lipnorm.sigma import ConvergenceWarning, estimate_sigma, sigma_bounds
 
-from ._torch_constraint_state import split_group_state, validated_vectors
+from ._torch_constraint_state import split_vectors, state_of_vectors, validated_vectors
 from ._torch_constraint_targets import Target, discover_targets
 from ._torch_stack_certificate import certified_upper, certify_levels, gram_stack
 
@@ -58,10 +58,16 @@ CHUNK_ELEMENTS = 2**25
 @dataclasses.dataclass
 class _Group:
     """Matrix and stack targets of one matrix shape, dtype and device, estimated and
-    certified together."""
+    certified together.
+
+    ``vectors`` holds the warm starts of every matrix of the group, ``(u, v)`` of shapes
+    ``(batch, p)`` and ``(batch, q)``: the top singular vectors of the matrices (hammer) or
+    the top eigenvector of their Gram matrices, twice (scale); None before the first estimate.
+    A zero row (a matrix not estimated yet) starts from a random vector.
+    """
 
     targets: list[Target]
-    state: Any = None  # the batched SigmaState of the stacked matrices, or None before the first step
+    vectors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def counts(self) -> list[int]:
@@ -71,24 +77,106 @@ class _Group:
         """A copy of every matrix of the group, stacked: ``(batch, m, n)`` in the weights' dtype."""
         return torch.cat([target.matrices() for target in self.targets])
 
-    def owner(self, row: int) -> str:
-        """The name of the parameter (and index in a stack) that holds matrix ``row``."""
-        for target in self.targets:
-            if row < target.count:
-                if target.kind != "stack":
-                    return target.name
-                return f"{target.name}[{', '.join(map(str, np.unravel_index(row, target.index_shape)))}]"
-            row -= target.count
-        raise IndexError(row)
-
-    def scatter(self, stack: torch.Tensor, changed: np.ndarray) -> None:
-        """Write back the targets of which at least one matrix changed."""
+    def _locate(self, rows: np.ndarray):
+        """``(target, local rows, positions in rows)`` for every target holding some of ``rows``."""
         start = 0
         for target in self.targets:
-            stop = start + target.count
-            if changed[start:stop].any():
-                target.store(stack[start:stop])
-            start = stop
+            inside = np.flatnonzero((rows >= start) & (rows < start + target.count))
+            if inside.size:
+                yield target, (rows[inside] - start).tolist(), inside
+            start += target.count
+
+    def owner(self, row: int) -> str:
+        """The name of the parameter (and index in a stack) that holds matrix ``row``."""
+        target, (local,), _ = next(self._locate(np.array([row])))
+        if target.kind != "stack":
+            return target.name
+        return f"{target.name}[{', '.join(map(str, np.unravel_index(local, target.index_shape)))}]"
+
+    def views(self, rows: np.ndarray) -> list[torch.Tensor]:
+        """The matrices ``rows``, each ``(m, n)`` (views of the parameters where possible)."""
+        found: list[Any] = [None] * rows.size
+        for target, local, positions in self._locate(rows):
+            matrices = target.matrices()
+            for row, position in zip(local, positions):
+                found[position] = matrices[row]
+        return found
+
+    def write_(self, rows: np.ndarray, values: torch.Tensor) -> None:
+        """Write ``values[i]`` into matrix ``rows[i]``, in place in the parameters."""
+        for target, local, positions in self._locate(rows):
+            target.write_(local, values[torch.as_tensor(positions, device=values.device)])
+
+    def scale_(self, rows: np.ndarray, factors: np.ndarray) -> np.ndarray:
+        """Multiply matrix ``rows[i]`` by ``factors[i]`` in place (the product rounded once in
+        the arithmetic dtype, float32 at least, then to the weights'); return the factors
+        as the arithmetic held them."""
+        held = np.empty(rows.size)
+        for target, local, positions in self._locate(rows):
+            matrices = target.matrices()
+            view = target.is_view(matrices)
+            arithmetic = _opmath_dtype(matrices.dtype)
+            for row, position in zip(local, positions):
+                factor = torch.tensor(factors[position], dtype=arithmetic, device=matrices.device)
+                if arithmetic == matrices.dtype:
+                    matrices[row].mul_(factor)
+                else:
+                    matrices[row].copy_((matrices[row].to(arithmetic) * factor).to(matrices.dtype))
+                held[position] = float(factor)
+            if not view:
+                target.store(matrices)
+        return held
+
+    def frobenius_filter(self) -> np.ndarray:
+        """An upper bound of ``||W_i||_F`` per matrix, from a norm in float32 (or wider); a
+        NaN or Inf entry is named in a ValueError.
+
+        ``fl(sum w^2)`` in a dtype of unit roundoff ``u`` is within ``gamma_{mn+1}`` of the
+        exact sum (any summation order): the bound is ``inf`` where ``2 (mn + 2) u >= 1/2``.
+        """
+        norms = []
+        for target in self.targets:
+            matrices = target.matrices()
+            arithmetic = _opmath_dtype(matrices.dtype)
+            norms.append(torch.linalg.vector_norm(matrices, dim=(-2, -1), dtype=arithmetic))
+        norms = torch.cat(norms)
+        host = norms.double().cpu().numpy()
+        if not np.all(np.isfinite(host)):
+            finite = torch.cat([torch.isfinite(t.matrices()).flatten(1).all(dim=1) for t in self.targets])
+            bad = np.flatnonzero(~finite.cpu().numpy())
+            if bad.size:
+                raise ValueError(f"{', '.join(self.owner(row) for row in bad)} holds NaN or Inf after the "
+                                 "optimizer step; the constraint keeps no such weight (lower the learning "
+                                 "rate, clip gradients, or restore a checkpoint)")
+        m, n = self.targets[0].matrix_shape
+        u = _unit_roundoff(norms.dtype)
+        relative = 2 * (m * n + 2) * u
+        if relative >= 0.5:
+            return np.full(host.shape, np.inf)
+        return host / math.sqrt(1.0 - relative) / (1.0 - 2 * u) * (1.0 + 4 * UNIT_ROUNDOFF)
+
+    def estimate(self, matrices: torch.Tensor, rows: np.ndarray, rtol: float) -> tuple[np.ndarray, torch.Tensor]:
+        """Warm-started Lanczos on ``matrices`` (the group's rows ``rows``, or their Gram
+        matrices); store the new vectors.
+
+        Returns
+        -------
+        sigma : numpy.ndarray, float64, shape (len(rows),)
+        v : torch.Tensor, shape (len(rows), n)
+            The right singular vector estimates.
+        """
+        total = sum(self.counts)
+        index = torch.as_tensor(rows, device=matrices.device)
+        state = None if self.vectors is None else state_of_vectors(*(vector[index] for vector in self.vectors))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # the certificate decides
+            sigma, state = estimate_sigma(matrices, batched=True, method="lanczos", state=state,
+                                          return_state=True, rtol=rtol, max_iter=ESTIMATE_MAX_ITER)
+        if self.vectors is None:
+            self.vectors = tuple(vector.new_zeros((total, vector.shape[-1])) for vector in (state.u, state.v))
+        for stored, new in zip(self.vectors, (state.u, state.v)):
+            stored[index] = new.to(stored.dtype)
+        return sigma.double().cpu().numpy(), state.v
 
 
 class SpectralConstraint:
@@ -230,112 +318,123 @@ class SpectralConstraint:
         return optimizer.register_step_post_hook(lambda optimizer, args, kwargs: self.step())
 
     def _step_group(self, group: _Group) -> None:
-        stack = group.gather()
-        frobenius = self._frobenius_upper(stack, group.owner)
-        active = frobenius > self.cap
-        if not active.any():
+        active = np.flatnonzero(group.frobenius_filter() > self.cap)
+        if not active.size:
             return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)  # the certificate decides
-            _, group.state = estimate_sigma(stack, batched=True, method="lanczos", state=group.state,
-                                            return_state=True, rtol=self.rtol / 4, max_iter=ESTIMATE_MAX_ITER)
-        right = group.state.v
-        image = torch.linalg.matmul(_opmath(stack), right.to(_opmath_dtype(stack.dtype)).unsqueeze(-1))[..., 0]
-        estimates = torch.linalg.vector_norm(image, dim=-1).double().cpu().numpy()
-        aim = self.max_sigma * (1.0 - _low_precision_roundoff(stack.dtype))
-        over = np.flatnonzero(active & (estimates > self.max_sigma))
-        changed = np.zeros(len(stack), dtype=bool)
-        if over.size:
-            rows = torch.as_tensor(over, device=stack.device)
-            matrices = _opmath(stack[rows])
-            if self.projection == "hammer":
-                coefficients = torch.as_tensor((aim - estimates[over]) / estimates[over], device=stack.device)
-                update = (image[rows] * coefficients.to(image.dtype)[:, None]).unsqueeze(-1) @ \
-                    right[rows].to(image.dtype).unsqueeze(-2)
-                projected = matrices + update
-            else:
-                factors = torch.as_tensor(aim / estimates[over], device=stack.device)
-                projected = matrices * factors.to(matrices.dtype)[:, None, None]
-            stack[rows] = projected.to(stack.dtype)
-            changed[over] = True
-        self._certify_rows(stack, np.flatnonzero(active), aim, changed, group.owner)
-        group.scatter(stack, changed)
+        if self.projection == "hammer":
+            self._hammer_(group, active)
+            self._certify_rows(group, active)
+        else:
+            self._certify_rows(group, self._scale_certified_(group, active))
 
-    def _certify_rows(self, stack, pending, aim, changed, owner) -> None:
-        """Certify ``stack[pending] <= cap``; scale what fails by ``aim / upper``, in place."""
+    def _aim(self, dtype: torch.dtype) -> float:
+        """Where projections put sigma: ``max_sigma``, less a unit roundoff of float16 and
+        bfloat16 weights (so rounding the stored values seldom lands above the cap)."""
+        return self.max_sigma * (1.0 - _low_precision_roundoff(dtype))
+
+    def _scale_certified_(self, group: _Group, active: np.ndarray) -> np.ndarray:
+        """Scale mode: certify each active matrix, then scale it by ``max_sigma / upper`` where
+        ``upper > max_sigma``; return the rows whose stored result the rounding bound does
+        not prove under the cap (low-precision weights), to be certified again.
+
+        The top eigenvalue of each Gram matrix comes from Lanczos warm-started from the last
+        step's eigenvector, to ``rtol / 2``; one factorization then proves either the cap
+        (estimate at most ``max_sigma``) or ``sigma <= estimate * (1 + rtol / 4)``, the bound
+        the scale factor uses (so the result lands at most about ``rtol / 4`` below
+        ``max_sigma``). A failed proof gets a tight bound from :func:`certified_upper`.
+        """
+        dtype = group.targets[0].param.dtype
+        m, n = group.targets[0].matrix_shape
+        unproven = []
+        for chunk in _chunks(active, m * n):
+            grams = gram_stack(group.views(chunk))
+            estimates, _ = group.estimate(grams.gram, chunk, self.rtol / 2)
+            sigmas = np.sqrt(estimates) / grams.scale
+            levels = np.where(sigmas <= self.max_sigma, self.cap, sigmas * (1.0 + self.rtol / 4))
+            upper = certify_levels(grams, levels)
+            failed = np.flatnonzero(~np.isfinite(upper))
+            if failed.size:
+                upper[failed] = certified_upper(grams.subset(failed))
+            over = np.flatnonzero(upper > self.max_sigma)
+            if over.size:
+                held = group.scale_(chunk[over], self._aim(dtype) / upper[over])
+                bounds = _scaled_bounds(held, upper[over], grams.frobenius_upper()[over], dtype, m * n)
+                unproven.append(chunk[over][bounds > self.cap])
+        return np.concatenate(unproven) if unproven else active[:0]
+
+    def _hammer_(self, group: _Group, active: np.ndarray) -> None:
+        """Hammer mode: set the top singular value of every active matrix whose warm estimate
+        ``s = ||W v||`` is above ``max_sigma`` to ``max_sigma``, by ``W += (R - s) u v^T``,
+        ``u = W v / s``."""
+        matrices = torch.stack(group.views(active))
+        _, right = group.estimate(matrices, active, self.rtol / 4)
+        arithmetic = _opmath_dtype(matrices.dtype)
+        matrices = matrices.to(arithmetic)
+        right = right.to(arithmetic)
+        image = torch.linalg.matmul(matrices, right.unsqueeze(-1))[..., 0]
+        estimates = torch.linalg.vector_norm(image, dim=-1).double().cpu().numpy()
+        over = np.flatnonzero(estimates > self.max_sigma)
+        if not over.size:
+            return
+        coefficients = (self._aim(group.targets[0].param.dtype) - estimates[over]) / estimates[over]
+        picked = torch.as_tensor(over, device=matrices.device)
+        coefficients = torch.as_tensor(coefficients, dtype=arithmetic, device=matrices.device)
+        update = (image[picked] * coefficients[:, None]).unsqueeze(-1) @ right[picked].unsqueeze(-2)
+        group.write_(active[over], (matrices[picked] + update).to(group.targets[0].param.dtype))
+
+    def _certify_rows(self, group: _Group, pending: np.ndarray) -> None:
+        """Certify matrices ``pending`` under the cap as stored; scale those that fail by
+        ``aim / upper`` in place, and certify again those the rounding bound does not prove."""
+        dtype = group.targets[0].param.dtype
+        m, n = group.targets[0].matrix_shape
+        aim = self._aim(dtype)
         for round_ in range(MAX_ROUNDS):
-            failed, uppers = [], []
-            for chunk in _chunks(pending, stack[0].numel()):
-                grams = gram_stack(stack[torch.as_tensor(chunk, device=stack.device)])
-                rejected = np.flatnonzero(~np.isfinite(certify_levels(grams, np.full(chunk.size, self.cap))))
-                if rejected.size:
-                    failed.append(chunk[rejected])
-                    uppers.append(certified_upper(grams.subset(rejected)))
-            if not failed:
-                return
-            pending, upper = np.concatenate(failed), np.concatenate(uppers)
-            rows = torch.as_tensor(pending, device=stack.device)
-            frobenius = self._frobenius_upper(stack[rows], owner)
-            bounds = _scale_rows_(stack, rows, aim / upper, upper, frobenius)
-            changed[pending] = True
-            pending = pending[bounds > self.cap]
             if not pending.size:
                 return
-            aim *= 1.0 - 2.0**round_ * max(_low_precision_roundoff(stack.dtype), self.rtol / 16)
-        names = ", ".join(owner(row) for row in pending)
-        raise RuntimeError(f"could not certify sigma <= {self.cap:g} for {names} in {MAX_ROUNDS} rounds; "
-                           "please report this with the weights")
+            failed, uppers, frobenius = [], [], []
+            for chunk in _chunks(pending, m * n):
+                grams = gram_stack(group.views(chunk))
+                rejected = np.flatnonzero(~np.isfinite(certify_levels(grams, np.full(chunk.size, self.cap))))
+                if rejected.size:
+                    subset = grams.subset(rejected)
+                    failed.append(chunk[rejected])
+                    uppers.append(certified_upper(subset))
+                    frobenius.append(subset.frobenius_upper())
+            if not failed:
+                return
+            pending, upper, frobenius = map(np.concatenate, (failed, uppers, frobenius))
+            held = group.scale_(pending, aim / upper)
+            pending = pending[_scaled_bounds(held, upper, frobenius, dtype, m * n) > self.cap]
+            aim *= 1.0 - 2.0**round_ * max(_low_precision_roundoff(dtype), self.rtol / 16)
+        if pending.size:
+            raise RuntimeError(f"could not certify sigma <= {self.cap:g} for "
+                               f"{', '.join(group.owner(row) for row in pending)} in {MAX_ROUNDS} rounds; "
+                               "please report this with the weights")
 
     def _step_operator(self, target: Target) -> None:
         kernel = target.param.detach()
-        frobenius = self._tap_frobenius_upper(kernel, target.name)
-        if frobenius <= self.cap:
+        if _tap_frobenius_upper(kernel, target.name) <= self.cap:
             return
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
+            warnings.simplefilter("ignore", ConvergenceWarning)  # the certificate decides
             estimate, self._operator_states[target.name] = estimate_sigma(
                 target.operator(), method="lanczos", state=self._operator_states[target.name],
                 return_state=True, rtol=self.rtol / 4, max_iter=ESTIMATE_MAX_ITER)
-        estimate = float(estimate)
-        aim = self.max_sigma * (1.0 - _low_precision_roundoff(kernel.dtype))
-        if estimate > self.max_sigma:
-            kernel.copy_((_opmath(kernel) * (aim / estimate)).to(kernel.dtype))
+        aim = self._aim(kernel.dtype)
+        if float(estimate) > self.max_sigma:
+            _scale_kernel_(kernel, aim / float(estimate))
         for round_ in range(MAX_ROUNDS):
             upper = sigma_bounds(target.operator()).upper
             if upper <= self.cap:
                 return
-            frobenius = self._tap_frobenius_upper(kernel, target.name)
-            factor = np.array([aim / upper])
-            scaled = kernel.unsqueeze(0)
-            bound = _scale_rows_(scaled, torch.zeros(1, dtype=torch.long, device=kernel.device), factor,
-                                 np.array([upper]), np.array([frobenius]))
-            if bound[0] <= self.cap:
+            frobenius = _tap_frobenius_upper(kernel, target.name)
+            held = _scale_kernel_(kernel, aim / upper)
+            if _scaled_bounds(np.array([held]), np.array([upper]), np.array([frobenius]), kernel.dtype,
+                              kernel.numel())[0] <= self.cap:
                 return
             aim *= 1.0 - 2.0**round_ * max(_low_precision_roundoff(kernel.dtype), self.rtol / 16)
         raise RuntimeError(f"could not certify sigma <= {self.cap:g} for {target.name!r} in {MAX_ROUNDS} "
                            "rounds; please report this with the weights")
-
-    # ------------------------------------------------------------------ bounds
-
-    def _frobenius_upper(self, stack: torch.Tensor, owner) -> np.ndarray:
-        """Certified ``||W_i||_F`` of every matrix (float64); NaN or Inf entries are named."""
-        squares = torch.linalg.vector_norm(stack, dim=(-2, -1), dtype=torch.float64).cpu().numpy()
-        if not np.all(np.isfinite(squares)):
-            finite = torch.isfinite(stack).flatten(1).all(dim=1).cpu().numpy()
-            if not finite.all():
-                names = ", ".join(owner(row) for row in np.flatnonzero(~finite))
-                raise ValueError(f"{names} holds NaN or Inf after the optimizer step; the constraint "
-                                 "keeps no such weight (lower the learning rate, clip gradients, or "
-                                 "restore a checkpoint)")
-        m, n = stack.shape[-2:]
-        return squares * (1.0 + gamma(m * n + 1)) * (1.0 + 4 * UNIT_ROUNDOFF)
-
-    def _tap_frobenius_upper(self, kernel: torch.Tensor, name: str) -> float:
-        """Certified ``sum over spatial taps of ||K[:, :, tap]||_F``, a bound on the norm of
-        the convolution with any stride, padding, dilation and groups."""
-        taps = kernel.flatten(2).movedim(-1, 0)
-        norms = self._frobenius_upper(taps, lambda _: name)
-        return float(np.sum(norms)) * (1.0 + gamma(len(norms))) * (1.0 + 4 * UNIT_ROUNDOFF)
 
     # ------------------------------------------------------------------ certify, state
 
@@ -374,19 +473,18 @@ class SpectralConstraint:
         -------
         dict
             ``{"max_sigma", "rtol", "projection", "mode", "vectors": {name: {"u": Tensor,
-            "v": Tensor}}}``; names whose vectors do not exist yet (before their first
-            estimate) are absent.
+            "v": Tensor}}}`` (see :mod:`._torch_constraint_state` for the shapes); the names
+            whose vectors do not exist yet (nothing estimated) are absent. Plain tensors and
+            numbers: ``torch.save`` and ``torch.load(weights_only=True)`` take it.
         """
         vectors = {}
         for group in self._groups:
-            if group.state is not None:
-                for target, pair in zip(group.targets, split_group_state(group.state, group.counts)):
-                    vectors[target.name] = pair
+            if group.vectors is not None:
+                vectors.update(zip((t.name for t in group.targets), split_vectors(group.vectors, group.counts)))
         for name, state in self._operator_states.items():
             if state is not None:
-                vectors[name] = {"u": state.u, "v": state.v}
-        return {"max_sigma": self.max_sigma, "rtol": self.rtol, "projection": self.projection,
-                "mode": self.mode, "vectors": vectors}
+                vectors[name] = {"u": state.u.clone(), "v": state.v.clone()}
+        return {**self._settings(), "vectors": vectors}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the warm-start vectors of :meth:`state_dict`, so a resumed run continues exactly.
@@ -397,9 +495,7 @@ class SpectralConstraint:
             Settings other than this constraint's, a name it does not constrain, or vectors
             of the wrong shape.
         """
-        settings = {"max_sigma": self.max_sigma, "rtol": self.rtol, "projection": self.projection,
-                    "mode": self.mode}
-        for key, value in settings.items():
+        for key, value in self._settings().items():
             if state_dict.get(key) != value:
                 raise ValueError(f"the state was saved with {key}={state_dict.get(key)!r}, this constraint "
                                  f"has {key}={value!r}")
@@ -408,10 +504,24 @@ class SpectralConstraint:
         if unknown:
             raise ValueError(f"the state holds vectors of {unknown}, which this constraint does not constrain")
         for group in self._groups:
-            group.state = validated_vectors(group.targets, vectors)
+            group.vectors = validated_vectors(group.targets, vectors, self._vector_shapes)
         for target in self._targets:
             if target.kind == "operator":
-                self._operator_states[target.name] = validated_vectors([target], vectors)
+                pair = validated_vectors([target], vectors, self._vector_shapes)
+                self._operator_states[target.name] = None if pair is None else state_of_vectors(*pair)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"max_sigma": self.max_sigma, "rtol": self.rtol, "projection": self.projection, "mode": self.mode}
+
+    def _vector_shapes(self, target: Target) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of a target's saved ``u`` and ``v``."""
+        if target.kind == "operator":
+            m, n = target.operator().shape
+            return (m,), (n,)
+        m, n = target.matrix_shape
+        if self.projection == "scale":
+            m = n = min(m, n)
+        return (target.count, m), (target.count, n)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -444,10 +554,6 @@ def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _opmath(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to(_opmath_dtype(tensor.dtype))
-
-
 def _unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
@@ -457,33 +563,51 @@ def _low_precision_roundoff(dtype: torch.dtype) -> float:
     return _unit_roundoff(dtype) if torch.finfo(dtype).bits < 32 else 0.0
 
 
-def _scale_rows_(stack: torch.Tensor, rows: torch.Tensor, factors: np.ndarray, uppers: np.ndarray,
-                 frobenius: np.ndarray) -> np.ndarray:
-    """Scale ``stack[rows]`` by ``factors`` in place; return certified sigma bounds of the result.
+def _scale_kernel_(kernel: torch.Tensor, factor: float) -> float:
+    """Multiply ``kernel`` by ``factor`` in place (rounded once in float32 or wider, then to the
+    kernel's dtype); return the factor as the arithmetic held it."""
+    arithmetic = _opmath_dtype(kernel.dtype)
+    held = torch.tensor(factor, dtype=arithmetic, device=kernel.device)
+    kernel.copy_((kernel.to(arithmetic) * held).to(kernel.dtype))
+    return float(held)
 
-    With ``c`` the factor as the arithmetic holds it, every stored entry is ``c w (1 + e)``,
-    ``|e| <= u_op + u + u_op u`` (the product rounded in the arithmetic's dtype, then to the
-    weights'), and a subnormal result moves by at most one subnormal step, so
 
-        sigma(stored) <= c * upper + (u_op + u + u_op u) * c * ||W||_F + (entries) * step.
+def _scaled_bounds(held: np.ndarray, uppers: np.ndarray, frobenius: np.ndarray, dtype: torch.dtype,
+                   entries: int) -> np.ndarray:
+    """Certified sigma bounds of weights after scaling by ``held`` (as the arithmetic held it).
+
+    Each stored entry is ``c w (1 + e)`` with ``|e| <= u_op + u + u_op u`` (the product
+    rounded in the arithmetic's dtype, unit roundoff ``u_op``, then to the weights', ``u``),
+    or, in the subnormal range, within one subnormal step of it, so
+
+        sigma(stored) <= c * upper + (u_op + u + u_op u) * c * frobenius + entries * step.
 
     Parameters
     ----------
-    stack : torch.Tensor, shape (batch, ...)
-        Matrices, or kernels (each row is one weight).
-    rows : torch.Tensor of int, shape (k,)
-    factors, uppers, frobenius : numpy.ndarray, float64, shape (k,)
-        The factors, certified sigma bounds and certified ``||W||_F`` (or any certified
-        bound of the map's norm by the entries' sizes, e.g. summed over a kernel's taps)
-        of the matrices before scaling.
+    held, uppers, frobenius : numpy.ndarray, float64, shape (k,)
+        The factors, and certified bounds of sigma and of ``||W||_F`` (or of any norm of the
+        entries that bounds the map's norm, such as a kernel's norms summed over its taps)
+        before scaling.
+    dtype : torch.dtype
+        The weights' dtype.
+    entries : int
+        Entries of each weight.
     """
-    arithmetic = _opmath_dtype(stack.dtype)
-    held = torch.as_tensor(factors, dtype=arithmetic, device=stack.device)
-    stack[rows] = (stack[rows].to(arithmetic) * held[:, None, None]).to(stack.dtype)
-    exact = held.double().cpu().numpy()
-    u, u_op = _unit_roundoff(stack.dtype), _unit_roundoff(arithmetic)
-    info = torch.finfo(stack.dtype)
-    subnormal_step = info.smallest_normal * info.eps
+    u, u_op = _unit_roundoff(dtype), _unit_roundoff(_opmath_dtype(dtype))
+    info = torch.finfo(dtype)
     relative = u_op + u + u_op * u
-    bound = exact * uppers + relative * exact * frobenius + stack[0].numel() * subnormal_step
+    bound = held * uppers + relative * held * frobenius + entries * info.smallest_normal * info.eps
     return bound * (1.0 + 8 * UNIT_ROUNDOFF)
+
+
+def _tap_frobenius_upper(kernel: torch.Tensor, name: str) -> float:
+    """Certified ``sum over spatial taps of ||K[:, :, tap]||_F``: a bound on the norm of the
+    convolution with any stride, padding, dilation and groups (a sum over taps of a shift,
+    of norm at most 1, times the tap's channel matrix). NaN or Inf entries are named."""
+    taps = kernel.flatten(2)
+    norms = torch.linalg.vector_norm(taps, dim=(0, 1), dtype=torch.float64).cpu().numpy()
+    if not np.all(np.isfinite(norms)):
+        raise ValueError(f"{name} holds NaN or Inf after the optimizer step; the constraint keeps no such "
+                         "weight (lower the learning rate, clip gradients, or restore a checkpoint)")
+    norms = norms * (1.0 + gamma(taps.shape[0] * taps.shape[1] + 1))
+    return float(np.sum(norms)) * (1.0 + gamma(norms.size + 1)) * (1.0 + 4 * UNIT_ROUNDOFF)

@@ -1,10 +1,12 @@
 """A spectral constraint's warm starts: between :class:`lipnorm.SigmaState` and its ``state_dict``.
 
-The constraint keeps one :class:`lipnorm.SigmaState` per group of same-shaped matrices (from
-``estimate_sigma(stack, batched=True)``) and one per convolution in operator mode. Only the
-vectors ``u`` and ``v`` start the next estimate, so only they are saved, by parameter name:
-``(count, m)`` and ``(count, n)`` for a matrix or a stack of ``count`` matrices, the
-operator's flattened output and input sizes for a convolution.
+The constraint keeps, per group of same-shaped matrices, the vectors that start the next
+batched :func:`lipnorm.estimate_sigma`, and one :class:`lipnorm.SigmaState` per convolution
+in operator mode. Only the vectors ``u`` and ``v`` start an estimate, so only they are saved,
+by parameter name: ``(count, p)`` and ``(count, q)`` for a matrix or a stack of ``count``
+matrices (``p = m``, ``q = n`` with the hammer projection, which estimates the matrices;
+``p = q = min(m, n)`` with scaling, which estimates their Gram matrices), the operator's
+flattened output and input sizes for a convolution.
 """
 
 from __future__ import annotations
@@ -16,30 +18,42 @@ from lipnorm.sigma import SigmaState
 
 from ._torch_constraint_targets import Target
 
-__all__ = ["split_group_state", "validated_vectors"]
+__all__ = ["split_vectors", "state_of_vectors", "validated_vectors"]
 
 
-def split_group_state(state: SigmaState, counts: list[int]) -> list[dict[str, torch.Tensor]]:
-    """The vectors of a group's batched state, one ``{"u", "v"}`` pair per target (copies)."""
-    return [{"u": u.clone(), "v": v.clone()}
-            for u, v in zip(torch.split(state.u, counts), torch.split(state.v, counts))]
+def state_of_vectors(u: torch.Tensor, v: torch.Tensor) -> SigmaState:
+    """A :class:`lipnorm.SigmaState` that starts the next estimate from ``u`` and ``v``
+    (1-D: one operator; 2-D: a stack). Its numbers are unknown (NaN): only the vectors are kept."""
+    if u.ndim == 1:
+        return SigmaState(u, v, float("nan"), float("nan"), float("nan"), False, 0, 0, "lanczos")
+    count = u.shape[0]
+    unknown = np.full(count, np.nan)
+    zeros = np.zeros(count, dtype=np.int64)
+    return SigmaState(u, v, unknown, unknown, unknown, np.zeros(count, dtype=bool), zeros, zeros, "lanczos")
 
 
-def _expected_shapes(target: Target) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    if target.kind == "operator":
-        m, n = target.operator().shape
-        return (m,), (n,)
-    m, n = target.matrix_shape
-    return (target.count, m), (target.count, n)
+def split_vectors(vectors: tuple[torch.Tensor, torch.Tensor], counts: list[int]) -> list[dict[str, torch.Tensor]]:
+    """A group's vectors as one ``{"u", "v"}`` pair (copies) per target."""
+    u, v = vectors
+    return [{"u": a.clone(), "v": b.clone()} for a, b in zip(torch.split(u, counts), torch.split(v, counts))]
 
 
-def validated_vectors(targets: list[Target], vectors: dict) -> SigmaState | None:
-    """The state of ``targets`` (a group, or one convolution) rebuilt from saved vectors.
+def validated_vectors(targets: list[Target], vectors: dict, shapes) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The vectors of ``targets`` (a group, or one convolution) from a saved ``vectors`` dict.
+
+    Parameters
+    ----------
+    targets : list of Target
+    vectors : dict
+        ``name -> {"u": Tensor, "v": Tensor}``.
+    shapes : callable
+        ``shapes(target)`` gives the expected shapes of its ``u`` and ``v``.
 
     Returns
     -------
-    SigmaState or None
-        None where no target of the group has saved vectors (the next step starts cold).
+    (u, v) or None
+        The targets' vectors concatenated, on the parameters' device; None where no target
+        of the group has saved vectors (the next step starts cold).
 
     Raises
     ------
@@ -56,17 +70,12 @@ def validated_vectors(targets: list[Target], vectors: dict) -> SigmaState | None
     us, vs = [], []
     for target in targets:
         pair = vectors[target.name]
-        for role, expected in zip(("u", "v"), _expected_shapes(target)):
+        for role, expected in zip(("u", "v"), shapes(target)):
             vector = pair.get(role) if isinstance(pair, dict) else None
-            if not isinstance(vector, torch.Tensor) or tuple(vector.shape) != expected:
+            if not isinstance(vector, torch.Tensor) or tuple(vector.shape) != tuple(expected):
                 shape = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
-                raise ValueError(f"the state's {role} of {target.name!r} has shape {shape}, expected {expected}")
-        device = target.param.device
-        us.append(pair["u"].to(device))
-        vs.append(pair["v"].to(device))
-    if targets[0].kind == "operator":
-        return SigmaState(us[0], vs[0], float("nan"), float("nan"), float("nan"), False, 0, 0, "lanczos")
-    count = sum(target.count for target in targets)
-    unknown = np.full(count, np.nan)
-    return SigmaState(torch.cat(us), torch.cat(vs), unknown, unknown, unknown, np.zeros(count, dtype=bool),
-                      np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64), "lanczos")
+                raise ValueError(f"the state's {role} of {target.name!r} has shape {shape}, expected "
+                                 f"{tuple(expected)}; was it saved with another projection or model?")
+        us.append(pair["u"].to(target.param.device))
+        vs.append(pair["v"].to(target.param.device))
+    return torch.cat(us), torch.cat(vs)

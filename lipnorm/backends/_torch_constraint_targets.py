@@ -85,15 +85,28 @@ class Target:
             data = data.movedim(self.dim, 0)
         return data.reshape(self.count, *self.matrix_shape)
 
+    def is_view(self, matrices: torch.Tensor) -> bool:
+        """Whether ``matrices`` (from :meth:`matrices`) shares the parameter's memory."""
+        return matrices.untyped_storage().data_ptr() == self.param.untyped_storage().data_ptr()
+
     def store(self, matrices: torch.Tensor) -> None:
-        """Write ``(count, m, n)`` values back into the parameter, in place."""
-        data = self.param.detach()
+        """Write all ``(count, m, n)`` matrices back into the parameter, in place."""
         with torch.no_grad():
+            data = self.param.detach()
             if self.kind == "matrix":
-                moved = data.movedim(self.dim, 0)
-                moved.copy_(matrices.reshape(moved.shape))
-            else:
-                data.copy_(matrices.reshape(data.shape))
+                data = data.movedim(self.dim, 0)
+            data.copy_(matrices.reshape(data.shape))
+
+    def write_(self, rows: list[int], values: torch.Tensor) -> None:
+        """Write ``(len(rows), m, n)`` values into matrices ``rows`` of the parameter, in place."""
+        with torch.no_grad():
+            matrices = self.matrices()
+            view = self.is_view(matrices)
+            if not view:
+                matrices = matrices.clone()
+            matrices[torch.as_tensor(rows, device=values.device)] = values
+            if not view:
+                self.store(matrices)
 
     def operator(self, kernel: torch.Tensor | None = None) -> ConvOperator:
         """``"operator"`` only: the convolution of ``kernel`` (default: the parameter)."""

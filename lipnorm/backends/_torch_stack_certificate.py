@@ -15,10 +15,10 @@ factorization per matrix proves ``sigma_max <= level`` without first computing s
 digits. A matrix that fails the test gets a tight bound from :func:`certified_upper`.
 Only a few numbers per matrix go to the host.
 
-Every matrix is first scaled by a power of two that brings its largest entry into
+A float64 matrix is first scaled by a power of two that brings its largest entry into
 [0.5, 1) (exact, unless it creates subnormals, whose rounding is added as an absolute slack,
-as in :mod:`lipnorm.certificates`), so the float64 Gram matrix neither overflows nor
-underflows.
+as in :mod:`lipnorm.certificates`), so its float64 Gram matrix neither overflows nor
+underflows; narrower weights need no scaling (see :func:`gram_stack`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ class GramStack:
         is smaller; ``d = min(m, n)``.
     formation_error : numpy.ndarray, float64, shape (batch,)
         Bound on the spectral norm of ``gram - A A^T`` (``gamma_{inner+2} ||A||_F^2``).
+    squares : numpy.ndarray, float64, shape (batch,)
+        Upper bound of ``||A||_F^2`` (from the trace of ``gram``).
     scale : numpy.ndarray, float64, shape (batch,)
         The power of two each matrix was multiplied by.
     slack : numpy.ndarray, float64, shape (batch,)
@@ -62,6 +64,7 @@ class GramStack:
 
     gram: torch.Tensor
     formation_error: np.ndarray
+    squares: np.ndarray
     scale: np.ndarray
     slack: np.ndarray
     inner: int
@@ -72,8 +75,12 @@ class GramStack:
     def subset(self, index: np.ndarray) -> "GramStack":
         """The matrices at positions ``index`` (an integer array)."""
         rows = torch.as_tensor(index, device=self.gram.device)
-        return GramStack(self.gram[rows], self.formation_error[index], self.scale[index],
-                         self.slack[index], self.inner)
+        return GramStack(self.gram[rows], self.formation_error[index], self.squares[index],
+                         self.scale[index], self.slack[index], self.inner)
+
+    def frobenius_upper(self) -> np.ndarray:
+        """Certified ``||W_i||_F`` of every (unscaled) matrix."""
+        return self.unscaled_upper(self.squares)
 
     def unscaled_upper(self, squared: np.ndarray) -> np.ndarray:
         """A certified sigma bound from a certified bound ``squared`` on ``lambda_max(gram)``."""
@@ -81,33 +88,50 @@ class GramStack:
         return (root / self.scale + self.slack) * (1.0 + 4 * UNIT_ROUNDOFF)
 
 
-def gram_stack(matrices: torch.Tensor) -> GramStack:
-    """Scale each matrix of a stack by a power of two and form its smaller Gram matrix in float64.
+def gram_stack(matrices) -> GramStack:
+    """Form the smaller Gram matrix of each matrix in float64, scaled where float64 needs it.
+
+    Weights of float32 or narrower are exact in float64 and their Gram matrices can neither
+    overflow (entries below 2^128, sums of fewer than 2^31 terms) nor underflow (products of
+    nonzero entries at least 2^-298): they are used unscaled. Float64 matrices are first
+    multiplied by the power of two that brings their largest entry into [0.5, 1).
 
     Parameters
     ----------
-    matrices : torch.Tensor, shape (batch, m, n)
-        Real floating matrices, finite (the caller checks), on any device.
+    matrices : torch.Tensor of shape (batch, m, n), or sequence of torch.Tensor of shape (m, n)
+        Real floating matrices, finite (the caller checks), on one device; a sequence (views
+        of several parameters) is copied once, straight into the float64 stack.
 
     Returns
     -------
     GramStack
     """
-    batch, m, n = matrices.shape
     with torch.no_grad():
-        scaled = matrices.detach().to(torch.float64)
-        largest = scaled.abs().amax(dim=(-2, -1))
-        exponents = torch.frexp(largest).exponent.tolist()
-        scale = np.array([math.ldexp(1.0, -max(e, -1022)) for e in exponents])
-        scaled = scaled * torch.as_tensor(scale, dtype=torch.float64, device=scaled.device)[:, None, None]
+        if isinstance(matrices, torch.Tensor):
+            source_dtype = matrices.dtype
+            scaled = matrices.detach().to(torch.float64)
+        else:
+            source_dtype = matrices[0].dtype
+            scaled = matrices[0].new_empty((len(matrices), *matrices[0].shape), dtype=torch.float64)
+            for slot, matrix in zip(scaled, matrices):
+                slot.copy_(matrix.detach())
+        batch, m, n = scaled.shape
+        scale = np.ones(batch)
+        if source_dtype == torch.float64:
+            exponents = torch.frexp(scaled.abs().amax(dim=(-2, -1))).exponent.tolist()
+            scale = np.array([math.ldexp(1.0, -max(e, -1022)) for e in exponents])
+            scaled.mul_(torch.as_tensor(scale, dtype=torch.float64, device=scaled.device)[:, None, None])
         gram = scaled @ scaled.mT if m <= n else scaled.mT @ scaled
-        squares = torch.linalg.vector_norm(scaled, dim=(-2, -1)).square().cpu().numpy()
-    squares = squares * (1.0 + gamma(m * n + 2))
-    formation_error = gamma(max(m, n) + 2) * squares
+        trace = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1).cpu().numpy()
+    # The diagonal of the computed Gram matrix holds the squared row (or column) norms, each
+    # within gamma_{inner+1} (relative) of the exact one; the trace adds gamma_d.
+    d, inner = min(m, n), max(m, n)
+    squares = trace * (1.0 + gamma(inner + d + 2))
+    formation_error = gamma(inner + 2) * squares
     # Scaling down can round entries into the subnormal range: each moves by at most one
     # subnormal step, so the matrix by at most sqrt(m n) of them (doubled for safety).
     slack = np.where(scale < 1.0, math.sqrt(2 * m * n) * _SMALLEST_SUBNORMAL / scale, 0.0)
-    return GramStack(gram, formation_error, scale, slack, max(m, n))
+    return GramStack(gram, formation_error, squares, scale, slack, inner)
 
 
 def _margin(grams: GramStack) -> float:
