@@ -350,12 +350,13 @@ class SpectralConstraint:
             grams = gram_stack(group.views(chunk))
             estimates, _ = group.estimate(grams.gram, chunk, self.rtol / 2)
             sigmas = np.sqrt(estimates) / grams.scale
-            levels = np.where(sigmas <= self.max_sigma, self.cap, sigmas * (1.0 + self.rtol / 4))
-            upper = certify_levels(grams, levels)
-            failed = np.flatnonzero(~np.isfinite(upper))
-            if failed.size:
-                upper[failed] = certified_upper(grams.subset(failed))
-            over = np.flatnonzero(upper > self.max_sigma)
+            under = sigmas <= self.max_sigma
+            upper = certify_levels(grams, np.where(under, self.cap, sigmas * (1.0 + self.rtol / 4)))
+            failed = ~np.isfinite(upper)
+            if failed.any():
+                upper[failed] = certified_upper(grams.subset(np.flatnonzero(failed)))
+            # Under the cap by the test: left alone. Otherwise scaled (the bound is above R).
+            over = np.flatnonzero((~under | failed) & (upper > self.max_sigma))
             if over.size:
                 held = group.scale_(chunk[over], self._aim(dtype) / upper[over])
                 bounds = _scaled_bounds(held, upper[over], grams.frobenius_upper()[over], dtype, m * n)
