@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lipnorm  # noqa: E402
+from cnn_nets import digits, train  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "bench_tight.md"
 JSON = RESULTS.with_suffix(".json")
@@ -40,31 +41,6 @@ MLPS = [
     ("64-128-128-10 GELU", [64, 128, 128, 10], "gelu"),
     ("64-128-128-10 SiLU", [64, 128, 128, 10], "silu"),
 ]
-
-
-def digits():
-    import torch
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return torch.tensor(x / 16, dtype=torch.float32), torch.tensor(y)
-
-
-def train(model, x, y, epochs: int, seed: int = 0):
-    import torch
-
-    torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    for _ in range(epochs):
-        order = torch.randperm(len(x))
-        for start in range(0, len(x), 64):
-            batch = order[start:start + 64]
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
-    model = model.double().eval()
-    accuracy = float((model(x.double()).argmax(1) == y).float().mean())
-    return model, accuracy
 
 
 def mlp(sizes, activation):
@@ -186,7 +162,8 @@ def main() -> None:
     x, y = digits()
     table = []
     for name, sizes, activation in (MLPS[:2] if args.quick else MLPS) if "mlp" in groups else ():
-        model, accuracy = train(mlp(sizes, activation), x, y, epochs=60)
+        model, accuracy, _ = train(mlp(sizes, activation), x, y, epochs=60)
+        model = model.double()
         rows, certificate = lipnorm_methods(model, (64,), args.budget)
         low = lower_bound(model, x, (64,), starts=512, steps=400)
         eclipse = eclipse_fast(model) if activation in ("relu", "tanh") else None
@@ -196,7 +173,8 @@ def main() -> None:
     convs = [("digits CNN (16-32 conv, stride 2)", small_cnn, 60.0),
              ("digits ResNet (2 residual blocks, BN)", small_resnet, 60.0)]
     for name, factory, budget in convs if "conv" in groups else ():
-        model, accuracy = train(factory(), x, y, epochs=30)
+        model, accuracy, _ = train(factory(), x, y, epochs=30)
+        model = model.double()
         rows, certificate = lipnorm_methods(model, (64,), budget)
         low = lower_bound(model, x, (64,), starts=512, steps=200)
         table.append((name, accuracy, low, rows, None, None))

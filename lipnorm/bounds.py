@@ -333,7 +333,8 @@ def activation_lipschitz(name: str, **parameters: float) -> float:
         (``"swish"``, ``"linear"``, ...), or a parametrized one:
         ``"leaky_relu"`` (``negative_slope``), ``"prelu"`` (``slopes``: the learned
         slopes, an array or a scalar), ``"elu"`` (``alpha``), ``"hard_sigmoid_affine"``
-        (``alpha``: the slope, ONNX's HardSigmoid).
+        (``alpha``: the slope, ONNX's HardSigmoid), and ``"selu"`` with ``alpha`` and
+        ``gamma`` (ONNX's Selu, any constants; without them torch's and Keras's).
     **parameters : float
         The activation's parameters, as listed above.
 
@@ -357,13 +358,13 @@ def activation_lipschitz(name: str, **parameters: float) -> float:
     2.0
     """
     key = _ALIASES.get(name, name)
+    if key == "prelu" or (key == "selu" and parameters):
+        low, high = activation_slope_range(key, **parameters)
+        return max(abs(low), abs(high))
     if key in ACTIVATION_LIPSCHITZ:
         return ACTIVATION_LIPSCHITZ[key]
     if key == "leaky_relu":
         return max(1.0, abs(_parameter(parameters, "negative_slope")))
-    if key == "prelu":
-        low, high = activation_slope_range(key, **parameters)
-        return max(abs(low), abs(high))
     if key == "elu":
         return max(1.0, abs(_parameter(parameters, "alpha")))
     if key == "hard_sigmoid_affine":
@@ -387,7 +388,8 @@ def activation_slope_range(name: str, **parameters: float) -> tuple[float, float
     name : str
         As for :func:`activation_lipschitz` (``"leaky_relu"`` with ``negative_slope``,
         ``"prelu"`` with ``slopes`` — all learned slopes, an array —, ``"elu"`` with
-        ``alpha``, ``"hard_sigmoid_affine"`` with ``alpha``).
+        ``alpha``, ``"hard_sigmoid_affine"`` with ``alpha``, ``"selu"`` optionally with
+        ``alpha`` and ``gamma``).
     **parameters : float or array_like
 
     Returns
@@ -411,6 +413,11 @@ def activation_slope_range(name: str, **parameters: float) -> tuple[float, float
     (-0.129, 1.129)
     """
     key = _ALIASES.get(name, name)
+    if key == "selu" and parameters:  # γ above 0, γα·e^x below: between 0 and γα
+        gamma, scaled = _parameter(parameters, "gamma"), _parameter(parameters, "alpha")
+        scaled *= gamma  # rounded to nearest: widen by one ulp each way
+        return (min(0.0, gamma, math.nextafter(scaled, -math.inf)),
+                max(0.0, gamma, math.nextafter(scaled, math.inf)))
     if key in ACTIVATION_SLOPES:
         return ACTIVATION_SLOPES[key]
     if key == "softmax":

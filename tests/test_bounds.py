@@ -12,6 +12,7 @@ from scipy.special import erf, expit
 from lipnorm.bounds import (
     ACTIVATION_LIPSCHITZ,
     activation_lipschitz,
+    activation_slope_range,
     compose,
     concatenation,
     max_pool_lipschitz,
@@ -88,10 +89,24 @@ def test_softmax_secants_below_one():
         ("elu", {"alpha": 2.5}, 2.5),
         ("hard_sigmoid_affine", {"alpha": 0.2}, 0.2),
         ("swish", {}, ACTIVATION_LIPSCHITZ["silu"]),
+        ("selu", {"alpha": 0.5, "gamma": 2.0}, 2.0),
+        ("selu", {}, ACTIVATION_LIPSCHITZ["selu"]),
     ],
 )
 def test_parametrized_activations(name, params, expected):
     assert activation_lipschitz(name, **params) == expected
+
+
+@pytest.mark.parametrize(("alpha", "gamma"), [(1.67326319217681884765625, 1.05070102214813232421875),
+                                              (3.0, 0.7), (-0.5, 1.2), (0.1, -2.0)])
+def test_selu_with_any_constants_has_a_slope_range_that_holds_its_derivative(alpha, gamma):
+    """ONNX's Selu carries its own α and γ: f = γx above 0, γα(eˣ − 1) below."""
+    low, high = activation_slope_range("selu", alpha=alpha, gamma=gamma)
+    slopes = np.diff(gamma * np.where(GRID > 0, GRID, alpha * np.expm1(GRID))) / np.diff(GRID)
+    margin = 1e-9 * np.abs(slopes).max()  # the secants' rounding
+    assert low <= slopes.min() + margin and slopes.max() - margin <= high
+    assert high - low <= slopes.max() - slopes.min() + 1e-4
+    assert activation_lipschitz("selu", alpha=alpha, gamma=gamma) == max(-low, high)
 
 
 def test_unknown_activation_lists_the_known_ones():

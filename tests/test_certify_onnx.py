@@ -55,6 +55,23 @@ def test_onnx_export_certifies_like_torch_and_soundly(case, fold):
     assert from_onnx.upper * (1 + 1e-5) >= onnx_secant(proto, shape), from_onnx.table()
 
 
+def test_onnx_selu_keeps_its_slope_range():
+    """Regression: ONNX's Selu was read as a bare Lipschitz constant, so the chain and the
+    SDP saw an opaque layer where torch's front end gives the slope range [0, γα]; the two
+    certificates of one model then differed (0.43 against 0.41 on a drawn example)."""
+    from tests.test_certify_torch import Branches
+
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.SELU(), Branches(nn.Conv2d(3, 2, 1), nn.Sequential(nn.Tanh(), nn.Conv2d(3, 1, 3, padding=1))),
+                          nn.Flatten(), nn.Linear(3 * 5 * 5, 4)).eval()
+    proto = export(model, (3, 5, 5))
+    for method in ("product", "chain", "sdp"):
+        from_torch, from_onnx = certify(model, (3, 5, 5), method=method), certify(proto, method=method)
+        assert from_onnx.method == from_torch.method == method
+        # ONNX stores γ and α in float32: γα is 5e-8 below torch's 1.7581 (rounded up)
+        np.testing.assert_allclose(from_onnx.upper, from_torch.upper, rtol=1e-6)
+
+
 def test_torch_keras_and_onnx_agree_on_one_mlp(tmp_path):
     keras = pytest.importorskip("keras")
     torch.manual_seed(3)

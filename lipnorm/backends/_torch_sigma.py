@@ -30,14 +30,22 @@ import torch
 from ._torch_layer_maps import ConvMap, LinearMap
 
 
+def exporting() -> bool:
+    """Whether ``torch.onnx.export`` (either exporter) or ``torch.export`` is tracing the call."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Return the inner product ``sum(conj(a) * b)`` as a 0-d tensor, without a temporary.
 
     For real arguments this is ``sum(a * b)``. Low-precision (float16/bfloat16) arguments are
-    accumulated in float32.
+    accumulated in float32. While a model is exported, the product and the sum are separate
+    operators (ONNX has no ``vdot``; the TorchScript exporter refuses ``aten::vdot``).
     """
     if a.dtype in (torch.float16, torch.bfloat16):
         a, b = a.float(), b.float()
+    if exporting():
+        return torch.sum(a.conj().reshape(-1) * b.reshape(-1))
     return torch.vdot(a.reshape(-1), b.reshape(-1))
 
 

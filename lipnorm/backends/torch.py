@@ -16,6 +16,8 @@ and semantics (``mode="matrix"``), or of the convolution's true operator norm
 * modules can be deep-copied and pickled whole; checkpoints of torch's parametrization and
   legacy spectral norm (every version) load into them;
 * complex weights are normalized as torch does (``sigma = u^H W v``) through ``W / sigma``;
+* exported (``torch.onnx.export``, either exporter, or ``torch.export``), a layer is the
+  plain layer run with ``W / sigma`` from the stored u, v, with no power-iteration step;
 * torch's parametrization API (``module.parametrizations``) is absent, and its use raises an
   error that names lipnorm's equivalent.
 
@@ -31,6 +33,7 @@ Networks", ICLR 2018.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,7 +46,7 @@ from ._torch_checkpoint import lipnorm_keys, migrate_keys_, restore_legacy_v_
 from ._torch_constraint import SpectralConstraint
 from ._torch_layer_maps import ConvMap, LinearMap
 from ._torch_scaled_map import normalized_layer
-from ._torch_sigma import MatrixView, OperatorView, SigmaView, inner, update_sigma_
+from ._torch_sigma import MatrixView, OperatorView, SigmaView, exporting, inner, update_sigma_
 
 __all__ = ["spectral_norm", "remove_spectral_norm", "sigma_of", "sigmas", "warm_up", "SpectralNormSpec",
            "SpectralConstraint"]
@@ -380,7 +383,7 @@ class _SpectralNormMixin:
     def forward(self, *args, **kwargs):
         if type(self)._output_scaled and not self.weight_orig.is_complex():
             return _output_scaled_forward(self, *args, **kwargs)
-        if self.training:
+        if self.training and not exporting():
             for name, spec in self._spectral_norm_specs.items():
                 _estimate_sigma(self, name, _view_of(self, spec, name), spec.n_power_iterations)
         return super().forward(*args, **kwargs)
@@ -530,8 +533,14 @@ def _normalized_tensor(module, name: str) -> torch.Tensor:
     u = getattr(module, name + "_u").to(dtype, copy=True)
     v = getattr(module, name + "_v").to(dtype, copy=True)
     with torch.autocast(weight.device.type, enabled=False):
-        sigma = inner(u, view.matvec(view.operand(weight.to(dtype)), v))
-    return weight / _clamped(sigma, spec.eps).to(weight.dtype)
+        sigma = _clamped(inner(u, view.matvec(view.operand(weight.to(dtype)), v)), spec.eps)
+    if torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
+        # The TorchScript exporter folds W / <number> into the weight, but not the products
+        # sigma comes from: give it sigma as the number the stored u, v give.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return weight / sigma.item()
+    return weight / sigma.to(weight.dtype)
 
 
 def _clamped(sigma: torch.Tensor, eps: float) -> torch.Tensor:
@@ -604,8 +613,14 @@ def _conv_map(module: _ConvNd, output_padding: Sequence[int] | None = None) -> C
 
 
 def _output_scaled_forward(module, input: torch.Tensor, output_size: Sequence[int] | None = None):
-    """Forward of a normalized Linear / Conv / ConvTranspose: ``A_W(x) / sigma + b``."""
+    """Forward of a normalized Linear / Conv / ConvTranspose: ``A_W(x) / sigma + b``.
+
+    While the model is exported (``torch.onnx.export``, ``torch.export``) it is the plain
+    layer run with ``W / sigma`` from the stored ``u``, ``v`` (no update), which an exporter
+    writes as the layer's own operator with its weight scaled.
+    """
     spec = module._spectral_norm_specs["weight"]
+    export = exporting()
     if isinstance(module, nn.Linear):
         x, layer_map, unbatched = input, LinearMap(), False
     else:
@@ -629,7 +644,17 @@ def _output_scaled_forward(module, input: torch.Tensor, output_size: Sequence[in
         output_spatial = layer_map.output_spatial_shape(tuple(x.shape[2:]), tuple(module.weight_orig.shape[2:]))
         if (tuple(module.weight_v.shape[1:]) != tuple(x.shape[1:])
                 or tuple(module.weight_u.shape[2:]) != output_spatial):
+            if export:  # (sizes are tensors while tracing)
+                raise ValueError(
+                    f"{type(module).__name__} uses mode='operator' with u, v for inputs of shape "
+                    f"{tuple(map(int, module.weight_v.shape[1:]))}, and is exported on inputs of shape "
+                    f"{tuple(map(int, x.shape[1:]))}: "
+                    f"its sigma depends on the input size; run the model once in eval mode on an input "
+                    f"of the exported size before exporting")
             _initialize_operator_vectors(module, "weight", view, tuple(x.shape[1:]))
-    u, v, sigma = _estimate_sigma(module, "weight", view, spec.n_power_iterations if module.training else 0)
-    y = normalized_layer(x, module.weight_orig, module.bias, sigma.clamp_min(spec.eps), u, v, layer_map, view)
+    if export:
+        y = layer_map.apply(x, _normalized_tensor(module, "weight"), module.bias)
+    else:
+        u, v, sigma = _estimate_sigma(module, "weight", view, spec.n_power_iterations if module.training else 0)
+        y = normalized_layer(x, module.weight_orig, module.bias, sigma.clamp_min(spec.eps), u, v, layer_map, view)
     return y.squeeze(0) if unbatched else y

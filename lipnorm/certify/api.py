@@ -3,43 +3,11 @@
 from __future__ import annotations
 
 from lipnorm.certify.certificate import Certificate
+from lipnorm.certify.formats import model_format
 from lipnorm.certify.ladder import certify_graph
+from lipnorm.certify.lower import lipschitz_lower_bound
 
-__all__ = ["certify", "model_format"]
-
-
-def model_format(model) -> str:
-    """``"torch"``, ``"keras"`` or ``"onnx"``, from the modules of the model's classes.
-
-    Nothing is imported: a user's subclass of ``torch.nn.Module`` has ``torch.nn...`` in
-    its method resolution order.
-
-    Parameters
-    ----------
-    model : torch.nn.Module, keras.Model, onnx.ModelProto, or a path to a ``.onnx`` file
-
-    Returns
-    -------
-    str
-
-    Raises
-    ------
-    TypeError
-        For any other object.
-    """
-    modules = [cls.__module__ or "" for cls in type(model).__mro__]
-    if isinstance(model, str) or hasattr(model, "__fspath__"):
-        if str(model).endswith(".onnx"):
-            return "onnx"
-        raise TypeError(f"certify() reads model files ending in .onnx only, got {str(model)!r}; "
-                        "load other formats first (from lipnorm.certify.cli import load_model)")
-    for prefix, kind in (("torch", "torch"), ("keras", "keras"), ("tf_keras", "keras"),
-                         ("onnx", "onnx")):
-        if any(module == prefix or module.startswith(prefix + ".") for module in modules):
-            return kind
-    raise TypeError(
-        f"certify() takes a torch.nn.Module, a keras.Model or an ONNX model, got {type(model)!r}"
-    )
+__all__ = ["certify"]
 
 
 def certify(model, input_shape=None, *, method: str = "auto", time_budget: float = 10.0,
@@ -124,8 +92,6 @@ def certify(model, input_shape=None, *, method: str = "auto", time_budget: float
                                 input_shape=shape, skipped=builder.skipped, progress=progress,
                                 method=method, time_budget=time_budget, rows=rows)
     if lower is not None and lower is not False:
-        from lipnorm.certify.lower import lipschitz_lower_bound
-
         result = lipschitz_lower_bound(model, lower if lower is not True else None,
                                        input_shape=shape, seed=seed, time_budget=time_budget)
         certificate = certificate.with_lower(result.value)

@@ -205,7 +205,7 @@ class Certificate:
             Path(path).write_text(text + "\n")
         return text
 
-    def plot(self, path: str | Path | None = None, *, log: bool = True):
+    def plot(self, path: str | Path | None = None, *, log: bool = True, title: str | None = None):
         """Bar chart of per-layer bounds with the cumulative bound (needs matplotlib).
 
         Parameters
@@ -214,6 +214,9 @@ class Certificate:
             Where to save the figure (format from the suffix).
         log : bool
             Logarithmic y axis (default).
+        title : str, optional
+            What was certified (a model), the first line of the title; the second gives
+            the whole model's bounds.
 
         Returns
         -------
@@ -240,8 +243,9 @@ class Certificate:
         if log and all(row.bound > 0 for row in rows):
             axes.set_yscale("log")
         axes.set_ylabel("Lipschitz bound (L2)")
-        axes.set_title(f"{self.model}: upper bound {self.upper:.4g} ({self.method})"
-                       + ("" if self.lower is None else f", lower bound {self.lower:.4g}"))
+        axes.set_title(f"{title or 'Lipschitz bound of each layer'}\nwhole model: upper bound {self.upper:.4g} "
+                       f"({self.method})" + ("" if self.lower is None else f", lower bound {self.lower:.4g}"),
+                       fontsize=10)
         axes.legend(fontsize=8)
         figure.tight_layout()
         if path is not None:

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lipnorm.certify.formats import model_format
+from lipnorm.certify.inputs import check_input_shape
+
 __all__ = ["LowerBound", "lipschitz_lower_bound"]
 
 
@@ -74,6 +77,8 @@ def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int =
     ------
     TypeError
         For a model that is neither torch nor Keras.
+    ValueError
+        For inputs (or ``input_shape``) of a shape the model does not take, naming both.
 
     Example
     -------
@@ -81,8 +86,6 @@ def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int =
     >>> lb.value <= lipnorm.certify(net, (4,)).upper                    # doctest: +SKIP
     True
     """
-    from lipnorm.certify.api import model_format
-
     rng = np.random.default_rng(seed)
     if inputs is None:
         if input_shape is None:
@@ -97,6 +100,8 @@ def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int =
         if np.all(low == high):
             low = high = None
     kind = model_format(model)
+    if kind in ("torch", "keras"):
+        check_input_shape(model, x.shape[1:], "input_shape is" if inputs is None else "inputs has samples of shape")
     if kind == "torch":
         evaluate, vjp = _torch_functions(model)
         precision = np.dtype(np.float64)

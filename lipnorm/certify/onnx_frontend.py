@@ -252,9 +252,8 @@ class _Translator:
         if op == "Elu":
             return [b.activation(name, op, source, "elu", alpha=a.get("alpha", 1.0))]
         if op == "Selu":
-            alpha, gamma = a.get("alpha", 1.67326319217681884765625), a.get("gamma", 1.05070102214813232421875)
-            return [b.lipschitz(name, op, source, math.nextafter(abs(gamma) * max(1.0, abs(alpha))
-                                                                  * (1 + 2.0**-50), math.inf), "SELU γ·max(1, α)")]
+            return [b.activation(name, op, source, "selu", alpha=a.get("alpha", 1.67326319217681884765625),
+                                 gamma=a.get("gamma", 1.05070102214813232421875))]
         if op == "PRelu":
             return [b.activation(name, op, source, "prelu",
                                  slopes=np.asarray(self.constant(node, 1, "slope")))]

@@ -82,5 +82,5 @@ def robust_section(console: Any, output_dir: Path) -> None:
                   f"the global form margin / (√2 L) uses L = {report.global_upper:.3g}. Empirical: "
                   f"{report.attack or 'not run'}, inputs kept in [0, 1]; the radii do not use that box.")
     plot_path = output_dir / ROBUSTNESS_PLOT
-    report.plot(plot_path)
+    report.plot(plot_path, title="Lipschitz CNN trained for margins, on the digits' test set")
     console.print(f"Accuracy against eps and the radii plotted to {plot_path}.")

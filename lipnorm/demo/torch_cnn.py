@@ -132,7 +132,7 @@ def torch_section(console: Any, output_dir: Path) -> None:
                   f"{format_seconds(time.perf_counter() - start)}:")
     console.print(certificate.table(), markup=False, highlight=False)
     plot_path = output_dir / CERTIFICATE_PLOT
-    certificate.plot(plot_path)
+    certificate.plot(plot_path, title="Spectrally normalized CNN trained on the digits: bound of each layer")
     console.print(f"Per-layer bounds plotted to {plot_path}.")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lipnorm.certify.api import model_format
+from lipnorm.certify.formats import model_format
 
 __all__ = ["ATTACKS", "attack_success", "check_attackable"]
 

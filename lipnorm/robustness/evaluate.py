@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lipnorm.certify.api import model_format
+from lipnorm.certify.formats import model_format
+from lipnorm.certify.inputs import onnx_graph_input
 
-__all__ = ["EVALUATION_TOLERANCE", "declared_input_shape", "evaluate_logits", "input_dtype",
-           "logit_function", "to_numpy"]
+__all__ = ["EVALUATION_TOLERANCE", "evaluate_logits", "input_dtype", "logit_function", "to_numpy"]
 
 #: Stated bound of a model's evaluation error, relative to ``1 + max_j |f_j(x)|``, by the
 #: dtype it computes in (about 2000 units in the last place for float32 and 64 for
@@ -56,22 +56,10 @@ def input_dtype(model) -> np.dtype:
         inputs = getattr(model, "inputs", None)
         name = inputs[0].dtype if inputs else getattr(model, "compute_dtype", "float32")
         return np.dtype(keras.backend.standardize_dtype(name))
-    element = _onnx_input(model).type.tensor_type.elem_type
+    element = onnx_graph_input(model).type.tensor_type.elem_type
     import onnx
 
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(element))
-
-
-def declared_input_shape(model) -> tuple[int | None, ...] | None:
-    """One input's shape without batch as the model declares it (None: not declared)."""
-    kind = model_format(model)
-    if kind == "keras":
-        inputs = getattr(model, "inputs", None)
-        return tuple(inputs[0].shape[1:]) if inputs else None
-    if kind == "onnx":
-        dims = _onnx_input(model).type.tensor_type.shape.dim
-        return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
-    return None
 
 
 def evaluate_logits(model, x: np.ndarray, *, batch_size: int = 256,
@@ -129,20 +117,12 @@ def logit_function(model) -> Callable[[np.ndarray], np.ndarray]:
 
     proto = load_onnx(model)
     session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    declared = _onnx_input(proto).type.tensor_type.shape.dim
+    declared = onnx_graph_input(proto).type.tensor_type.shape.dim
     step = declared[0].dim_value if declared and declared[0].HasField("dim_value") else None
-    name = _onnx_input(proto).name
+    name = onnx_graph_input(proto).name
 
     def run(batch):
         # a graph exported with a fixed batch size takes the inputs that many at a time
         chunks = [batch] if step is None else [batch[i:i + step] for i in range(0, len(batch), step)]
         return np.concatenate([session.run(None, {name: np.ascontiguousarray(c)})[0] for c in chunks])
     return run
-
-
-def _onnx_input(model):
-    from lipnorm.certify.onnx_frontend import load_onnx
-
-    graph = load_onnx(model).graph
-    initializers = {t.name for t in graph.initializer}
-    return next(i for i in graph.input if i.name not in initializers)

@@ -23,14 +23,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from lipnorm.certify.inputs import check_input_shape
 from lipnorm.robustness.bounds import LogitBounds, logit_bounds
-from lipnorm.robustness.evaluate import (
-    EVALUATION_TOLERANCE,
-    declared_input_shape,
-    evaluate_logits,
-    input_dtype,
-    to_numpy,
-)
+from lipnorm.robustness.evaluate import EVALUATION_TOLERANCE, evaluate_logits, input_dtype, to_numpy
 
 __all__ = ["CertifiedPredictions", "certified_accuracy", "certified_predictions", "certified_radius",
            "radii_from_logits"]
@@ -171,15 +166,12 @@ def certified_predictions(model, x, y=None, *, bounds: LogitBounds | None = None
     """Predictions, logits and radii in one pass; the arguments are those of :func:`certified_radius`."""
     if bound not in BOUNDS:
         raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
-    inputs, moved = model_inputs(model, x)
+    inputs, moved = model_inputs(model, x, bounds)
     if bounds is None:
         classes = evaluate_logits(model, inputs[:1]).shape[1]
         check_classes(classes)
         bounds = logit_bounds(model, inputs.shape[1:], classes, method=method, time_budget=time_budget,
                               rules=rules)
-    elif tuple(inputs.shape[1:]) != bounds.input_shape:
-        raise ValueError(f"the bounds hold for inputs of shape {bounds.input_shape}, "
-                         f"x has samples of shape {tuple(inputs.shape[1:])}")
     logits = evaluate_logits(model, inputs, batch_size=batch_size, progress=progress)
     if logits.shape[1] != bounds.classes:
         raise ValueError(f"the model has {logits.shape[1]} outputs, the bounds are for {bounds.classes}")
@@ -223,13 +215,14 @@ def radii_from_logits(logits: np.ndarray, pairwise: np.ndarray, tolerance: float
     return radii, predicted
 
 
-def model_inputs(model, x) -> tuple[np.ndarray, float]:
+def model_inputs(model, x, bounds: LogitBounds | None = None) -> tuple[np.ndarray, float]:
     """``x`` in the model's dtype and checked; and how far (L2, rounded up) the cast moved it.
 
     Raises
     ------
     ValueError
-        For NaN/Inf, fewer than two axes, a shape other than the model declares.
+        For NaN/Inf, fewer than two axes, samples of another shape than ``bounds`` hold for,
+        or of a shape the model does not take (see :func:`lipnorm.certify.inputs.check_input_shape`).
     TypeError
         For a non-numeric array.
     """
@@ -239,10 +232,10 @@ def model_inputs(model, x) -> tuple[np.ndarray, float]:
     if not np.all(np.isfinite(given)):
         sample = int(np.argwhere(~np.isfinite(given.reshape(len(given), -1)))[0, 0])
         raise ValueError(f"x contains NaN or Inf (first at sample {sample})")
-    declared = declared_input_shape(model)
-    if declared is not None and (len(declared) != given.ndim - 1
-                                 or any(d is not None and d != n for d, n in zip(declared, given.shape[1:]))):
-        raise ValueError(f"the model takes samples of shape {declared}, x has samples of shape {given.shape[1:]}")
+    if bounds is not None and tuple(given.shape[1:]) != bounds.input_shape:
+        raise ValueError(f"the bounds hold for inputs of shape {bounds.input_shape}, "
+                         f"x has samples of shape {tuple(given.shape[1:])}")
+    check_input_shape(model, given.shape[1:], "x has samples of shape")
     inputs = given.astype(input_dtype(model), copy=False)
     flat = (given.astype(np.float64) - inputs.astype(np.float64)).reshape(len(given), -1)
     distance = np.linalg.norm(flat, axis=1)

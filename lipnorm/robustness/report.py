@@ -116,13 +116,15 @@ class RobustnessReport:
             Path(path).write_text(text + "\n")
         return text
 
-    def plot(self, path: str | Path | None = None):
+    def plot(self, path: str | Path | None = None, *, title: str | None = None):
         """Accuracy against eps (certified, global-L, empirical) and a histogram of radii.
 
         Parameters
         ----------
         path : str or Path, optional
             Where to save the figure (format from the suffix).
+        title : str, optional
+            What was evaluated (a model and data set), written above both panels.
 
         Returns
         -------
@@ -142,7 +144,8 @@ class RobustnessReport:
         curves.set_ylabel("accuracy")
         curves.set_ylim(0, 1.02)
         curves.legend(fontsize=8)
-        curves.set_title(f"{self.model}: {self.samples} samples")
+        curves.set_title(f"Accuracy within an L2 ball of radius eps\n"
+                         f"{self.samples} samples, clean accuracy {self.clean_accuracy:.1%}", fontsize=10)
         correct = self.radii[self.radii > 0]
         histogram.hist(correct, bins=30, color="tab:blue", alpha=0.8, label="pairwise")
         histogram.hist(self.global_radii[self.global_radii > 0], bins=30, color="tab:orange", alpha=0.5,
@@ -150,7 +153,9 @@ class RobustnessReport:
         histogram.set_xlabel("certified radius (L2)")
         histogram.set_ylabel("samples")
         histogram.legend(fontsize=8)
-        histogram.set_title("radii of the correct predictions")
+        histogram.set_title("Certified radii of the correct predictions", fontsize=10)
+        if title:
+            figure.suptitle(title)
         figure.tight_layout()
         if path is not None:
             figure.savefig(path, dpi=120)
@@ -210,7 +215,7 @@ def robustness(model, x, y, eps=DEFAULT_EPS, *, attack: bool = False, domain=Non
     global_radii = found.radii_with(found.bounds.global_pairwise())
     empirical, attack_name = None, None
     if attack:
-        from lipnorm.certify.api import model_format
+        from lipnorm.certify.formats import model_format
         from lipnorm.robustness.attack import ATTACKS, attack_success
 
         start = time.perf_counter()
