@@ -1,8 +1,6 @@
 """SpectralConstraint under DistributedDataParallel: 2 CPU processes on gloo give the same
 constrained weights on every rank, bit for bit, with no communication of the constraint's own."""
 
-import sys
-
 import numpy as np
 import pytest
 
@@ -10,13 +8,12 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from lipnorm.backends.torch import SpectralConstraint  # noqa: E402
+from tests.ddp import WORLD_SIZE, requires_gloo, run_on_two_ranks  # noqa: E402
 from tests.helpers import true_sigma  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or sys.platform == "win32",
-                                reason="needs torch.distributed with gloo")
+pytestmark = requires_gloo
 
 STEPS = 3
-WORLD_SIZE = 2
 
 
 def _model():
@@ -37,22 +34,15 @@ def _train(model, forward, shard, projection):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def _ddp_worker(rank, init_file, out_dir, projection):
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                         world_size=WORLD_SIZE)
-    try:
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        torch.save(_train(model, ddp, slice(rank, None, WORLD_SIZE), projection), f"{out_dir}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_worker(rank, out_dir, projection):
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    torch.save(_train(model, ddp, slice(rank, None, WORLD_SIZE), projection), f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize("projection", ["scale", "hammer"])
 def test_ddp_ranks_agree_bit_for_bit(tmp_path, projection):
-    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path), projection),
-                                nprocs=WORLD_SIZE, join=True)
+    run_on_two_ranks(_ddp_worker, tmp_path, str(tmp_path), projection)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
     single = _model()
     expected = _train(single, single, slice(None), projection)
