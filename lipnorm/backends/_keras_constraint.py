@@ -250,7 +250,9 @@ class SpectralConstraint(keras.constraints.Constraint):
     def upper(self, w):
         """A certified upper bound of the sigma of kernel ``w``'s matrix view (a 0-d tensor,
         in the working dtype)."""
-        matrix = ops.cast(self.matrix(w), working_dtype())
+        return self._upper(ops.cast(self.matrix(w), working_dtype()))
+
+    def _upper(self, matrix):
         with _full_precision():
             return certified_sigma_upper(matrix, gram_steps(min(matrix.shape), self.rtol))
 
@@ -260,7 +262,7 @@ class SpectralConstraint(keras.constraints.Constraint):
         variable_dtype = keras.backend.standardize_dtype(w.dtype)
         working = working_dtype()
         matrix = ops.cast(self.matrix(w), working)
-        upper = self.upper(w)
+        upper = self._upper(matrix)
         # Rounding W * c to the kernel's dtype moves each entry by at most u |c w|, which moves
         # sigma by at most u c ||W||_F: dividing by upper + u ||W||_F keeps sigma <= R.
         u = _UNIT_ROUNDOFF[variable_dtype] + 2 * _UNIT_ROUNDOFF[working]

@@ -93,10 +93,16 @@ class _Group:
             return target.name
         return f"{target.name}[{', '.join(map(str, np.unravel_index(local, target.index_shape)))}]"
 
-    def views(self, rows: np.ndarray) -> list[torch.Tensor]:
-        """The matrices ``rows``, each ``(m, n)`` (views of the parameters where possible)."""
+    def views(self, rows: np.ndarray) -> torch.Tensor | list[torch.Tensor]:
+        """The matrices ``rows``: one ``(k, m, n)`` tensor where a single stack holds them all,
+        else a list of ``(m, n)`` views of the parameters (for :func:`gram_stack`)."""
+        located = list(self._locate(rows))
+        if len(located) == 1 and located[0][0].kind == "stack":
+            target, local, _ = located[0]
+            matrices = target.matrices()
+            return matrices[torch.as_tensor(local, device=matrices.device)]
         found: list[Any] = [None] * rows.size
-        for target, local, positions in self._locate(rows):
+        for target, local, positions in located:
             matrices = target.matrices()
             for row, position in zip(local, positions):
                 found[position] = matrices[row]
@@ -114,17 +120,14 @@ class _Group:
         held = np.empty(rows.size)
         for target, local, positions in self._locate(rows):
             matrices = target.matrices()
-            view = target.is_view(matrices)
             arithmetic = _opmath_dtype(matrices.dtype)
-            for row, position in zip(local, positions):
-                factor = torch.tensor(factors[position], dtype=arithmetic, device=matrices.device)
-                if arithmetic == matrices.dtype:
-                    matrices[row].mul_(factor)
-                else:
-                    matrices[row].copy_((matrices[row].to(arithmetic) * factor).to(matrices.dtype))
-                held[position] = float(factor)
-            if not view:
-                target.store(matrices)
+            factor = torch.as_tensor(factors[positions], dtype=arithmetic, device=matrices.device)
+            held[positions] = factor.double().cpu().numpy()
+            if len(local) == 1 and arithmetic == matrices.dtype and target.is_view(matrices):
+                matrices[local[0]].mul_(factor[0])  # one pass, in place
+                continue
+            index = torch.as_tensor(local, device=matrices.device)
+            target.write_(local, (matrices[index].to(arithmetic) * factor[:, None, None]).to(matrices.dtype))
         return held
 
     def frobenius_filter(self) -> np.ndarray:
@@ -367,7 +370,8 @@ class SpectralConstraint:
         """Hammer mode: set the top singular value of every active matrix whose warm estimate
         ``s = ||W v||`` is above ``max_sigma`` to ``max_sigma``, by ``W += (R - s) u v^T``,
         ``u = W v / s``."""
-        matrices = torch.stack(group.views(active))
+        views = group.views(active)
+        matrices = views if isinstance(views, torch.Tensor) else torch.stack(views)
         _, right = group.estimate(matrices, active, self.rtol / 4)
         arithmetic = _opmath_dtype(matrices.dtype)
         matrices = matrices.to(arithmetic)
