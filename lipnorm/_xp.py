@@ -9,9 +9,12 @@ met. Nothing here imports a framework to ask what an array is.
 
 The core calls only these namespace functions (the TensorFlow shim implements
 exactly this list): ``asarray``, ``astype``, ``reshape``, ``permute_dims``,
-``matmul``, ``conj``, ``abs``, ``max``, ``sum``, ``sqrt``, ``isfinite``, ``all``,
-``stack``, ``isdtype``, ``finfo`` (its ``bits`` and ``max``), ``linalg.vector_norm``
-and the dtype objects ``float32``, ``float64``, ``complex64``, ``complex128``.
+``matmul`` (batched over leading axes too), ``conj``, ``abs``, ``max`` and ``min``
+(NaN propagates: they find NaN/Inf entries), ``sum``,
+``sqrt``, ``isfinite``, ``all``, ``stack``, ``concat``, ``take``, ``where``, ``zeros``, ``isdtype``,
+``finfo`` (its ``bits`` and ``max``), ``linalg.vector_norm`` (also along an axis)
+and the dtype objects ``float32``, ``float64``, ``complex64``, ``complex128``;
+``linalg.svdvals`` where the library has it (else NumPy's SVD on the host).
 """
 
 from __future__ import annotations

@@ -39,18 +39,20 @@ import numpy as np
 
 from lipnorm._parallel import parallel_map
 from lipnorm._xp import array_namespace, to_numpy
-from lipnorm.krylov import lanczos, random_vector
-from lipnorm.operators import DenseOperator
+from lipnorm.krylov import lanczos, lanczos_stack, random_vector, random_vectors
+from lipnorm.operators import DenseOperator, DenseStack
 
 __all__ = [
     "GramStackCertificate",
     "SigmaInterval",
     "block_grams",
+    "certified_bounds_each",
     "certified_stack_bounds",
     "certify_gram_chunks",
     "certify_gram_stack",
     "certify_stack",
     "certify_positive_semidefinite",
+    "certify_shifted_cholesky",
     "gram_iteration_block_bounds",
     "gram_iteration_bounds",
 ]
@@ -63,40 +65,46 @@ _DENSE_ESTIMATE_LIMIT = 256
 #: Matrices at least this large are Cholesky-factored one at a time, smaller ones in batches.
 _SINGLE_FACTOR_MIN_DIMENSION = 32
 _RANKING_LANCZOS_STEPS = 16
+_TINY = np.finfo(np.float64).tiny
 
 
 @dataclasses.dataclass(frozen=True)
 class SigmaInterval:
-    """A certified interval ``lower <= sigma_max <= upper``.
+    """A certified interval ``lower <= sigma_max <= upper``, or one per matrix of a stack.
 
     Unpacks as ``lower, upper = interval``.
 
     Attributes
     ----------
-    lower, upper : float
+    lower, upper : float, or numpy.ndarray of float64 (one per matrix of a stack)
         The certified ends (float rounding accounted for).
     method : str
         How the ends were obtained.
     """
 
-    lower: float
-    upper: float
+    lower: Any
+    upper: Any
     method: str
 
     def __post_init__(self) -> None:
-        # Plain Python floats, whatever arithmetic (NumPy scalars included) produced them.
-        object.__setattr__(self, "lower", float(self.lower))
-        object.__setattr__(self, "upper", float(self.upper))
+        # Plain Python floats, whatever arithmetic (NumPy scalars included) produced them;
+        # float64 arrays for a stack.
+        for name in ("lower", "upper"):
+            value = getattr(self, name)
+            stack = isinstance(value, np.ndarray)  # (0-d for a stack of batch shape ())
+            value = np.asarray(value, dtype=np.float64) if stack else float(value)
+            object.__setattr__(self, name, value)
 
-    def __iter__(self) -> Iterator[float]:
+    def __iter__(self) -> Iterator[Any]:
         return iter((self.lower, self.upper))
 
     @property
-    def ratio(self) -> float:
-        """``upper / lower`` (``inf`` when ``lower`` is 0 and ``upper`` is not)."""
-        if self.upper == 0.0:
-            return 1.0
-        return self.upper / self.lower if self.lower > 0 else math.inf
+    def ratio(self) -> Any:
+        """``upper / lower`` (``inf`` when ``lower`` is 0 and ``upper`` is not; 1 for 0, 0)."""
+        lower, upper = np.asarray(self.lower), np.asarray(self.upper)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(upper == 0.0, 1.0, np.where(lower > 0, upper / np.where(lower > 0, lower, 1.0), math.inf))
+        return float(ratio) if ratio.ndim == 0 else ratio
 
 
 def _gamma(count: float, complex_dtype: bool) -> float:
@@ -124,12 +132,14 @@ class _HostStack:
     """A stack of matrices on the host in float64/complex128, scaled by a power of two."""
 
     blocks: np.ndarray  # (batch, p, q)
-    scale: float  # original = blocks / scale, scale a power of two
-    absolute_slack: float  # sigma slack from subnormal rounding in the scaling
+    scale: Any  # original = blocks / scale, scale a power of two (float, or one per block)
+    absolute_slack: Any  # sigma slack from subnormal rounding in the scaling (likewise)
     complex_dtype: bool
 
     @classmethod
-    def from_any(cls, blocks: Any) -> "_HostStack":
+    def from_any(cls, blocks: Any, *, each: bool = False) -> "_HostStack":
+        """The blocks in float64/complex128, scaled by one power of two (``each``: one per
+        block, the power that brings its own largest entry to about 1)."""
         host = to_numpy(blocks)
         if host.ndim < 2:
             raise ValueError(f"expected a stack of matrices (..., p, q), got shape {host.shape}")
@@ -140,19 +150,17 @@ class _HostStack:
         host = host.reshape((-1,) + host.shape[-2:])
         if not np.all(np.isfinite(host)):
             raise ValueError("the matrices have NaN or Inf entries; sigma is undefined")
-        largest = float(np.max(np.abs(host)))
-        if largest == 0.0:
-            return cls(host, 1.0, 0.0, complex_dtype)
+        largest = np.max(np.abs(host), axis=(1, 2)) if each else np.max(np.abs(host))
         # 2**1022 is about the largest power of two a float holds: a matrix of subnormals
-        # is scaled by it, which brings its largest entry to at least 2**-52.
-        exponent = max(math.frexp(largest)[1], -1022)
-        scale = math.ldexp(1.0, -exponent)
-        slack = 0.0
-        if scale < 1.0:
-            # Scaling down can round entries into the subnormal range.
-            p, q = host.shape[-2:]
-            slack = math.sqrt(2 * p * q) * _SMALLEST_SUBNORMAL / scale
-        return cls(host * scale, scale, slack, complex_dtype)
+        # is scaled by it, which brings its largest entry to at least 2**-52. Zero: scale 1.
+        exponent = np.where(largest > 0, np.maximum(np.frexp(np.where(largest > 0, largest, 1.0))[1], -1022), 0)
+        scale = np.ldexp(1.0, -exponent)
+        # Scaling down can round entries into the subnormal range.
+        p, q = host.shape[-2:]
+        slack = np.where(scale < 1.0, math.sqrt(2 * p * q) * _SMALLEST_SUBNORMAL / scale, 0.0)
+        if not each:
+            return cls(host * float(scale), float(scale), float(slack), complex_dtype)
+        return cls(host * scale[:, None, None], scale, slack, complex_dtype)
 
     def unscale_upper(self, value: float) -> float:
         return _up(value / self.scale + self.absolute_slack)
@@ -186,20 +194,22 @@ def block_grams(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return gram, _gamma(max(p, q) + 2, complex_dtype) * squares
 
 
-def _certified_lower(stack: _HostStack, index: int, vector: np.ndarray, right: bool) -> float:
-    """Certified ``||A x|| / ||x||`` (or ``||A^H y|| / ||y||``) for block ``index``."""
-    block = stack.blocks[index]
-    if not right:
-        block = np.conj(block.T)
-    inner = block.shape[1]
-    product = block @ vector
-    frobenius = math.sqrt(float(np.sum(np.abs(block) ** 2)) * (1 + _gamma(block.size + 2, True)))
-    x_norm = float(np.linalg.norm(vector)) * (1 + _gamma(inner + 2, stack.complex_dtype))
-    image_norm = float(np.linalg.norm(product)) * (1 - _gamma(block.shape[0] + 2, stack.complex_dtype))
-    error = _gamma(inner + 2, stack.complex_dtype) * frobenius * x_norm
-    if x_norm == 0.0:
-        return 0.0
-    return stack.unscale_lower(_down(max(image_norm - error, 0.0) / x_norm))
+def _certified_lowers(stack: _HostStack, vectors: np.ndarray, right: bool) -> np.ndarray:
+    """Certified ``||A x|| / ||x||`` (or ``||A^H y|| / ||y||``) of every block, one vector each.
+
+    ``vectors`` has shape (batch, q) (``right``) or (batch, p); a zero vector gives 0.
+    """
+    blocks = stack.blocks if right else np.conj(np.swapaxes(stack.blocks, -1, -2))
+    rows, inner = blocks.shape[-2:]
+    vectors = np.asarray(vectors, dtype=blocks.dtype if stack.complex_dtype else np.float64)
+    products = (blocks @ vectors[:, :, None])[:, :, 0]
+    frobenius = np.sqrt(np.sum(np.abs(blocks) ** 2, axis=(1, 2)) * (1 + _gamma(rows * inner + 2, True)))
+    x_norms = np.linalg.norm(vectors, axis=1) * (1 + _gamma(inner + 2, stack.complex_dtype))
+    image_norms = np.linalg.norm(products, axis=1) * (1 - _gamma(rows + 2, stack.complex_dtype))
+    errors = _gamma(inner + 2, stack.complex_dtype) * frobenius * x_norms
+    with np.errstate(divide="ignore", invalid="ignore"):
+        quotients = _down(np.maximum(image_norms - errors, 0.0) / np.where(x_norms > 0, x_norms, 1.0))
+    return np.where(x_norms > 0, stack.unscale_lower(quotients), 0.0)
 
 
 def _exact_top_values(gram: np.ndarray) -> np.ndarray:
@@ -387,7 +397,7 @@ def certify_gram_chunks(
     estimates = np.concatenate([chunk_estimates for _, chunk_estimates in results])
     final_best = int(np.argmax(estimates))
     return GramStackCertificate(
-        upper_squared=_up(max(upper for upper, _ in results)),
+        upper_squared=_up(max(float(np.max(upper)) for upper, _ in results)),
         estimates=estimates,
         best=final_best,
         vector=vector if final_best == best else None,
@@ -395,15 +405,31 @@ def certify_gram_chunks(
 
 
 def _certify_above(
-    gram: np.ndarray, formation_error: Any, estimates: np.ndarray, threshold: float, inner: int,
+    gram: np.ndarray, formation_error: Any, estimates: np.ndarray, threshold: Any, inner: int,
     complex_dtype: bool,
-) -> tuple[float, np.ndarray]:
-    """Cholesky certificates of one chunk of :func:`certify_gram_chunks`, starting at ``threshold``.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cholesky certificates of a stack of matrices, each starting at its ``threshold``.
+
+    A matrix whose factorization fails gets its exact top eigenvalue: if it lies above
+    the matrix's threshold, the threshold rises to it; else the failure was rounding at
+    this margin, which grows 16-fold. A matrix never certified below a margin of 1 gets
+    its Frobenius norm.
+
+    Parameters
+    ----------
+    gram : ndarray, shape (batch, d, d)
+    formation_error : float or ndarray, shape (batch,)
+    estimates : ndarray, shape (batch,)
+        Estimates of the top eigenvalues (ranking only).
+    threshold : float or ndarray, shape (batch,)
+        Where each matrix's certificate is first tried (a shared one, or one per matrix).
+    inner : int
+    complex_dtype : bool
 
     Returns
     -------
-    upper_squared : float
-        Certified bound on the largest eigenvalue of the chunk's exact matrices.
+    upper_squared : ndarray, float64, shape (batch,)
+        Certified bound on the largest eigenvalue of each exact matrix.
     estimates : ndarray, float64, shape (batch,)
         A copy of ``estimates`` (clipped at 0) with the exact eigenvalues of the matrices
         whose first certificate failed.
@@ -411,28 +437,106 @@ def _certify_above(
     count, dimension = gram.shape[0], gram.shape[-1]
     errors = np.broadcast_to(np.asarray(formation_error, dtype=np.float64), (count,))
     estimates = np.maximum(estimates, 0.0)
-    margin = 16 * dimension * _UNIT_ROUNDOFF
+    thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (count,)).copy()
+    margins = np.full(count, 16 * dimension * _UNIT_ROUNDOFF)
     certified = np.full(count, np.inf)
     pending = np.arange(count)
-    while pending.size and margin < 1.0:
-        level = _up(threshold * (1.0 + margin))
+    while pending.size:
+        levels = _up(thresholds[pending] * (1.0 + margins[pending]))
         matrices = gram if pending.size == count else gram[pending]
-        deltas = _cholesky_deltas(matrices, level, errors[pending], inner, complex_dtype)
+        deltas = _cholesky_deltas(matrices, levels, errors[pending], inner, complex_dtype)
         passed = np.isfinite(deltas)
-        certified[pending[passed]] = level + deltas[passed]
+        certified[pending[passed]] = _up(levels[passed] + deltas[passed])
         pending = pending[~passed]
         if pending.size:
             exact = _exact_top_values(gram[pending])
             estimates[pending] = np.maximum(exact, 0.0)
-            if np.max(exact) > threshold:
-                threshold = float(np.max(exact))
-            else:  # the failures are rounding at this margin
-                margin *= 16.0
-    if pending.size:  # not certifiable by Cholesky: fall back to the Frobenius norm
-        squares = np.sum(np.abs(gram[pending]) ** 2, axis=(-2, -1))
+            higher = exact > thresholds[pending]
+            thresholds[pending[higher]] = exact[higher]
+            margins[pending[~higher]] *= 16.0  # the failures are rounding at this margin
+            pending = pending[margins[pending] < 1.0]
+    failed = np.flatnonzero(~np.isfinite(certified))
+    if failed.size:  # not certifiable by Cholesky: fall back to the Frobenius norm
+        squares = np.sum(np.abs(gram[failed]) ** 2, axis=(-2, -1))
         squares *= 1.0 + _gamma(dimension * dimension + 2, complex_dtype)
-        certified[pending] = np.sqrt(squares) * (1.0 + 4 * _UNIT_ROUNDOFF) + errors[pending]
-    return float(np.max(certified)), estimates
+        certified[failed] = _up(np.sqrt(squares) * (1.0 + 4 * _UNIT_ROUNDOFF) + errors[failed])
+    return certified, estimates
+
+
+def certified_bounds_each(
+    blocks: Any,
+    *,
+    estimates: np.ndarray | None = None,
+    right_vectors: np.ndarray | None = None,
+    left_vectors: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Certified ``lower[i] <= sigma_max(blocks[i]) <= upper[i]`` for every matrix of a stack.
+
+    Each matrix is scaled by its own power of two and certified by the Cholesky
+    certificate of the module docstring at its own threshold: a little above the
+    square of ``estimates[i]`` when given, else above its exact top eigenvalue (a dense
+    eigendecomposition of its Gram matrix up to 256, Lanczos above). The lower end is
+    the certified ``||A x|| / ||x||`` of the given vectors, else of the top eigenvector.
+
+    Parameters
+    ----------
+    blocks : array, shape (..., p, q)
+        Real or complex matrices of any supported library, flattened to (batch, p, q).
+    estimates : ndarray, shape (batch,), optional
+        Estimates of each sigma_max that are at or a little above it (e.g. an estimate
+        plus twice its error estimate): the certificate is tried there first, and the
+        eigenvalue problem is solved only for the matrices where it fails.
+    right_vectors, left_vectors : ndarray, shapes (batch, q) and (batch, p), optional
+        Approximate top right and left singular vectors (with ``estimates``): the lower
+        ends come from the right ones when ``p >= q``, else from the left ones.
+
+    Returns
+    -------
+    lower, upper : ndarray, float64, shape (batch,)
+        Zero matrices get ``0, 0``.
+
+    Raises
+    ------
+    ValueError
+        For NaN/Inf entries or an empty stack.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> lower, upper = certified_bounds_each(np.stack([np.diag([3.0, 1.0]), np.eye(2)]))
+    >>> bool(lower[0] <= 3.0 <= upper[0] and lower[1] <= 1.0 <= upper[1])
+    True
+    """
+    stack = _HostStack.from_any(blocks, each=True)
+    count = stack.blocks.shape[0]
+    p, q = stack.blocks.shape[-2:]
+    right = p >= q
+    gram, formation_error = block_grams(stack.blocks)
+    vectors = right_vectors if right else left_vectors
+    if estimates is None or vectors is None:
+        thresholds, vectors = _top_eigenpairs_each(gram)
+    else:
+        thresholds = (np.asarray(estimates, dtype=np.float64).reshape(count) * stack.scale) ** 2
+        vectors = np.asarray(vectors).reshape(count, min(p, q))
+    upper_squared, _ = _certify_above(gram, formation_error, thresholds, np.maximum(thresholds, _TINY),
+                                      max(p, q), stack.complex_dtype)
+    zero = ~np.any(stack.blocks, axis=(1, 2))
+    upper = np.where(zero, 0.0, stack.unscale_upper(_up(np.sqrt(upper_squared))))
+    lower = np.where(zero, 0.0, _certified_lowers(stack, vectors, right))
+    return lower, np.maximum(upper, lower)
+
+
+def _top_eigenpairs_each(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The largest eigenvalue and a unit eigenvector of each Hermitian matrix of a stack:
+    dense up to :data:`_DENSE_ESTIMATE_LIMIT`, else Lanczos on the whole stack at once."""
+    if gram.shape[-1] <= _DENSE_ESTIMATE_LIMIT:
+        values, vectors = np.linalg.eigh(gram)
+        return values[:, -1], vectors[:, :, -1]
+    operator = DenseStack(gram, array_namespace(gram))
+    start = random_vectors(operator, gram.shape[0], gram.shape[-1], seed=0)
+    result = lanczos_stack(operator, start, rtol=1e-12, max_iter=2000, random_start=True)
+    # sigma of a Hermitian positive semidefinite matrix is its largest eigenvalue
+    return result.sigma, np.asarray(result.v)
 
 
 def certified_stack_bounds(blocks: Any, *, estimate: float | None = None) -> SigmaInterval:
@@ -498,7 +602,9 @@ def certify_stack(blocks: Any, *, estimate: float | None = None) -> tuple[SigmaI
     vector = certificate.vector
     if vector is None:
         _, vector = _top_eigenpair(gram[certificate.best])
-    lower = _certified_lower(stack, certificate.best, vector, right=p >= q)
+    best = certificate.best
+    lower = float(_certified_lowers(dataclasses.replace(stack, blocks=stack.blocks[best:best + 1]),
+                                    vector[None], right=p >= q)[0])
     upper = stack.unscale_upper(_up(math.sqrt(certificate.upper_squared)))
     estimates = np.sqrt(certificate.estimates) / stack.scale
     return SigmaInterval(lower, upper, "Cholesky certificate (float64)"), estimates
@@ -509,10 +615,12 @@ def _cholesky_deltas(
 ) -> np.ndarray:
     """Per matrix, ``delta`` with ``lambda_max <= threshold + delta``, or ``inf`` where
     ``threshold I - gram`` was not numerically positive definite (the threshold is too low).
+    ``threshold`` is one float or one per matrix.
 
     ``formation_error`` bounds how far each computed matrix is from the exact one.
     """
     dimension = gram.shape[-1]
+    threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (gram.shape[0],))
     ok, factor_squares = _shifted_cholesky_squares(gram, threshold)
     factor_squares *= 1.0 + _gamma(dimension * dimension + 2, complex_dtype)
     diagonal = np.arange(dimension)
@@ -526,8 +634,9 @@ def _cholesky_deltas(
     return np.where(ok, _up(delta * (1.0 + 1e-6)), np.inf)
 
 
-def _shifted_cholesky_squares(gram: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Cholesky-factor ``fl(threshold I - G)`` for each Hermitian ``G`` (lower triangle read).
+def _shifted_cholesky_squares(gram: np.ndarray, threshold: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Cholesky-factor ``fl(threshold I - G)`` for each Hermitian ``G`` (lower triangle read),
+    ``threshold`` one float or one per matrix.
 
     Returns
     -------
@@ -537,6 +646,7 @@ def _shifted_cholesky_squares(gram: np.ndarray, threshold: float) -> tuple[np.nd
         ``||R||_F^2`` of each factor (0 where it failed).
     """
     count, dimension = gram.shape[0], gram.shape[-1]
+    threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (count,))
     diagonal = np.arange(dimension)
     ok, squares = np.zeros(count, dtype=bool), np.zeros(count)
     if dimension >= _SINGLE_FACTOR_MIN_DIMENSION:
@@ -545,7 +655,7 @@ def _shifted_cholesky_squares(gram: np.ndarray, threshold: float) -> tuple[np.nd
         # parallel threads.
         for index, matrix in enumerate(gram):
             shifted = -matrix
-            shifted[diagonal, diagonal] += threshold
+            shifted[diagonal, diagonal] += threshold[index]
             try:
                 factor = np.linalg.cholesky(shifted)
             except np.linalg.LinAlgError:
@@ -555,15 +665,15 @@ def _shifted_cholesky_squares(gram: np.ndarray, threshold: float) -> tuple[np.nd
             squares[index] = square if ok[index] else 0.0
         return ok, squares
     shifted = -gram
-    shifted[..., diagonal, diagonal] += threshold
+    shifted[..., diagonal, diagonal] += threshold[:, None]
     try:
         factors = np.linalg.cholesky(shifted)
     except np.linalg.LinAlgError:  # some matrix failed: halve the batch to find which
         if count == 1:
             return ok, squares
         half = count // 2
-        first = _shifted_cholesky_squares(gram[:half], threshold)
-        second = _shifted_cholesky_squares(gram[half:], threshold)
+        first = _shifted_cholesky_squares(gram[:half], threshold[:half])
+        second = _shifted_cholesky_squares(gram[half:], threshold[half:])
         return np.concatenate([first[0], second[0]]), np.concatenate([first[1], second[1]])
     ok = np.all(np.isfinite(factors), axis=(-2, -1))
     squares = np.sum(np.abs(np.where(ok[:, None, None], factors, 0.0)) ** 2, axis=(-2, -1))
@@ -659,7 +769,8 @@ def certify_positive_semidefinite(matrix: np.ndarray, formation_error: float = 0
     (spectral norm) of it. A successful floating-point Cholesky factorization ``R`` of
     ``fl(matrix − c I)`` gives ``λ_min ≥ c − γ_{d+1}‖R‖_F² − 2u(c + max|diag|)`` (Higham,
     Thm 10.3); the shift ``c`` is chosen just above what that rounding term and
-    ``formation_error`` can be, and raised once if the factor's size asks for more.
+    ``formation_error`` can be, and raised once if the factor's size asks for more
+    (:func:`certify_shifted_cholesky`).
 
     Parameters
     ----------
@@ -686,23 +797,71 @@ def certify_positive_semidefinite(matrix: np.ndarray, formation_error: float = 0
     if not np.all(np.isfinite(matrix)):
         return False
     diagonal = np.arange(dimension)
-    largest_diagonal = float(np.max(np.abs(matrix[diagonal, diagonal])))
-    gamma = _gamma(dimension + 1, False)
-    square = max(float(np.trace(matrix)), 0.0)  # ‖R‖_F² = trace(matrix − cI) in exact arithmetic
-    for _ in range(2):
-        rounding = gamma * square * 1.01 + 2 * _UNIT_ROUNDOFF * 2 * largest_diagonal
-        shift = 2 * (rounding + float(formation_error)) + dimension * dimension * _SMALLEST_SUBNORMAL
+
+    def factor_square(shift: float) -> float | None:
         shifted = matrix.copy()
         shifted[diagonal, diagonal] -= shift
         try:
             factor = np.linalg.cholesky(shifted)
         except np.linalg.LinAlgError:
+            return None
+        return float(np.vdot(factor, factor))
+
+    return certify_shifted_cholesky(
+        factor_square, dimension=dimension, trace=float(np.trace(matrix)),
+        largest_diagonal=float(np.max(np.abs(matrix[diagonal, diagonal]))),
+        formation_error=formation_error)
+
+
+def certify_shifted_cholesky(factor_square: Callable[[float], float | None], *, dimension: int, trace: float,
+                             largest_diagonal: float, formation_error: float = 0.0,
+                             complex_dtype: bool = False) -> bool:
+    """Whether a Hermitian matrix is certainly positive semidefinite, from Cholesky factorizations.
+
+    The check of :func:`certify_positive_semidefinite` for a matrix held in any form: the
+    caller factors ``fl(A − c I)`` by a conventional Cholesky algorithm (any order of
+    elimination and of summation, as for a sparse or block-structured matrix factored
+    block by block with LAPACK's ``potrf`` and ``trsm``) and returns ``‖R‖_F²``. Then
+    ``R^H R = A − c I + E`` with ``|E| ≤ γ_{d+1}|R^H||R|`` (Higham, Thm 10.3), so
+    ``λ_min(A) ≥ c − γ_{d+1}‖R‖_F² − 2u(c + max|diag|)``, and the exact matrix is within
+    ``formation_error`` of ``A``.
+
+    Parameters
+    ----------
+    factor_square : callable
+        ``factor_square(c)`` factors ``fl(A − c I)`` and returns ``‖R‖_F²`` (computed in
+        float64), or None where the factorization failed.
+    dimension : int
+        ``d``: the longest inner product the factorization forms is at most ``d`` terms.
+    trace : float
+        ``trace(A)`` (the first estimate of ``‖R‖_F²``).
+    largest_diagonal : float
+        ``max |A_ii|``.
+    formation_error : float
+        Upper bound of the spectral norm of ``A − exact``.
+    complex_dtype : bool
+        Whether ``A`` is complex Hermitian (complex rounding constants).
+
+    Returns
+    -------
+    bool
+        True only if ``λ_min(exact) ≥ 0`` is proven.
+    """
+    if not (math.isfinite(trace) and math.isfinite(largest_diagonal) and math.isfinite(formation_error)):
+        return False
+    gamma = _gamma(dimension + 1, complex_dtype)
+    square = max(trace, 0.0)  # ‖R‖_F² = trace(A − cI) in exact arithmetic
+    subnormal = dimension * dimension * _SMALLEST_SUBNORMAL * (2 if complex_dtype else 1)
+    for _ in range(2):
+        rounding = gamma * square * 1.01 + 2 * _UNIT_ROUNDOFF * 2 * largest_diagonal
+        shift = 2 * (rounding + float(formation_error)) + subnormal
+        computed = factor_square(shift)
+        if computed is None:
             return False
-        square = float(np.vdot(factor, factor)) * (1.0 + _gamma(dimension * dimension + 2, False))
+        square = computed * (1.0 + _gamma(dimension * dimension + 2, complex_dtype))
         if not math.isfinite(square):
             return False
-        delta = (gamma * square + 2 * _UNIT_ROUNDOFF * (shift + largest_diagonal)
-                 + dimension * dimension * _SMALLEST_SUBNORMAL)
+        delta = gamma * square + 2 * _UNIT_ROUNDOFF * (shift + largest_diagonal) + subnormal
         if shift - float(_up(delta * (1.0 + 1e-6))) - float(_up(float(formation_error))) > 0:
             return True
     return False

@@ -1,8 +1,20 @@
 """Iterative estimates of the largest singular value: power iteration and Lanczos.
 
-Both methods work on any :class:`lipnorm.operators.LinearOperator` and keep every
-vector in the operator's namespace, dtype and device; only scalars (norms, the
-small bidiagonal matrix) come to the host, to decide when to stop.
+Both methods work on any :class:`lipnorm.operators.LinearOperator`, a single one or
+a stack of matrices iterated together (:class:`lipnorm.operators.DenseStack`), and
+keep every vector in the operator's namespace, dtype and device; only scalars
+(norms, the small tridiagonal matrices) come to the host, once a step for the
+whole stack, to decide when to stop. Each matrix stops on its own ``rtol`` and
+leaves the batch when it has converged.
+
+Both iterate on the normal operator ``A^H A``: one call of
+:meth:`~lipnorm.operators.LinearOperator.products` gives ``A x`` and ``A^H A x``,
+which a NumPy matrix computes in one pass over its entries (a pass is what a
+product with a large matrix costs). Lanczos on ``A^H A`` from ``v`` builds the same
+Krylov space as Golub-Kahan bidiagonalization from ``v``, and its tridiagonal
+``T_k`` is Golub-Kahan's ``B_k^H B_k``: the Ritz values are the squares of the same
+singular values. Every quantity is scaled by a power of four fixed at the first
+step (exact), so that ``A^H A`` stays inside the dtype's range.
 
 Both stop on an error estimate of the Ritz value ``sigma`` with its vectors
 ``u, v`` (``A v = sigma u``, residual ``r = A^H u - sigma v``); ``[u; v] / sqrt(2)``
@@ -68,14 +80,21 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
+from lipnorm._xp import device_of, to_numpy
 from lipnorm.operators import LinearOperator, to_numpy_dtype
 
 __all__ = [
     "IterationResult",
     "ScaleError",
+    "StackResult",
     "lanczos",
+    "lanczos_stack",
     "power_iteration",
+    "power_stack",
     "random_vector",
+    "random_vectors",
+    "column_of",
+    "unit_rows",
     "scaled_by_power_of_two",
     "times_power_of_two",
     "vector_norm",
@@ -85,6 +104,18 @@ __all__ = [
 MAX_BASIS = 256
 #: The gap rule needs the gap to the second Ritz value to be this many top residuals wide.
 GAP_RESIDUALS = 10.0
+#: Up to this many matrices at a step, their Ritz pairs come from LAPACK's MRRR one by one
+#: (O(k) each); more come from one batched dense eigendecomposition.
+_MRRR_COUNT = 4
+#: Finished matrices leave the batch once the unfinished ones are at most this share of it.
+_COMPACT_SHARE = 0.75
+#: ... and the batch holds at least this many entries (a smaller one costs little to carry).
+_COMPACT_ENTRIES = 1 << 18
+#: Columns of the Lanczos basis held at first; the capacity doubles as the basis grows.
+_FIRST_CAPACITY = 16
+#: The first product's norm must lie in [2**-e, 2**e], e by precision (single, double):
+#: then ``A^H A`` and the squares in its norms stay inside the dtype's normal range.
+_RANGE_EXPONENTS = (40, 480)
 
 
 class ScaleError(ValueError):
@@ -95,12 +126,21 @@ class ScaleError(ValueError):
     products near its overflow threshold overflow, and either would make the
     iteration converge to a wrong value. :func:`lipnorm.estimate_sigma` scales a
     matrix by a power of two (exactly) and runs again.
+
+    Attributes
+    ----------
+    slots : numpy.ndarray
+        The matrices of the stack whose products are out of range.
     """
+
+    def __init__(self, message: str, slots: np.ndarray | None = None) -> None:
+        super().__init__(message)
+        self.slots = np.zeros(0, dtype=np.int64) if slots is None else slots
 
 
 @dataclasses.dataclass
 class IterationResult:
-    """What an iterative method found.
+    """What an iterative method found for one operator.
 
     Attributes
     ----------
@@ -130,6 +170,39 @@ class IterationResult:
     converged: bool
     iterations: int
     matvecs: int
+
+
+@dataclasses.dataclass
+class StackResult:
+    """What an iterative method found for each matrix of a stack (``count`` of them).
+
+    Attributes
+    ----------
+    sigma, residual, error : numpy.ndarray, float64, shape (count,)
+        As in :class:`IterationResult`, per matrix.
+    converged : numpy.ndarray, bool, shape (count,)
+    iterations : numpy.ndarray, int64, shape (count,)
+        Steps each matrix took (each one product with ``A`` and one with ``A^H``).
+    u : array, shape (count, m)
+    v : array, shape (count, n)
+        Unit Ritz vectors, in the operator's namespace and device.
+    passes : int
+        Calls of the operator's ``products`` over the steps (batched over the stack).
+    """
+
+    sigma: np.ndarray
+    residual: np.ndarray
+    error: np.ndarray
+    converged: np.ndarray
+    iterations: np.ndarray
+    u: Any
+    v: Any
+    passes: int = 0
+
+    @property
+    def matvecs(self) -> np.ndarray:
+        """Products with ``A`` or ``A^H`` per matrix (two per step)."""
+        return 2 * self.iterations
 
 
 def vector_norm(xp: Any, x: Any) -> float:
@@ -178,20 +251,33 @@ def scaled_by_power_of_two(x: Any, exponent: int) -> Any:
     return x
 
 
-def random_vector(operator: LinearOperator, length: int, seed: Any) -> Any:
-    """A unit Gaussian start vector from NumPy's ``Generator``, moved to the operator's device.
+def random_vectors(operator: LinearOperator, count: int, length: int, seed: Any) -> Any:
+    """``count`` unit Gaussian start vectors from NumPy's ``Generator``, on the operator's device.
 
     The array API has no random numbers, so lipnorm draws them with NumPy
     (seedable with ``seed``), converts them to the operator's dtype on the host and
     copies them to its device (once: a device without double precision never sees
-    a float64 array).
+    a float64 array). Row ``i`` takes the draws after those of rows ``< i`` (real
+    parts, then imaginary parts), so row 0 is :func:`random_vector`'s vector.
+
+    Returns
+    -------
+    array, shape (count, length)
     """
     rng = np.random.default_rng(seed)
-    values = rng.standard_normal(length)
-    if operator.xp.isdtype(operator.dtype, "complex floating"):
-        values = values + 1j * rng.standard_normal(length)
-    values /= np.linalg.norm(values)
+    complex_dtype = operator.xp.isdtype(operator.dtype, "complex floating")
+    if complex_dtype:
+        parts = rng.standard_normal((count, 2, length))
+        values = parts[:, 0] + 1j * parts[:, 1]
+    else:
+        values = rng.standard_normal((count, length))
+    values /= np.linalg.norm(values, axis=1, keepdims=True)
     return _on_device(values, operator)
+
+
+def random_vector(operator: LinearOperator, length: int, seed: Any) -> Any:
+    """A unit Gaussian start vector: :func:`random_vectors` with one row, as a 1-D array."""
+    return operator.xp.reshape(random_vectors(operator, 1, length, seed), (length,))
 
 
 def _on_device(values: np.ndarray, operator: LinearOperator) -> Any:
@@ -200,57 +286,491 @@ def _on_device(values: np.ndarray, operator: LinearOperator) -> Any:
     return operator.xp.asarray(host, device=operator.device)
 
 
+def column_of(values: np.ndarray, operator: LinearOperator) -> Any:
+    """Real host ``values`` (one per matrix) as a ``(count, 1)`` array of the operator's dtype
+    on its device, to scale rows of vectors (TensorFlow multiplies no complex by real)."""
+    host = np.asarray(values, dtype=to_numpy_dtype(operator.dtype)).reshape(-1, 1)
+    return operator.xp.asarray(host, device=operator.device)
+
+
+def _like_vectors(xp: Any, x: Any, operator: LinearOperator) -> Any:
+    """A real device array (norms) in the operator's dtype, to multiply its vectors."""
+    return x if x.dtype == operator.dtype else xp.astype(x, operator.dtype)
+
+
+def _on_real(xp: Any, values: np.ndarray, operator: LinearOperator) -> Any:
+    """Real host ``values`` (one per matrix) on the device, in the operator's real dtype."""
+    return xp.asarray(np.asarray(values, dtype=_real_numpy_dtype(operator)), device=operator.device)
+
+
+def _real_numpy_dtype(operator: LinearOperator) -> type:
+    return np.float32 if _epsilon(operator.xp, operator.dtype) == 2.0**-23 else np.float64
+
+
 def _epsilon(xp: Any, dtype: Any) -> float:
     """Machine epsilon of the working dtype (single or double precision)."""
     single = dtype == xp.float32 or dtype == xp.complex64
     return 2.0**-23 if single else 2.0**-52
 
 
-def _product_norm(xp: Any, product: Any, dtype: Any, *, first: bool) -> float:
-    """Norm of a product ``A v`` (``v`` a unit vector); the first one is checked for range.
+def _host(xp: Any, *arrays: Any) -> np.ndarray:
+    """Device arrays of one shape brought to the host in one transfer, as float64 rows."""
+    return np.asarray(to_numpy(xp.stack(arrays)), dtype=np.float64)
 
-    Raises
-    ------
-    ScaleError
-        If the first product overflowed, or its norm is outside ``[2**-e, 2**e]``
-        (``e`` = 64 in single precision, 900 in double): beyond it, the
-        products' entries come near the subnormal or overflow thresholds. A zero
-        norm is allowed (``v`` in the null space of ``A``).
-    ValueError
-        If a later product has NaN or Inf entries.
+
+def _row_norms(xp: Any, x: Any) -> Any:
+    """The Euclidean norm of each row of ``x`` (count, length), on the device."""
+    return xp.linalg.vector_norm(x, axis=-1)
+
+
+def _first_norms(forward: Any) -> np.ndarray:
+    """Norms of the rows of the first products, computed on the host in double precision (no
+    square underflows or overflows there, whatever the working dtype)."""
+    host = to_numpy(forward)
+    host = host.astype(np.complex128 if np.iscomplexobj(host) else np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.linalg.norm(host, axis=-1)
+
+
+def _check_first_products(norms: np.ndarray, slots: np.ndarray, operator: LinearOperator) -> None:
+    """Raise :class:`ScaleError` unless each first product's norm is 0 or in range.
+
+    The range is ``[2**-e, 2**e]`` (:data:`_RANGE_EXPONENTS`): beyond it the products'
+    entries, or those of ``A^H A``, come near the subnormal or overflow thresholds.
     """
-    if not first:
-        return _check_finite(vector_norm(xp, product))
-    try:
-        norm = vector_norm(xp, product)
-    except ValueError:
-        raise ScaleError(
+    exponent = _RANGE_EXPONENTS[0 if _epsilon(operator.xp, operator.dtype) == 2.0**-23 else 1]
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(norms) | ((norms != 0.0) & ((norms < 2.0**-exponent) | (norms > 2.0**exponent)))
+    if not np.any(bad):
+        return
+    if not np.all(np.isfinite(norms[bad])):
+        message = (
             "the operator produced NaN or Inf in a matrix-vector product (its first): it "
             "holds NaN/Inf or is too large for its dtype; check the weights or the "
             "operator's matvec, or scale it down by a power of two"
-        ) from None
-    exponent = 64 if _epsilon(xp, dtype) == 2.0**-23 else 900
-    if norm != 0.0 and not 2.0**-exponent <= norm <= 2.0**exponent:
-        raise ScaleError(
-            f"the operator's products are of order {norm:.1e}, outside [2**-{exponent}, "
+        )
+    else:
+        worst = float(np.max(np.abs(np.log2(norms[bad]))))
+        message = (
+            f"the operator's products are of order 2**{worst:.0f}, outside [2**-{exponent}, "
             f"2**{exponent}] where its dtype keeps its precision; scale it by a power of two"
         )
-    return norm
+    raise ScaleError(message, slots[bad])
 
 
-def _check_finite(value: float) -> float:
-    if not math.isfinite(value):
+def _check_finite(values: np.ndarray) -> None:
+    if not np.all(np.isfinite(values)):
         raise ValueError(
             "the operator produced NaN or Inf in a matrix-vector product; "
             "check the weights or the operator's matvec"
         )
-    return value
 
 
-def power_iteration(
-    operator: LinearOperator, v: Any, *, rtol: float, max_iter: int
-) -> IterationResult:
-    """Power iteration on ``A^H A`` from the unit vector ``v``.
+def _scales(norms: np.ndarray) -> np.ndarray:
+    """Powers of four near ``norms**2`` (1 for a zero norm): what ``A^H A`` is divided by."""
+    exponents = np.frexp(np.where(norms > 0, norms, 1.0))[1]
+    return np.ldexp(1.0, 2 * exponents.astype(np.int64))
+
+
+class _Outcome:
+    """Results of the matrices of a stack as they finish, assembled in their order at the end."""
+
+    def __init__(self, count: int) -> None:
+        self.sigma = np.zeros(count)
+        self.residual = np.zeros(count)
+        self.error = np.zeros(count)
+        self.converged = np.zeros(count, dtype=bool)
+        self.iterations = np.zeros(count, dtype=np.int64)
+        self._vectors: list[tuple[np.ndarray, Any, Any]] = []
+
+    def record(self, slots, sigma, residual, error, converged, iterations, u, v) -> None:
+        self.sigma[slots], self.residual[slots], self.error[slots] = sigma, residual, error
+        self.converged[slots], self.iterations[slots] = converged, iterations
+        self._vectors.append((slots, u, v))
+
+    def result(self, xp: Any, device: Any, passes: int) -> StackResult:
+        order = np.concatenate([slots for slots, _, _ in self._vectors])
+        if len(self._vectors) == 1:
+            u, v = self._vectors[0][1:]
+        else:
+            u = xp.concat([u for _, u, _ in self._vectors], axis=0)
+            v = xp.concat([v for _, _, v in self._vectors], axis=0)
+        if not np.array_equal(order, np.arange(order.size)):
+            inverse = xp.asarray(np.argsort(order), device=device)
+            u, v = xp.take(u, inverse, axis=0), xp.take(v, inverse, axis=0)
+        return StackResult(self.sigma, self.residual, self.error, self.converged, self.iterations,
+                           u, v, passes)
+
+
+def _take(xp: Any, x: Any, positions: np.ndarray, device: Any) -> Any:
+    """Rows ``positions`` (host integers) of a device array."""
+    if np.array_equal(positions, np.arange(int(x.shape[0]))):
+        return x
+    return xp.take(x, xp.asarray(np.asarray(positions, dtype=np.int64), device=device), axis=0)
+
+
+def unit_rows(xp: Any, x: Any, operator: LinearOperator) -> tuple[Any, np.ndarray]:
+    """Each row of ``x`` (count, length) divided by its norm, and the norms (host): zero rows
+    stay zero."""
+    norms = _host(xp, _row_norms(xp, x))[0]
+    return x * column_of(np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0), operator), norms
+
+
+def power_stack(operator: LinearOperator, start: Any, *, rtol: Any, max_iter: int) -> StackResult:
+    """Power iteration on ``A^H A`` for every matrix of the operator, from ``start``.
+
+    Parameters
+    ----------
+    operator : LinearOperator
+        ``count`` matrices of shape (m, n).
+    start : array, shape (count, n)
+        Unit start vectors in the operator's namespace.
+    rtol : float or numpy.ndarray, shape (count,)
+        Matrix ``i`` stops when its residual is at most ``rtol[i]`` times its sigma (the
+        residual rule).
+    max_iter : int
+        Iterations allowed.
+
+    Returns
+    -------
+    StackResult
+
+    Raises
+    ------
+    ScaleError
+        If a first product is out of the working dtype's accurate range.
+    ValueError
+        If a later product has NaN or Inf entries.
+    """
+    xp, device = operator.xp, operator.device
+    rtol = np.broadcast_to(np.asarray(rtol, dtype=np.float64), (operator.count,)).copy()
+    outcome = _Outcome(operator.count)
+    slots = np.arange(operator.count)
+    v = start
+    passes = 0
+    for step in range(1, max_iter + 1):
+        forward, normal = operator.products(v)
+        passes += 1
+        if step == 1:
+            _check_first_products(_first_norms(forward), slots, operator)
+        first = _host(xp, _row_norms(xp, forward))[0]
+        if step == 1:
+            scales = _scales(first)
+        # In units of the scale s: alpha = ||A v||^2 / s = v^H (A^H A / s) v.
+        alpha = first**2 / scales
+        normal = normal * column_of(1.0 / scales, operator)
+        image = normal - column_of(alpha, operator) * v
+        image_norm, residual_norm = _host(xp, _row_norms(xp, normal), _row_norms(xp, image))
+        _check_finite(image_norm)
+        root = np.sqrt(scales)
+        scaled_first = first / root
+        zero = scaled_first == 0.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sigma = np.where(zero, 0.0, image_norm / scaled_first)
+            residual = np.where(zero, 0.0, residual_norm / scaled_first)
+        finished = (residual <= rtol * sigma) | (step == max_iter)
+        inverse = np.where(image_norm > 0, 1.0 / np.where(image_norm > 0, image_norm, 1.0), 0.0)
+        next_v = normal * column_of(inverse, operator)
+        if np.any(finished):
+            done = np.flatnonzero(finished)
+            u = forward * column_of(np.where(zero, 0.0, 1.0 / np.where(zero, 1.0, first)), operator)
+            next_or_start = next_v if not np.any(zero) else next_v + v * column_of(zero, operator)
+            outcome.record(slots[done], (sigma * root)[done], (residual * root)[done],
+                           (residual * root)[done], (residual <= rtol * sigma)[done], step,
+                           _take(xp, u, done, device), _take(xp, next_or_start, done, device))
+            keep = np.flatnonzero(~finished)
+            if keep.size == 0:
+                break
+            slots, rtol, scales = slots[keep], rtol[keep], scales[keep]
+            operator = operator.take(keep)
+            next_v = _take(xp, next_v, keep, device)
+        v = next_v
+    return outcome.result(xp, device, passes)
+
+
+def _orthogonalize(xp: Any, x: Any, stacked: Any, conjugated: Any) -> Any:
+    """Remove from each row of ``x`` (count, n) its components along that matrix's
+    orthonormal basis ``stacked`` (count, k, n), twice (CGS2)."""
+    count, k, n = (int(s) for s in stacked.shape)
+    for _ in range(2):
+        coefficients = xp.matmul(conjugated, xp.reshape(x, (count, n, 1)))
+        x = x - xp.reshape(xp.matmul(xp.reshape(coefficients, (count, 1, k)), stacked), (count, n))
+    return x
+
+
+def _combine(xp: Any, coefficients: np.ndarray, stacked: Any, operator: LinearOperator) -> Any:
+    """``sum_i coefficients[:, i] * stacked[:, i]`` per matrix: (count, k) x (count, k, n)."""
+    count, k = coefficients.shape
+    weights = _on_device(coefficients.reshape(count, 1, k), operator)
+    return xp.reshape(xp.matmul(weights, stacked), (count, int(stacked.shape[2])))
+
+
+def lanczos_stack(
+    operator: LinearOperator, start: Any, *, rtol: Any, max_iter: int, random_start: Any = False
+) -> StackResult:
+    """Lanczos on ``A^H A`` with full reorthogonalization, for every matrix of the operator.
+
+    All matrices advance together: one call of ``operator.products`` per step serves
+    the stack, and one transfer brings the step's coefficients to the host. The top
+    Ritz pairs of each tridiagonal ``T_k`` give the estimate ``sqrt(theta_1)``, the
+    exact residual ``beta_k |s_k| / sqrt(theta_1)`` of its Ritz pair and, from the
+    second pair, the gap; a matrix stops on the gap rule of the module docstring (from
+    a random start), the residual rule (always), or when its Krylov space becomes
+    invariant (a rank-deficient matrix, or the whole space is spanned: the result is
+    then exact), and leaves the batch. The basis is restarted from the best Ritz
+    vector after :data:`MAX_BASIS` steps.
+
+    Parameters
+    ----------
+    operator : LinearOperator
+        ``count`` matrices of shape (m, n) (a single operator: ``count`` = 1).
+    start : array, shape (count, n)
+        Unit start vectors in the operator's namespace.
+    rtol : float or numpy.ndarray, shape (count,)
+        Matrix ``i`` stops when its error estimate is at most ``rtol[i]`` times its sigma.
+    max_iter : int
+        Steps allowed (each is one ``matvec`` and one ``rmatvec`` per matrix).
+    random_start : bool or numpy.ndarray of bool, shape (count,)
+        Whether a start vector is random, which has a component along every singular
+        vector: then the gap rule may stop it. A warm start (a vector close to a singular
+        vector) hides the singular values near it from the first Krylov spaces, so the
+        gap its Ritz values show may not exist: only the residual rule stops then.
+
+    Returns
+    -------
+    StackResult
+
+    Raises
+    ------
+    ScaleError
+        If a first product is out of the working dtype's accurate range.
+    ValueError
+        If a later product has NaN or Inf entries.
+    """
+    xp, device = operator.xp, operator.device
+    count = operator.count
+    rtol = np.broadcast_to(np.asarray(rtol, dtype=np.float64), (count,)).copy()
+    random_start = np.broadcast_to(np.asarray(random_start, dtype=bool), (count,)).copy()
+    complex_dtype = bool(xp.isdtype(operator.dtype, "complex floating"))
+    negligible = 10 * _epsilon(xp, operator.dtype)
+    m, n = operator.shape
+    # rank <= m: the Krylov space of A^H A from v becomes invariant after m + 1 steps at most
+    basis_limit = max(1, min(n, m + 1, MAX_BASIS))
+    outcome = _Outcome(count)
+    slots = np.arange(count)
+    live = np.ones(count, dtype=bool)  # not finished yet
+    current = start
+    scales = None
+    step = passes = 0
+    while slots.size:
+        # The basis q_1..q_k fills the first k columns of ``stacked`` (count, capacity, n),
+        # zeros beyond: its shape changes only when the capacity doubles (JAX compiles each
+        # new shape once), and the zero columns drop out of every product.
+        capacity = min(_FIRST_CAPACITY, basis_limit)
+        stacked = _placed(xp, current, xp.zeros((slots.size, capacity, n), dtype=operator.dtype, device=device), 0)
+        previous = previous_beta = None
+        images, alphas, betas = [], [], []
+        held = np.zeros(slots.size, dtype=bool)  # the gap rule held at the previous step
+        while True:
+            step += 1
+            forward, normal = operator.products(current)
+            passes += 1
+            if scales is None:
+                first = _first_norms(forward)
+                _check_first_products(first, slots, operator)
+                scales = _scales(first)
+            alpha = _row_norms(xp, forward) ** 2 * _on_real(xp, 1.0 / scales, operator)
+            w = normal * column_of(1.0 / scales, operator) - xp.reshape(
+                _like_vectors(xp, alpha, operator), (slots.size, 1)) * current
+            if previous is not None:
+                w = w - previous_beta * previous
+            conjugated = xp.conj(stacked) if complex_dtype else stacked
+            w = _orthogonalize(xp, w, stacked, conjugated)
+            alpha_host, beta_host = _host(xp, alpha, _row_norms(xp, w))
+            _check_finite(alpha_host)
+            _check_finite(beta_host)
+            images.append(forward)
+            alphas.append(alpha_host)
+            betas.append(beta_host)
+            k = len(alphas)
+            ritz = _RitzPairs.of(np.stack(alphas, axis=1), np.stack(betas, axis=1))
+            error = ritz.error()
+            gap_rule_holds = random_start & (error <= rtol * ritz.sigma)
+            converged = (
+                (ritz.residual <= rtol * ritz.sigma)
+                | (gap_rule_holds & held)
+                | (beta_host <= negligible * ritz.theta)
+                | (k >= n)
+            )
+            held = gap_rule_holds
+            finished = live & (converged | (step >= max_iter))
+            live &= ~finished
+            restart = bool(np.any(live)) and k >= basis_limit
+            padding = np.zeros((slots.size, int(stacked.shape[1]) - k))
+            if np.any(finished):
+                done = np.flatnonzero(finished)
+                coefficients = np.concatenate([ritz.vectors, padding], axis=1)[done]
+                v_done = _combine(xp, coefficients, _take(xp, stacked, done, device), operator)
+                images_done = _take(xp, xp.stack(images, axis=1), done, device)
+                u_done = unit_rows(xp, _combine(xp, ritz.vectors[done], images_done, operator), operator)[0]
+                root = np.sqrt(scales[done])
+                outcome.record(
+                    slots[done], ritz.sigma[done] * root, ritz.residual[done] * root,
+                    np.where(random_start, error, ritz.residual)[done] * root, converged[done], step,
+                    u_done, v_done,
+                )
+                if not np.any(live):
+                    return outcome.result(xp, device, passes)
+            if not np.all(live) and (restart or (
+                    np.count_nonzero(live) <= _COMPACT_SHARE * slots.size and slots.size * m * n >= _COMPACT_ENTRIES)):
+                # The finished matrices leave the batch. Until then their rows ride along: a
+                # new batch size costs a copy of the stack (and JAX a compilation of each
+                # operation), which pays only for many large matrices.
+                keep = np.flatnonzero(live)
+                slots, rtol, random_start, live = slots[keep], rtol[keep], random_start[keep], live[keep]
+                scales, held, beta_host = scales[keep], held[keep], beta_host[keep]
+                operator = operator.take(keep)
+                ritz, padding = ritz.rows(keep), padding[keep]
+                stacked, current, w = (_take(xp, x, keep, device) for x in (stacked, current, w))
+                images = [_take(xp, image, keep, device) for image in images]
+                alphas = [a[keep] for a in alphas]
+                betas = [b[keep] for b in betas]
+            if restart:
+                coefficients = np.concatenate([ritz.vectors, padding], axis=1)
+                current = unit_rows(xp, _combine(xp, coefficients, stacked, operator), operator)[0]
+                break
+            previous, previous_beta = current, column_of(beta_host, operator)
+            inverse = np.where(beta_host > 0, 1.0 / np.where(beta_host > 0, beta_host, 1.0), 0.0)
+            current = w * column_of(inverse, operator)
+            if k == int(stacked.shape[1]):
+                grown = min(2 * k, basis_limit)
+                stacked = xp.concat(
+                    [stacked, xp.zeros((slots.size, grown - k, n), dtype=operator.dtype, device=device)], axis=1)
+            stacked = _placed(xp, current, stacked, k)
+    return outcome.result(xp, device, passes)
+
+
+def _placed(xp: Any, vectors: Any, stacked: Any, column: int) -> Any:
+    """``stacked`` (count, capacity, n) with ``vectors`` (count, n) in column ``column``."""
+    count, capacity, n = (int(s) for s in stacked.shape)
+    mask = np.zeros((1, capacity, 1), dtype=bool)
+    mask[0, column, 0] = True
+    where = xp.asarray(mask, device=device_of(stacked))
+    return xp.where(where, xp.reshape(vectors, (count, 1, n)), stacked)
+
+
+@dataclasses.dataclass
+class _RitzPairs:
+    """The top two Ritz pairs of each tridiagonal ``T_k`` of a step, in singular-value terms.
+
+    ``theta`` are the top eigenvalues of ``T_k`` (squared singular values), ``sigma`` and
+    ``second`` their square roots, ``residual`` and ``second_residual`` the residuals
+    ``beta_k |s_k| / sigma`` of the singular triplets, ``vectors`` the top eigenvector of
+    each ``T_k`` (the coefficients of the Ritz vector in the basis).
+    """
+
+    theta: np.ndarray
+    sigma: np.ndarray
+    second: np.ndarray
+    residual: np.ndarray
+    second_residual: np.ndarray
+    vectors: np.ndarray
+
+    @classmethod
+    def of(cls, alphas: np.ndarray, betas: np.ndarray) -> "_RitzPairs":
+        """From the diagonals ``alphas`` (count, k) and ``betas`` (count, k) of a step:
+        ``betas[:, :k-1]`` beside the diagonal, ``betas[:, k-1]`` the next coupling."""
+        values, vectors = _top_eigenpairs(alphas, betas[:, :-1])
+        theta = np.maximum(values, 0.0)
+        singular = np.sqrt(theta)
+        couplings = betas[:, -1:] * np.abs(vectors[:, -1, :])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            residuals = np.where(singular > 0, couplings / np.where(singular > 0, singular, 1.0), couplings)
+        return cls(theta[:, 0], singular[:, 0], singular[:, 1], residuals[:, 0], residuals[:, 1],
+                   vectors[:, :, 0])
+
+    def rows(self, keep: np.ndarray) -> "_RitzPairs":
+        """The pairs of the matrices ``keep``."""
+        return _RitzPairs(*(getattr(self, field.name)[keep] for field in dataclasses.fields(self)))
+
+    def error(self) -> np.ndarray:
+        """Estimate of ``sigma_max - sigma`` per matrix: the gap rule's bound
+        ``sigma r_1^2 / (2 g (sigma + sigma_2))`` with ``g = sigma - sigma_2 - max(r_1, r_2)``
+        where that gap exceeds ``r_2`` and :data:`GAP_RESIDUALS` times ``r_1`` (see the
+        module docstring), else ``r_1`` (the residual rule)."""
+        top, second = self.residual, self.second_residual
+        gap = self.sigma - self.second - np.maximum(top, second)
+        resolved = np.isfinite(self.second) & (gap > np.maximum(GAP_RESIDUALS * top, second))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bound = top * (top / gap) * (self.sigma / (2.0 * (self.sigma + self.second)))
+        return np.where(resolved, bound, top)
+
+
+def _top_eigenpairs(diagonal: np.ndarray, beside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two largest eigenvalues (descending) and their unit eigenvectors of symmetric
+    tridiagonal matrices (``diagonal`` (count, k), ``beside`` (count, k-1)).
+
+    Returns ``values`` (count, 2) and ``vectors`` (count, k, 2); a 1 x 1 matrix has second
+    value ``-inf`` and a zero second vector. Each matrix is scaled by its largest diagonal
+    entry first. Few matrices: LAPACK's MRRR (``stemr``), O(k) each; many: one batched dense
+    ``eigh``, which costs less than a call per matrix.
+    """
+    count, k = diagonal.shape
+    if k == 1:
+        values = np.stack([diagonal[:, 0], np.full(count, -np.inf)], axis=1)
+        vectors = np.zeros((count, 1, 2))
+        vectors[:, 0, 0] = 1.0
+        return values, vectors
+    scale = np.max(np.abs(diagonal), axis=1)
+    scale = np.where(scale > 0, scale, 1.0)
+    diagonal = diagonal / scale[:, None]
+    beside = beside / scale[:, None]
+    values = np.empty((count, 2))
+    vectors = np.empty((count, k, 2))
+    if count <= _MRRR_COUNT:
+        for i in range(count):
+            values[i], vectors[i] = _mrrr_top_two(diagonal[i], beside[i])
+    else:
+        dense = np.zeros((count, k, k))
+        index = np.arange(k)
+        dense[:, index, index] = diagonal
+        dense[:, index[:-1], index[1:]] = beside
+        dense[:, index[1:], index[:-1]] = beside
+        all_values, all_vectors = np.linalg.eigh(dense)
+        values[:] = all_values[:, :-3:-1]
+        vectors[:] = all_vectors[:, :, :-3:-1]
+    return values * scale[:, None], vectors
+
+
+def _mrrr_top_two(diagonal: np.ndarray, beside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The top two eigenpairs of one symmetric tridiagonal matrix, descending (LAPACK's
+    ``stemr``; a dense ``eigh`` should it not converge)."""
+    k = diagonal.size
+    found, values, vectors, info = scipy.linalg.lapack.dstemr(
+        diagonal, np.append(beside, 0.0), 2, 0.0, 0.0, k - 1, k
+    )
+    if info == 0 and found == 2:
+        return values[1::-1], vectors[:, 1::-1]
+    all_values, all_vectors = np.linalg.eigh(np.diag(diagonal) + np.diag(beside, 1) + np.diag(beside, -1))
+    return all_values[:-3:-1], all_vectors[:, :-3:-1]
+
+
+def _single(run: Any, operator: LinearOperator, v: Any, **options: Any) -> IterationResult:
+    """A method of this module on one operator from the 1-D start ``v``."""
+    xp = operator.xp
+    m, n = operator.shape
+    found = run(operator, xp.reshape(v, (1, n)), **options)
+    iterations = int(found.iterations[0])
+    return IterationResult(
+        float(found.sigma[0]), xp.reshape(found.u, (m,)), xp.reshape(found.v, (n,)),
+        float(found.residual[0]), float(found.error[0]), bool(found.converged[0]),
+        iterations, 2 * iterations,
+    )
+
+
+def power_iteration(operator: LinearOperator, v: Any, *, rtol: float, max_iter: int) -> IterationResult:
+    """Power iteration on ``A^H A`` from the unit vector ``v`` (:func:`power_stack` for one
+    operator); stops when the residual is at most ``rtol * sigma`` (the residual rule).
 
     Parameters
     ----------
@@ -258,64 +778,19 @@ def power_iteration(
     v : array, shape (n,)
         Unit start vector in the operator's namespace.
     rtol : float
-        Stop when the residual is at most ``rtol * sigma`` (the residual rule).
     max_iter : int
-        Iterations allowed.
 
     Returns
     -------
     IterationResult
-
-    Raises
-    ------
-    ScaleError
-        If the first product is out of the working dtype's accurate range.
-    ValueError
-        If a later product has NaN or Inf entries.
     """
-    xp = operator.xp
-    sigma, residual, u = 0.0, math.inf, None
-    for iteration in range(1, max_iter + 1):
-        u = operator.matvec(v)
-        first = _product_norm(xp, u, operator.dtype, first=iteration == 1)
-        if first == 0.0:
-            return IterationResult(0.0, u, v, 0.0, 0.0, True, iteration, 2 * iteration - 1)
-        u = u / first
-        w = operator.rmatvec(u)
-        sigma = _check_finite(vector_norm(xp, w))
-        residual = vector_norm(xp, w - first * v)
-        v = w / sigma
-        if residual <= rtol * sigma:
-            return IterationResult(sigma, u, v, residual, residual, True, iteration, 2 * iteration)
-    return IterationResult(sigma, u, v, residual, residual, False, max_iter, 2 * max_iter)
-
-
-def _orthogonalize(xp: Any, x: Any, basis: list[Any], complex_dtype: bool) -> Any:
-    """Remove from ``x`` its components along the orthonormal ``basis`` (twice, CGS2)."""
-    if not basis:
-        return x
-    stacked = xp.stack(basis)
-    conjugated = xp.conj(stacked) if complex_dtype else stacked
-    for _ in range(2):
-        x = x - xp.matmul(xp.matmul(conjugated, x), stacked)
-    return x
+    return _single(power_stack, operator, v, rtol=rtol, max_iter=max_iter)
 
 
 def lanczos(
     operator: LinearOperator, v: Any, *, rtol: float, max_iter: int, random_start: bool = False
 ) -> IterationResult:
-    """Golub-Kahan-Lanczos bidiagonalization with full reorthogonalization.
-
-    Builds ``A V_k = U_k B_k`` with ``B_k`` upper bidiagonal; the largest singular
-    value of ``B_k`` is the estimate, and ``beta_k |p_k|`` (``p`` its left singular
-    vector) is the exact residual of the Ritz pair. The same for the second singular
-    value gives the gap, so the stopping rule (the gap rule of the module docstring
-    from a random start, the residual rule while the gap is not resolved or from any
-    other start) costs no extra product, and the two top singular triplets of ``B_k``
-    cost O(k) a step. The basis is restarted
-    from the best Ritz vector after :data:`MAX_BASIS` steps. When the Krylov space
-    becomes invariant (a rank-deficient matrix, or the whole space is spanned) the
-    result is exact.
+    """Lanczos on ``A^H A`` from the unit vector ``v`` (:func:`lanczos_stack` for one operator).
 
     Parameters
     ----------
@@ -327,204 +802,10 @@ def lanczos(
     max_iter : int
         Iterations allowed (each is one ``matvec`` and one ``rmatvec``).
     random_start : bool
-        Whether ``v`` is a random vector, which has a component along every singular
-        vector: then the gap rule may stop. A warm start (a vector close to a singular
-        vector) hides the singular values near it from the first Krylov spaces, so the
-        gap its Ritz values show may not exist: only the residual rule stops then.
+        Whether ``v`` is random (the gap rule may stop it), see :func:`lanczos_stack`.
 
     Returns
     -------
     IterationResult
-
-    Raises
-    ------
-    ScaleError
-        If the first product is out of the working dtype's accurate range.
-    ValueError
-        If a later product has NaN or Inf entries.
     """
-    xp = operator.xp
-    complex_dtype = bool(xp.isdtype(operator.dtype, "complex floating"))
-    negligible = 10 * _epsilon(xp, operator.dtype)
-    m, n = operator.shape
-    basis_limit = max(1, min(m, n, MAX_BASIS))
-    iterations = 0
-    sigma = 0.0
-    while True:
-        left: list[Any] = []
-        right: list[Any] = [v]
-        alphas: list[float] = []
-        betas: list[float] = []
-        gap_rule_held = False  # at the previous step of this Krylov space
-        while True:
-            iterations += 1
-            p = operator.matvec(right[-1])
-            if left:
-                p = _orthogonalize(xp, p - betas[-1] * left[-1], left, complex_dtype)
-            alpha = _product_norm(xp, p, operator.dtype, first=iterations == 1)
-            if not alphas and alpha == 0.0:
-                # A v = 0 for a random start: A is the zero operator.
-                return IterationResult(0.0, p, v, 0.0, 0.0, True, iterations, 2 * iterations - 1)
-            if alphas and alpha <= negligible * sigma:
-                # A V_k lies in span(U_k): the singular values of [B_k | beta_k e_k] are exact.
-                return _exact_result(operator, alphas, betas, left, right, iterations, 2 * iterations - 1)
-            left.append(p / alpha)
-            alphas.append(alpha)
-            r = _orthogonalize(
-                xp, operator.rmatvec(left[-1]) - alpha * right[-1], right, complex_dtype
-            )
-            beta = _check_finite(vector_norm(xp, r))
-            betas.append(beta)
-            ritz = _top_ritz(alphas, betas)
-            sigma = ritz.sigma
-            if len(alphas) >= m and beta > negligible * sigma:
-                # U_k spans the whole range: A = U_k [B_k | beta_k e_k] V_{k+1}^H exactly.
-                right.append(r / beta)
-                return _exact_result(operator, alphas, betas, left, right, iterations, 2 * iterations)
-            error = ritz.error if random_start else ritz.residual
-            gap_rule_holds = random_start and ritz.error <= rtol * sigma
-            converged = (
-                ritz.residual <= rtol * sigma
-                or (gap_rule_holds and gap_rule_held)
-                or beta <= negligible * sigma
-                or len(alphas) >= n
-            )
-            gap_rule_held = gap_rule_holds
-            if converged or len(alphas) >= basis_limit or iterations >= max_iter:
-                break
-            right.append(r / beta)
-        u_ritz = _combine(xp, ritz.left, left, operator)
-        v_ritz = _combine(xp, ritz.right, right, operator)
-        if converged or iterations >= max_iter:
-            return IterationResult(
-                sigma, u_ritz, v_ritz, ritz.residual, error, converged, iterations, 2 * iterations
-            )
-        v = v_ritz / vector_norm(xp, v_ritz)
-
-
-@dataclasses.dataclass
-class _RitzEstimate:
-    """The top Ritz value of ``B_k`` with its residual, error estimate and coefficients."""
-
-    sigma: float
-    residual: float
-    error: float
-    left: np.ndarray  # coefficients of the left Ritz vector in U_k
-    right: np.ndarray  # coefficients of the right Ritz vector in V_k
-
-
-def _top_ritz(alphas: list[float], betas: list[float]) -> _RitzEstimate:
-    """The top Ritz value of ``B_k`` (``alphas`` on its diagonal, ``betas[:-1]`` above it).
-
-    The two largest singular values ``theta_i`` of ``B_k`` and their right vectors ``q``
-    are the top eigenpairs of the tridiagonal ``B_k^T B_k`` (scaled by the largest
-    alpha so that squaring cannot overflow): LAPACK's MRRR (``stemr``) computes them
-    in O(k), a dense SVD of ``B_k`` costs O(k^3). The left vectors
-    are ``p = B_k q / theta``; the residuals ``beta_k |p_k| = beta_k alpha_k |q_k| / theta``.
-    Squaring loses nothing the top two values need: their relative accuracy stays
-    near the machine epsilon.
-    """
-    k = len(alphas)
-    if k == 1:  # B_1 = [alpha_1]: its vectors are [1], its residual beta_1
-        return _RitzEstimate(alphas[0], betas[0], betas[0], np.ones(1), np.ones(1))
-    scale = max(alphas)
-    diagonal = np.asarray(alphas) / scale
-    above = np.asarray(betas[: k - 1]) / scale
-    gram_diagonal = diagonal**2
-    gram_diagonal[1:] += above**2
-    gram_beside = diagonal[:-1] * above
-    found, values, vectors, info = scipy.linalg.lapack.dstemr(
-        gram_diagonal, np.append(gram_beside, 0.0), 2, 0.0, 0.0, k - 1, k
-    )
-    if info or found != 2:  # LAPACK did not converge: the dense SVD instead
-        return _ritz_from_svd(alphas, betas)
-    values, vectors = values[1::-1], vectors[:, 1::-1]  # descending
-    thetas = np.sqrt(np.maximum(values, 0.0)) * scale
-    right = vectors[:, 0]
-    left = diagonal * right
-    left[:-1] += above * right[1:]
-    residuals = [
-        betas[-1] * (alphas[-1] / theta) * abs(vectors[-1, i]) if theta > 0 else betas[-1]
-        for i, theta in enumerate(thetas)
-    ]
-    return _RitzEstimate(
-        float(thetas[0]),
-        residuals[0],
-        _error_estimate(thetas, residuals),
-        left / np.linalg.norm(left),
-        right / np.linalg.norm(right),
-    )
-
-
-def _ritz_from_svd(alphas: list[float], betas: list[float]) -> _RitzEstimate:
-    """What :func:`_top_ritz` computes, from a dense SVD of ``B_k`` (O(k^3))."""
-    k = len(alphas)
-    left, values, right_t = np.linalg.svd(_augmented_bidiagonal(alphas, betas)[:, :k])
-    residuals = [abs(betas[-1] * left[-1, i]) for i in range(2)]
-    return _RitzEstimate(
-        float(values[0]), residuals[0], _error_estimate(values, residuals), left[:, 0], right_t[0]
-    )
-
-
-def _error_estimate(values: np.ndarray, residuals: list[float]) -> float:
-    """Estimate of ``sigma_max - theta_1`` from the top Ritz values and their residuals.
-
-    The gap rule's bound ``theta_1 r_1^2 / (2 g (theta_1 + theta_2))`` with
-    ``g = theta_1 - theta_2 - max(r_1, r_2)`` where that gap exceeds ``r_2`` and
-    :data:`GAP_RESIDUALS` times ``r_1`` (see the module docstring), else ``r_1`` (the
-    residual rule).
-    """
-    top = residuals[0]
-    if len(values) < 2:
-        return top
-    first, second = float(values[0]), float(values[1])
-    gap = first - second - max(residuals)
-    if gap <= max(GAP_RESIDUALS * top, residuals[1]):
-        return top
-    return top * (top / gap) * (first / (2.0 * (first + second)))
-
-
-def _exact_result(
-    operator: LinearOperator,
-    alphas: list[float],
-    betas: list[float],
-    left: list[Any],
-    right: list[Any],
-    iterations: int,
-    matvecs: int,
-) -> IterationResult:
-    """The exact top triplet once the Krylov space is invariant (``A V_k`` in span(U_k),
-    or U_k spans the range), from the k x (k+1) matrix ``[B_k | beta_k e_k]``;
-    ``right`` holds ``V_{k+1}``."""
-    sigma, left_coef, right_coef = _top_triplet(_augmented_bidiagonal(alphas, betas))
-    xp = operator.xp
-    return IterationResult(
-        sigma,
-        _combine(xp, left_coef, left, operator),
-        _combine(xp, right_coef, right, operator),
-        0.0,
-        0.0,
-        True,
-        iterations,
-        matvecs,
-    )
-
-
-def _augmented_bidiagonal(alphas: list[float], betas: list[float]) -> np.ndarray:
-    """``[B_k | beta_k e_k]`` (k x (k+1)): ``alphas`` on the diagonal, ``betas`` above it."""
-    k = len(alphas)
-    matrix = np.zeros((k, k + 1))
-    matrix[np.arange(k), np.arange(k)] = alphas
-    matrix[np.arange(k), np.arange(1, k + 1)] = betas
-    return matrix
-
-
-def _top_triplet(matrix: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Largest singular value of a small host matrix with its left and right vectors."""
-    left, values, right_t = np.linalg.svd(matrix)
-    return float(values[0]), left[:, 0], right_t[0, :]
-
-
-def _combine(xp: Any, coefficients: Any, vectors: list[Any], operator: LinearOperator) -> Any:
-    """``sum_i coefficients[i] * vectors[i]`` in the operator's namespace."""
-    return xp.matmul(_on_device(coefficients, operator), xp.stack(vectors))
+    return _single(lanczos_stack, operator, v, rtol=rtol, max_iter=max_iter, random_start=random_start)

@@ -17,17 +17,26 @@ import numpy as np
 
 from lipnorm import krylov
 from lipnorm._xp import array_namespace, device_of, library_name, to_numpy
-from lipnorm.certificates import SigmaInterval, certified_stack_bounds, gram_iteration_bounds
+from lipnorm.certificates import (
+    SigmaInterval,
+    certified_bounds_each,
+    certified_stack_bounds,
+    gram_iteration_bounds,
+)
 from lipnorm.operators import (
     DaskOperator,
+    DaskStack,
     DenseOperator,
+    DenseStack,
     LinearOperator,
     as_operator,
     dense_from_products,
     matrix_view,
+    stack_operator,
 )
 
 __all__ = [
+    "DEFAULT_SEED",
     "ConvergenceWarning",
     "SigmaInterval",
     "SigmaState",
@@ -41,6 +50,12 @@ METHODS = ("auto", "power", "lanczos", "svd")
 AUTO_SVD_LIMIT = 32
 #: Largest operator (smaller side) ``sigma_bounds`` densifies through matvecs.
 DENSIFY_LIMIT = 4096
+#: Largest entries (binary exponents, single and double precision) the iteration runs on
+#: unscaled: within them the entries of ``W^H W`` and of the squares in norms stay in range.
+SAFE_ENTRY_EXPONENTS = ((-40, 24), (-400, 400))
+#: Seed of the random start vectors unless ``seed=`` says otherwise: the same input gives
+#: the same sigma, bit for bit, on the same machine and library versions.
+DEFAULT_SEED = 0
 
 
 class ConvergenceWarning(UserWarning):
@@ -52,45 +67,53 @@ class SigmaState:
     """Warm-start state of :func:`estimate_sigma`, in the weight's own namespace.
 
     Pass it back as ``state=`` to start the next call from the last singular
-    vectors (as spectral normalization does between training steps).
+    vectors (as spectral normalization does between training steps). From a call
+    with ``batched=True`` it holds one warm start per matrix of the stack: the
+    vectors have the stack's batch shape in front, the numbers are NumPy arrays of
+    the batch shape.
 
     Attributes
     ----------
-    u : array, shape (m,), or None
+    u : array, shape (m,) or (*batch, m), or None
         Unit left singular vector estimate (None from ``method="svd"``, which
         computes no vectors; such a state starts the next call from a random vector).
-    v : array, shape (n,), or None
+    v : array, shape (n,) or (*batch, n), or None
         Unit right singular vector estimate (None from ``method="svd"``).
-    sigma : float
+    sigma : float or numpy.ndarray of float64
         The estimate.
-    residual : float
+    residual : float or numpy.ndarray of float64
         ``||A^H u - sigma v||``; the estimate is within ``residual / sqrt(2)``
         of a singular value.
-    error : float
+    error : float or numpy.ndarray of float64
         The estimate of ``sigma_max - sigma`` the iteration stopped on (see ``rtol`` in
         :func:`estimate_sigma`): about ``residual**2 / (4 gap)`` where Lanczos from a
         random start resolved the gap to the next singular value, else ``residual``;
         0 when the result is exact.
-    converged : bool
+    converged : bool or numpy.ndarray of bool
         Whether ``error <= rtol * sigma`` was reached. ``False`` comes with a
         :class:`ConvergenceWarning`.
-    iterations : int
+    iterations : int or numpy.ndarray of int64
         Iterations of the method (each one ``matvec`` and one ``rmatvec``).
-    matvecs : int
+    matvecs : int or numpy.ndarray of int64
         Matrix-vector products used.
     method : str
         The method that ran (``"power"``, ``"lanczos"`` or ``"svd"``).
+    passes : int
+        Batched products over the whole weight (each reads every matrix of the stack
+        that has not converged yet; a NumPy matrix is read once for its product with
+        ``A`` and ``A^H``, other libraries twice).
     """
 
     u: Any
     v: Any
-    sigma: float
-    residual: float
-    error: float
-    converged: bool
-    iterations: int
-    matvecs: int
+    sigma: Any
+    residual: Any
+    error: Any
+    converged: Any
+    iterations: Any
+    matvecs: Any
     method: str
+    passes: int = 0
 
 
 def _output_dtype(xp: Any, dtype: Any, working: Any) -> Any:
@@ -105,45 +128,78 @@ def _output_dtype(xp: Any, dtype: Any, working: Any) -> Any:
     return working
 
 
-def _check_options(method: str, rtol: float, max_iter: int | None) -> None:
+def _check_options(method: str, rtol: Any, max_iter: int | None, batch_shape: tuple[int, ...] | None
+                   ) -> np.ndarray:
+    """Validate the options; return ``rtol`` as one value per matrix (flattened batch)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol > 0):
-        raise ValueError(f"rtol must be a positive finite number, got {rtol!r}")
-    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
         raise ValueError(f"max_iter must be a positive integer or None, got {max_iter!r}")
+    if isinstance(rtol, (int, float)) and not isinstance(rtol, bool):
+        values = np.asarray(float(rtol))
+    elif batch_shape is not None and isinstance(rtol, (np.ndarray, list, tuple)):
+        values = np.asarray(rtol, dtype=np.float64)
+    else:
+        raise ValueError(f"rtol must be a positive finite number, got {rtol!r}")
+    if not (np.all(np.isfinite(values)) and np.all(values > 0)):
+        raise ValueError(f"rtol must be a positive finite number, got {rtol!r}")
+    shape = batch_shape or ()
+    try:
+        return np.broadcast_to(values, shape).reshape(-1).copy()
+    except ValueError:
+        raise ValueError(f"rtol of shape {values.shape} does not match the batch shape {shape}") from None
 
 
-def _start_vector(operator: LinearOperator, state: SigmaState | None, seed: Any) -> tuple[Any, bool]:
-    """The unit start vector and whether it is random: the state's ``v``, else a random one."""
-    n = operator.shape[1]
-    if state is None:
-        return krylov.random_vector(operator, n, seed), True
+def _checked_state(state: Any, operator: LinearOperator, batch_shape: tuple[int, ...] | None) -> None:
+    """Raise unless ``state`` is a SigmaState whose vectors fit the operator (and batch)."""
     if not isinstance(state, SigmaState):
         raise TypeError(f"state must be a SigmaState from estimate_sigma, got {type(state).__name__}")
     if state.v is None:  # from method="svd", which computes no vectors
-        return krylov.random_vector(operator, n, seed), True
-    if array_namespace(state.v) is not operator.xp:
-        raise TypeError(
-            f"the state holds {library_name(state.v)} arrays but the weight needs "
-            f"{operator.xp.__name__} vectors; mixed array libraries in one call"
-        )
-    if device_of(state.v) != operator.device:
-        raise ValueError(
-            f"the state's vectors are on device {device_of(state.v)} but the weight is on "
-            f"{operator.device}; move the state's u and v to the weight's device (lipnorm "
-            "moves nothing between devices), or start without a state"
-        )
-    if tuple(state.v.shape) != (n,):
-        raise ValueError(
-            f"the state's v has shape {tuple(state.v.shape)} but the operator needs ({n},); "
-            "was the state made for another weight?"
-        )
-    v = operator.xp.astype(state.v, operator.dtype)
-    norm = krylov.vector_norm(operator.xp, v)
-    if norm == 0.0:
-        return krylov.random_vector(operator, n, seed), True
-    return v / norm, False
+        return
+    for vector in (state.u, state.v):
+        if array_namespace(vector) is not operator.xp:
+            raise TypeError(
+                f"the state holds {library_name(vector)} arrays but the weight needs "
+                f"{operator.xp.__name__} vectors; mixed array libraries in one call"
+            )
+        if device_of(vector) != operator.device:
+            raise ValueError(
+                f"the state's vectors are on device {device_of(vector)} but the weight is on "
+                f"{operator.device}; move the state's u and v to the weight's device (lipnorm "
+                "moves nothing between devices), or start without a state"
+            )
+    prefix = tuple(batch_shape) if batch_shape is not None else ()
+    m, n = operator.shape
+    for name, vector, length in (("u", state.u, m), ("v", state.v, n)):
+        if tuple(vector.shape) != prefix + (length,):
+            raise ValueError(
+                f"the state's {name} has shape {tuple(vector.shape)} but the "
+                f"{'stack' if batch_shape is not None else 'operator'} needs {prefix + (length,)}; "
+                "was the state made for another weight"
+                + (" (or without batched=True)?" if batch_shape is not None else " (or a stack)?")
+            )
+
+
+def _start_vectors(operator: LinearOperator, state: SigmaState | None, seed: Any, left: bool
+                   ) -> tuple[Any, np.ndarray]:
+    """Unit start vectors, one per matrix, on the side the iteration runs on (the left side,
+    of length m, when ``left``), and which of them are random.
+
+    The state's vectors where it has them (a zero vector is replaced by a random one),
+    else random ones drawn from ``seed``.
+    """
+    xp = operator.xp
+    count = operator.count
+    length = operator.shape[0] if left else operator.shape[1]
+    if state is None or state.v is None:
+        return krylov.random_vectors(operator, count, length, seed), np.ones(count, dtype=bool)
+    warm = xp.reshape(xp.astype(state.u if left else state.v, operator.dtype), (count, length))
+    starts, norms = krylov.unit_rows(xp, warm, operator)
+    zero = norms == 0.0
+    if np.any(zero):
+        random = krylov.random_vectors(operator, count, length, seed)
+        starts = starts + random * krylov.column_of(zero.astype(np.float64), operator)
+    return starts, zero
 
 
 def _dense(operator: LinearOperator) -> Any:
@@ -161,22 +217,25 @@ def _dense(operator: LinearOperator) -> Any:
     return dense_from_products(operator)
 
 
-def _svd_state(operator: LinearOperator) -> SigmaState:
-    dense = _dense(operator)
+def _svd_values(operator: LinearOperator) -> np.ndarray:
+    """Exact sigma of each matrix (an SVD; stacks batched), on the host."""
+    dense = _dense(operator) if operator.count == 1 else operator.to_dense()
     xp = operator.xp
     svdvals = getattr(getattr(xp, "linalg", None), "svdvals", None)
     if svdvals is not None:
-        sigma = float(xp.max(svdvals(dense)))
+        values = to_numpy(xp.max(svdvals(dense), axis=-1))
     else:
-        sigma = float(np.linalg.svd(to_numpy(dense), compute_uv=False)[0])
-    return SigmaState(None, None, sigma, 0.0, 0.0, True, 0, 0, "svd")
+        values = np.max(np.linalg.svd(to_numpy(dense), compute_uv=False), axis=-1)
+    return np.asarray(values, dtype=np.float64).reshape(operator.count)
 
 
-def _auto_method(operator: LinearOperator, rtol: float, state: SigmaState | None) -> str:
+def _auto_method(operator: LinearOperator, rtol: np.ndarray, state: SigmaState | None) -> str:
     """``"svd"`` where it is cheap or where ``rtol`` asks for near machine precision."""
     side = min(operator.shape)
-    dense = isinstance(operator, DenseOperator) and not isinstance(operator, DaskOperator)
-    if dense and state is None and (side <= AUTO_SVD_LIMIT or (rtol < 1e-10 and side <= 1024)):
+    dense = isinstance(operator, (DenseOperator, DenseStack)) and not isinstance(
+        operator, (DaskOperator, DaskStack))
+    precise = bool(np.min(rtol) < 1e-10)
+    if dense and state is None and (side <= AUTO_SVD_LIMIT or (precise and side <= 1024)):
         return "svd"
     return "lanczos"
 
@@ -185,12 +244,13 @@ def estimate_sigma(
     weight: Any,
     *,
     method: str = "auto",
-    rtol: float = 1e-6,
+    rtol: Any = 1e-6,
     max_iter: int | None = None,
     dim: int | None = None,
+    batched: bool = False,
     state: SigmaState | None = None,
     return_state: bool = False,
-    seed: Any = None,
+    seed: Any = DEFAULT_SEED,
 ) -> Any:
     """Estimate the largest singular value (spectral norm) of ``weight``.
 
@@ -198,19 +258,22 @@ def estimate_sigma(
     ----------
     weight : array or linear operator
         A NumPy, CuPy, PyTorch, TensorFlow, JAX, Dask or any array-API array;
-        1-D (its 2-norm), 2-D, or N-D with ``dim``. Or a linear operator: a
+        1-D (its 2-norm), 2-D, or N-D with ``dim``, or, with ``batched=True``,
+        a stack of matrices of shape ``(..., m, n)``. Or a linear operator: a
         lipnorm operator (e.g. :func:`lipnorm.conv_operator`), a SciPy sparse
         matrix or ``LinearOperator``, or any object with ``shape``, ``dtype``,
         ``matvec`` and ``rmatvec``.
     method : {"auto", "power", "lanczos", "svd"}
-        ``"lanczos"``: Golub-Kahan-Lanczos bidiagonalization with full
-        reorthogonalization (few products even on clustered spectra);
-        ``"power"``: power iteration; ``"svd"``: exact singular values (small
-        matrices; a reference); ``"auto"``: ``"svd"`` for dense matrices whose
-        smaller side is at most 32 (or 1024 when ``rtol < 1e-10``), else ``"lanczos"``.
-    rtol : float
-        Relative accuracy of sigma: the iteration stops when its estimate of the
-        error ``sigma_max - sigma`` is at most ``rtol * sigma`` (``state.error``).
+        ``"lanczos"``: Lanczos on ``W^H W`` with full reorthogonalization (the
+        Krylov space of Golub-Kahan bidiagonalization; few products even on
+        clustered spectra); ``"power"``: power iteration; ``"svd"``: exact singular
+        values (small matrices; a reference); ``"auto"``: ``"svd"`` for dense
+        matrices whose smaller side is at most 32 (or 1024 when ``rtol < 1e-10``),
+        else ``"lanczos"``.
+    rtol : float, or array of shape ``W.shape[:-2]`` with ``batched=True``
+        Relative accuracy of sigma, each matrix of a stack held to its own: the
+        iteration stops when its estimate of the error ``sigma_max - sigma`` is at
+        most ``rtol * sigma`` (``state.error``).
         Lanczos from a random start estimates it by about ``residual**2 / (4 gap)``,
         the gap to the next singular value taken from its own Ritz values
         (Kato-Temple): the result is then within ``rtol`` of sigma_max when that
@@ -231,32 +294,47 @@ def estimate_sigma(
         with ``A^H``). Default: 10000 for power iteration, 2000 for Lanczos.
     dim : int, optional
         For N-D arrays, the axis kept as rows (the rest is flattened), as in
-        ``torch.nn.utils.spectral_norm``.
+        ``torch.nn.utils.spectral_norm``. Not with ``batched=True``.
+    batched : bool
+        Read ``weight`` (an array of at least two axes) as a stack of matrices: the
+        last two axes are the matrix, the leading ones the batch, as in
+        ``torch.linalg.matrix_norm`` and the array API's ``linalg`` functions (MoE
+        experts ``(E, d, f)``, per-head weights). The matrices are iterated together,
+        one batched product per step for the whole stack; each stops on its own
+        ``rtol`` and leaves the batch. A 3-D array without ``batched=True`` or
+        ``dim`` is an error: lipnorm never guesses between a stack and a
+        convolution kernel.
     state : SigmaState, optional
-        Warm start from an earlier call on the same (or a slowly changing) weight.
-        A weight that maps the state's vector to zero (pruned along it) is
+        Warm start from an earlier call on the same (or a slowly changing) weight,
+        with the same ``batched``: one warm start per matrix of a stack.
+        A matrix that maps its state's vector to zero (pruned along it) is
         estimated again from a random vector.
     return_state : bool
         Also return the :class:`SigmaState`.
-    seed : int or numpy.random.Generator, optional
-        Seed of the random start vector (drawn with NumPy, moved to the weight's device).
+    seed : int, numpy.random.Generator or None
+        Seed of the random start vectors (drawn with NumPy, moved to the weight's
+        device). The default, :data:`DEFAULT_SEED`, makes every call on the same
+        input return the same sigma, bit for bit; another seed chooses other
+        starts, ``None`` fresh ones from the operating system.
 
     Returns
     -------
-    sigma : array, shape ()
-        0-d array of the weight's library, real dtype (float16/bfloat16 inputs
-        are computed in float32 and returned in their own dtype) and device.
+    sigma : array, shape () or ``W.shape[:-2]`` with ``batched=True``
+        Array of the weight's library, real dtype (float16/bfloat16 inputs are
+        computed in float32 and returned in their own dtype) and device.
     state : SigmaState
         Only with ``return_state=True``.
 
     Raises
     ------
     TypeError
-        Non-numeric or boolean dtype, arrays of different libraries, not an array.
+        Non-numeric or boolean dtype, arrays of different libraries, not an array,
+        a linear operator with ``batched=True``.
     ValueError
-        NaN/Inf entries, an empty or 0-d array, N-D without ``dim``, bad options;
-        a torch tensor on the meta device (no values); a ``state`` on another device
-        than the weight;
+        NaN/Inf entries (with ``batched=True``: naming the first matrix of the stack
+        that has them), an empty or 0-d array, N-D without ``dim`` or ``batched``,
+        ``dim`` with ``batched``, bad options; a torch tensor on the meta device (no
+        values); a ``state`` on another device than the weight or of another shape;
         a sigma beyond the range of the dtype it is returned in; an operator
         (not an array, which is scaled by a power of two instead) whose products
         are too small or too large for its dtype
@@ -266,7 +344,8 @@ def estimate_sigma(
     -----
     ConvergenceWarning
         When ``max_iter`` is reached before the error estimate is at most
-        ``rtol * sigma`` (``state.converged`` is then False).
+        ``rtol * sigma`` (``state.converged`` is then False), naming the matrices of a
+        stack it concerns.
 
     Examples
     --------
@@ -274,112 +353,202 @@ def estimate_sigma(
     >>> W = np.diag([3.0, 2.0, 1.0])
     >>> float(lipnorm.estimate_sigma(W))
     3.0
+    >>> experts = np.stack([np.eye(4), 2.0 * np.eye(4)])  # a stack of two 4 x 4 matrices
+    >>> lipnorm.estimate_sigma(experts, batched=True).tolist()
+    [1.0, 2.0]
+
+    References
+    ----------
+    .. [1] G. Golub and W. Kahan, "Calculating the singular values and pseudo-inverse
+       of a matrix", SIAM J. Numer. Anal. 2(2), 1965.
+    .. [2] Y. Saad, *Numerical Methods for Large Eigenvalue Problems*, 2nd ed., SIAM
+       2011, §6.3 (Lanczos with reorthogonalization).
     """
-    _check_options(method, rtol, max_iter)
-    operator = as_operator(weight, dim=dim)
+    operator, batch_shape = _operator_of(weight, dim, batched)
+    rtol = _check_options(method, rtol, max_iter, batch_shape)
+    if state is not None:
+        _checked_state(state, operator, batch_shape)
     if method == "auto":
         method = _auto_method(operator, rtol, state)
     if method == "svd":
-        result = _svd_state(operator)
+        values = _svd_values(operator)
+        zeros = np.zeros(operator.count)
+        found = krylov.StackResult(values, zeros, zeros.copy(), np.ones(operator.count, dtype=bool),
+                                   np.zeros(operator.count, dtype=np.int64), None, None)
     else:
-        start, random_start = _start_vector(operator, state, seed)
         limit = max_iter if max_iter is not None else (2000 if method == "lanczos" else 10000)
-        found = _iterate(_runner(method, random_start), operator, start, rtol=rtol, max_iter=limit)
-        if found.sigma == 0.0 and not random_start:
-            # W v = 0 for the warm start (e.g. W pruned along it): not evidence that W = 0.
-            cold = krylov.random_vector(operator, operator.shape[1], seed)
-            retry = _iterate(_runner(method, True), operator, cold, rtol=rtol, max_iter=limit)
-            found = dataclasses.replace(
-                retry,
-                iterations=found.iterations + retry.iterations,
-                matvecs=found.matvecs + retry.matvecs,
-            )
-        result = SigmaState(
-            found.u,
-            found.v,
-            found.sigma,
-            found.residual,
-            found.error,
-            found.converged,
-            found.iterations,
-            found.matvecs,
-            method,
+        found = _krylov_estimate(operator, method, rtol, limit, state, seed)
+        _warn_unconverged(found, method, rtol, batch_shape)
+    sigma = _as_output(operator, weight, found.sigma, batch_shape)
+    if not return_state:
+        return sigma
+    return sigma, _state_of(found, method, operator, batch_shape)
+
+
+def _operator_of(weight: Any, dim: int | None, batched: bool) -> tuple[LinearOperator, tuple[int, ...] | None]:
+    """The operator to estimate and, for a stack, its batch shape (None for one matrix)."""
+    if not isinstance(batched, bool):
+        raise TypeError(f"batched must be True or False, got {batched!r}")
+    if not batched:
+        return as_operator(weight, dim=dim), None
+    if dim is not None:
+        raise ValueError(
+            f"dim={dim} flattens an N-D array into one matrix, batched=True reads it as a stack "
+            "of matrices over its leading axes; pass one of them"
         )
-        if not found.converged:
-            warnings.warn(
-                f"{method} stopped after {found.iterations} iterations with relative error "
-                f"estimate {found.error / max(found.sigma, 1e-300):.2e} > rtol={rtol:g}; "
-                "raise max_iter, use method='lanczos', or loosen rtol",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-    sigma = _as_output(operator, weight, result.sigma)
-    return (sigma, result) if return_state else sigma
+    return stack_operator(weight)
 
 
-def _runner(method: str, random_start: bool) -> Any:
-    """The iteration of ``method`` (``"lanczos"`` or ``"power"``) as ``run(operator, v, *,
-    rtol, max_iter)``; Lanczos uses its gap rule only from a random start."""
-    if method == "power":
-        return krylov.power_iteration
-    return functools.partial(krylov.lanczos, random_start=random_start)
-
-
-def _iterate(run: Any, operator: LinearOperator, start: Any, *, rtol: float, max_iter: int
-             ) -> krylov.IterationResult:
-    """``run`` (a method of :mod:`lipnorm.krylov`) on the operator, scaled if need be.
-
-    A matrix whose products are out of its dtype's accurate range
-    (:class:`lipnorm.krylov.ScaleError`: entries near the subnormal or overflow
-    thresholds), or whose products all vanished, is multiplied by the power of two
-    that brings its largest entry into [0.5, 1), which is exact, and run again;
-    sigma and the residual are scaled back (``inf`` past the float range).
-    Other operators cannot be scaled: for them the error is raised.
-    """
-    dense = isinstance(operator, DenseOperator)
-    try:
-        with np.errstate(over="ignore"):  # an overflowing first product raises ScaleError
-            found = run(operator, start, rtol=rtol, max_iter=max_iter)
-    except krylov.ScaleError:
-        if not dense:
-            raise
+def _state_of(found: krylov.StackResult, method: str, operator: LinearOperator,
+              batch_shape: tuple[int, ...] | None) -> SigmaState:
+    """The SigmaState of a result: Python numbers for one matrix, arrays of the batch shape
+    for a stack."""
+    m, n = operator.shape
+    u, v = found.u, found.v
+    if batch_shape is None:
+        shape_of = lambda values: values.reshape(())[()].item()  # noqa: E731 - a Python number
+        prefix: tuple[int, ...] = ()
     else:
-        if found.sigma != 0.0 or not dense:
-            return found
-    xp = operator.xp
-    largest = float(xp.max(xp.abs(operator.matrix)))
-    if largest == 0.0:
-        return found  # the zero matrix (a ScaleError needs a nonzero product)
-    exponent = math.frexp(largest)[1]
-    scaled = type(operator)(krylov.scaled_by_power_of_two(operator.matrix, -exponent), xp)
-    found = run(scaled, start, rtol=rtol, max_iter=max_iter)
-    return dataclasses.replace(
-        found,
-        sigma=krylov.times_power_of_two(found.sigma, exponent),
-        residual=krylov.times_power_of_two(found.residual, exponent),
-        error=krylov.times_power_of_two(found.error, exponent),
+        shape_of = lambda values: values.reshape(batch_shape)  # noqa: E731
+        prefix = batch_shape
+    if u is not None:
+        u = operator.xp.reshape(u, prefix + (m,))
+        v = operator.xp.reshape(v, prefix + (n,))
+    iterations = found.iterations
+    return SigmaState(u, v, shape_of(found.sigma), shape_of(found.residual), shape_of(found.error),
+                      shape_of(found.converged), shape_of(iterations), shape_of(2 * iterations), method,
+                      found.passes * operator.passes_per_product)
+
+
+def _warn_unconverged(found: krylov.StackResult, method: str, rtol: np.ndarray,
+                      batch_shape: tuple[int, ...] | None) -> None:
+    if np.all(found.converged):
+        return
+    missed = np.flatnonzero(~found.converged)
+    first = int(missed[0])
+    relative = found.error[first] / max(found.sigma[first], 1e-300)
+    if batch_shape is None:
+        where = ""
+    else:
+        index = ", ".join(str(int(i)) for i in np.unravel_index(first, batch_shape))
+        where = f" on {missed.size} of {found.sigma.size} matrices (the first: [{index}])"
+    warnings.warn(
+        f"{method} stopped after {int(found.iterations[first])} iterations{where} with relative "
+        f"error estimate {relative:.2e} > rtol={rtol[first]:g}; raise max_iter, use "
+        "method='lanczos', or loosen rtol",
+        ConvergenceWarning,
+        stacklevel=3,
     )
 
 
-def _as_output(operator: LinearOperator, weight: Any, value: float) -> Any:
-    """``value`` as a 0-d array in the weight's namespace, real dtype and device.
+def _krylov_estimate(operator: LinearOperator, method: str, rtol: np.ndarray, limit: int,
+                     state: SigmaState | None, seed: Any) -> krylov.StackResult:
+    """Lanczos or power iteration on every matrix, from the state or random starts.
+
+    The iteration runs on the smaller side (``A A^H`` when ``m < n``); a matrix whose warm
+    start it maps to zero (not evidence that it is zero) runs again from a random start.
+    """
+    left = operator.shape[0] < operator.shape[1]
+    krylov_operator = operator.adjoint() if left else operator
+    starts, random_start = _start_vectors(operator, state, seed, left)
+    found = _iterate(method, krylov_operator, starts, random_start, rtol, limit)
+    again = np.flatnonzero((found.sigma == 0.0) & ~random_start)
+    if again.size:
+        xp = operator.xp
+        sub = krylov_operator.take(again)
+        cold = krylov.random_vectors(sub, again.size, krylov_operator.shape[1], seed)
+        retry = _iterate(method, sub, cold, np.ones(again.size, dtype=bool), rtol[again], limit)
+        found = _replaced(xp, operator.device, found, again, retry)
+    if left:
+        found = dataclasses.replace(found, u=found.v, v=found.u)
+    return found
+
+
+def _replaced(xp: Any, device: Any, found: krylov.StackResult, slots: np.ndarray,
+              retry: krylov.StackResult) -> krylov.StackResult:
+    """``found`` with the matrices ``slots`` replaced by ``retry`` (their iterations added)."""
+    merged = dataclasses.replace(found, sigma=found.sigma.copy(), residual=found.residual.copy(),
+                                 error=found.error.copy(), converged=found.converged.copy(),
+                                 iterations=found.iterations.copy(), passes=found.passes + retry.passes)
+    for name in ("sigma", "residual", "error", "converged"):
+        getattr(merged, name)[slots] = getattr(retry, name)
+    merged.iterations[slots] += retry.iterations
+    rows = np.arange(found.sigma.size)
+    rows[slots] = found.sigma.size + np.arange(slots.size)
+    index = xp.asarray(rows, device=device)
+    merged.u = xp.take(xp.concat([found.u, retry.u], axis=0), index, axis=0)
+    merged.v = xp.take(xp.concat([found.v, retry.v], axis=0), index, axis=0)
+    return merged
+
+
+def _iterate(method: str, operator: LinearOperator, starts: Any, random_start: np.ndarray,
+             rtol: np.ndarray, limit: int) -> krylov.StackResult:
+    """The method of :mod:`lipnorm.krylov` on the operator, scaled if need be.
+
+    A dense matrix whose largest entry lies outside :data:`SAFE_ENTRY_EXPONENTS` (where
+    the products of ``W^H W`` could leave the dtype's range), whose products turn out of
+    range all the same (:class:`lipnorm.krylov.ScaleError`), or whose products all
+    vanished, is multiplied by the power of two that brings its largest entry into
+    [0.5, 1), which is exact (each matrix of a stack by its own power); sigma and the
+    residual are scaled back (``inf`` past the float range). Other operators cannot be
+    scaled: for them the error is raised.
+    """
+    def run(target: LinearOperator) -> krylov.StackResult:
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range products raise ScaleError
+            if method == "power":
+                return krylov.power_stack(target, starts, rtol=rtol, max_iter=limit)
+            return krylov.lanczos_stack(target, starts, rtol=rtol, max_iter=limit, random_start=random_start)
+
+    largest = operator.largest
+    if not isinstance(operator, (DenseOperator, DenseStack)) or largest is None:
+        return run(operator)
+    exponents = np.where(largest > 0, np.frexp(np.where(largest > 0, largest, 1.0))[1], 0)
+    low, high = SAFE_ENTRY_EXPONENTS[0 if krylov._epsilon(operator.xp, operator.dtype) == 2.0**-23 else 1]
+    outside = (largest > 0) & ((exponents < low) | (exponents > high))
+    found = None
+    if not np.any(outside):
+        try:
+            found = run(operator)
+        except krylov.ScaleError:
+            pass
+        else:
+            if not np.any((found.sigma == 0.0) & (largest > 0)):
+                return found
+    found = run(operator.scaled(-exponents))
+    with np.errstate(over="ignore"):
+        back = {name: np.ldexp(getattr(found, name), exponents) for name in ("sigma", "residual", "error")}
+    return dataclasses.replace(found, **back)
+
+
+def _as_output(operator: LinearOperator, weight: Any, values: np.ndarray,
+               batch_shape: tuple[int, ...] | None) -> Any:
+    """``values`` as an array of shape ``batch_shape`` (0-d for one matrix) in the weight's
+    namespace, real dtype and device.
 
     Raises
     ------
     ValueError
-        If ``value`` is beyond the range of that dtype (it would become ``inf``).
+        If a value is beyond the range of that dtype (it would become ``inf``).
     """
     xp = operator.xp
-    input_dtype = weight.dtype if isinstance(operator, DenseOperator) else operator.dtype
+    dense = isinstance(operator, (DenseOperator, DenseStack))
+    input_dtype = weight.dtype if dense else operator.dtype
     dtype = _output_dtype(xp, input_dtype, operator.dtype)
     largest = float(xp.finfo(dtype).max)
-    if not value <= largest:
+    beyond = np.flatnonzero(~(values <= largest))
+    if beyond.size:
         raise ValueError(
-            f"sigma ({value:.4g}) does not fit in {getattr(dtype, 'name', dtype)}, whose largest "
-            f"value is {largest:.4g}; pass the weight in a wider dtype, or scaled down"
+            f"sigma ({values[beyond[0]]:.4g}) does not fit in {getattr(dtype, 'name', dtype)}, whose "
+            f"largest value is {largest:.4g}; pass the weight in a wider dtype, or scaled down"
         )
-    sigma = xp.asarray(value, dtype=dtype, device=operator.device)
-    if isinstance(operator, DaskOperator):
+    if batch_shape is None:
+        sigma = xp.asarray(float(values[0]), dtype=dtype, device=operator.device)
+    else:
+        host = values.reshape(batch_shape).astype(np.float64 if dtype == xp.float64 else np.float32)
+        sigma = xp.asarray(host, device=operator.device)
+        if sigma.dtype != dtype:
+            sigma = xp.astype(sigma, dtype)
+    if isinstance(operator, (DaskOperator, DaskStack)):
         import dask.array
 
         return dask.array.from_array(sigma)
@@ -387,7 +556,13 @@ def _as_output(operator: LinearOperator, weight: Any, value: float) -> Any:
 
 
 def sigma_bounds(
-    weight: Any, *, dim: int | None = None, method: str = "cholesky", steps: int | None = None
+    weight: Any,
+    *,
+    dim: int | None = None,
+    method: str = "cholesky",
+    steps: int | None = None,
+    batched: bool = False,
+    state: SigmaState | None = None,
 ) -> SigmaInterval:
     """Certified bounds ``lower <= sigma_max(weight) <= upper``, float rounding included.
 
@@ -407,19 +582,33 @@ def sigma_bounds(
         wide relative to sigma); ``"gram"``: Gram iteration with ``steps`` steps.
     steps : int, optional
         Gram-iteration steps (``method="gram"`` only; default 8).
+    batched : bool
+        Read ``weight`` as a stack of matrices ``(..., m, n)`` (see
+        :func:`estimate_sigma`) and bound each matrix.
+    state : SigmaState, optional
+        A state of :func:`estimate_sigma` on the same weight (same ``batched``), for
+        ``method="cholesky"``: its estimates set where each certificate is tried and
+        its vectors give the lower ends, so no eigenvalue problem is solved (the
+        Gram matrix and one Cholesky factorization per matrix remain). The bounds hold
+        whatever the state holds; a state far from the weight only costs the
+        eigenvalue problem again. The upper end is then about ``sigma + 2 error``
+        (the state's error estimate) instead of within rounding of sigma.
 
     Returns
     -------
     SigmaInterval
-        ``(lower, upper)`` as Python floats, unpackable as ``lo, hi = ...``.
+        ``(lower, upper)``, unpackable as ``lo, hi = ...``: Python floats, or, with
+        ``batched=True``, two float64 NumPy arrays of shape ``W.shape[:-2]``, one
+        interval per matrix.
 
     Raises
     ------
     TypeError, ValueError
         As for :func:`estimate_sigma`; also for an operator that has no dense
         form and is too large to densify, ``steps`` without ``method="gram"``,
-        and ``dim``, ``method`` or ``steps`` for an operator with its own
-        ``sigma_bounds()`` (pass them to that method instead).
+        ``state`` with ``method="gram"``, and ``dim``, ``method``, ``steps`` or
+        ``state`` for an operator with its own ``sigma_bounds()`` (pass them to that
+        method instead).
 
     Examples
     --------
@@ -427,25 +616,62 @@ def sigma_bounds(
     >>> lo, hi = lipnorm.sigma_bounds(np.diag([3.0, 2.0, 1.0]))
     >>> lo <= 3.0 <= hi and hi / lo < 1 + 1e-3
     True
+    >>> lower, upper = lipnorm.sigma_bounds(np.stack([np.eye(2), 3.0 * np.eye(2)]), batched=True)
+    >>> bool(np.all((lower <= [1.0, 3.0]) & ([1.0, 3.0] <= upper)))
+    True
     """
     if method not in ("cholesky", "gram"):
         raise ValueError(f"unknown method {method!r}; choose 'cholesky' or 'gram'")
     if steps is not None and method != "gram":
         raise ValueError(f"steps={steps} applies to method='gram' only (method={method!r})")
+    if state is not None and method != "cholesky":
+        raise ValueError("state= sets where the Cholesky certificate is tried: method='cholesky' only")
     own_bounds = getattr(weight, "sigma_bounds", None)
-    if callable(own_bounds):
-        if dim is not None or method != "cholesky" or steps is not None:
+    if callable(own_bounds) and not batched:
+        if dim is not None or method != "cholesky" or steps is not None or state is not None:
             raise ValueError(
-                f"a {type(weight).__name__} certifies its own norm and takes no dim, method or "
-                "steps here; pass its options to weight.sigma_bounds(...) instead"
+                f"a {type(weight).__name__} certifies its own norm and takes no dim, method, "
+                "steps or state here; pass its options to weight.sigma_bounds(...) instead"
             )
         return own_bounds()
-    operator = as_operator(weight, dim=dim)
-    if isinstance(operator, DenseOperator) and operator.xp.isdtype(weight.dtype, "integral"):
+    operator, batch_shape = _operator_of(weight, dim, batched)
+    if state is not None:
+        _checked_state(state, operator, batch_shape)
+    integral = isinstance(operator, (DenseOperator, DenseStack)) and operator.xp.isdtype(weight.dtype, "integral")
+    if integral:
         # The compute dtype can round integers (float32 above 2**24): certify the host copy.
-        dense = matrix_view(to_numpy(weight), dim=dim)[0]
+        host = to_numpy(weight)
+        dense = host.reshape((-1,) + host.shape[-2:]) if batched else matrix_view(host, dim=dim)[0]
+    elif batched:
+        dense = operator.to_dense()
     else:
         dense = _dense(operator)
+    if batched:
+        lower, upper = _bounds_each(dense, method, steps, state)
+        return SigmaInterval(lower.reshape(batch_shape), upper.reshape(batch_shape),
+                             "Cholesky certificate per matrix (float64)" if method == "cholesky"
+                             else "Gram iteration per matrix (float64)")
     if method == "gram":
         return gram_iteration_bounds(dense) if steps is None else gram_iteration_bounds(dense, steps=steps)
+    if state is not None and state.v is not None:
+        lower, upper = _bounds_each(dense, method, steps, state)
+        return SigmaInterval(float(lower[0]), float(upper[0]), "Cholesky certificate (float64)")
     return certified_stack_bounds(dense)
+
+
+def _bounds_each(dense: Any, method: str, steps: int | None, state: SigmaState | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Certified ``(lower, upper)`` of each matrix of a stack (or of one matrix)."""
+    if method == "gram":
+        from lipnorm.certificates import gram_iteration_block_bounds
+
+        return gram_iteration_block_bounds(dense) if steps is None else gram_iteration_block_bounds(dense, steps=steps)
+    if state is None or state.v is None:
+        return certified_bounds_each(dense)
+    estimates = np.asarray(state.sigma, dtype=np.float64).reshape(-1)
+    errors = np.asarray(state.error, dtype=np.float64).reshape(-1)
+    count = estimates.size
+    return certified_bounds_each(
+        dense, estimates=estimates + 2.0 * errors,
+        right_vectors=to_numpy(state.v).reshape(count, -1), left_vectors=to_numpy(state.u).reshape(count, -1),
+    )

@@ -49,7 +49,7 @@ def npz_file(tmp_path: Path) -> Path:
 def test_every_2d_to_5d_tensor_gets_a_row_with_sigma_and_a_certified_interval(capsys, npz_file):
     rows = run_json(capsys, str(npz_file))
     assert [row["name"] for row in rows] == ["fc1", "conv", "fc2"]
-    assert [row["measure"] for row in rows] == ["matrix", "reshaped kernel", "matrix"]
+    assert [row["measure"] for row in rows] == ["matrix", "reshaped", "matrix"]
     for row, tensor in zip(rows, (FC1, CONV, FC2)):
         exact = sigma_max(tensor.reshape(len(tensor), -1))
         np.testing.assert_allclose(row["sigma"], exact, rtol=1e-5)
@@ -77,7 +77,7 @@ def test_table_output(capsys, npz_file):
     assert main(["sigma", str(npz_file)]) == 0
     out = capsys.readouterr().out
     assert "fc1" in out and "fc2" in out and "conv" in out and "bias" not in out
-    assert "40×30" in out and "reshaped kernel" in out
+    assert "40×30" in out and "reshaped 8×27" in out and "not any one matrix's sigma" in out
     assert f"{sigma_max(FC1):.5f}"[:6] in out
     assert "certified interval" in out
 
@@ -248,7 +248,7 @@ def test_tensor_names_are_never_cut(capsys, tmp_path, monkeypatch, width):
     assert "…" not in out
     assert max(len(line) for line in out.splitlines()) <= width
     # The columns that matter stay; what is dropped to fit is said.
-    assert "reshaped kernel" in out and "conv operator on 3×6×6" in out
+    assert "reshaped 8×27" in out and "conv operator on 3×6×6" in out
     assert ("not shown to fit the terminal" in out) == (width < 200)
     # Too narrow for one table: each name heads its rows, on a line of its own.
     assert (LONG_NAMES[0] in out.splitlines()) == (width < 200)
@@ -302,7 +302,7 @@ def test_conv_kernels_get_reshaped_and_operator_rows(capsys, tmp_path, kernel_sh
     path = tmp_path / "w.npz"
     np.savez(path, kernel=kernel)
     reshaped, operator = run_json(capsys, str(path), "--input-size", input_size, *options)
-    assert reshaped["measure"] == "reshaped kernel"
+    assert reshaped["measure"] == "reshaped"
     exact = sigma_max(kernel.reshape(kernel_shape[0], -1))
     np.testing.assert_allclose(reshaped["sigma"], exact, rtol=1e-6)
     assert reshaped["lower"] <= exact <= reshaped["upper"]
@@ -317,7 +317,7 @@ def test_conv_kernels_get_reshaped_and_operator_rows(capsys, tmp_path, kernel_sh
 
 def test_input_size_of_another_rank_adds_no_operator_row(capsys, npz_file):
     rows = run_json(capsys, str(npz_file), "--input-size", "5,5,5")
-    assert [row["measure"] for row in rows] == ["matrix", "reshaped kernel", "matrix"]
+    assert [row["measure"] for row in rows] == ["matrix", "reshaped", "matrix"]
 
 
 def test_a_kernel_the_geometry_does_not_fit_gets_an_error_row(capsys, npz_file):
@@ -419,3 +419,170 @@ def test_interval_ends_are_rounded_outward_exactly():
         assert Decimal(_significant(value, 7, "down")) <= Decimal(value)
         assert Decimal(value) <= Decimal(_significant(value, 7, "up"))
     assert _significant(54.587032318115234, 6, "nearest") == "54.5870"
+
+
+# --- checkpoints: low-precision dtypes, scales, packed integers, shards ---
+
+
+def save_torch_safetensors(path: Path, tensors: dict) -> None:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch.save_file({name: t.contiguous() for name, t in tensors.items()}, str(path))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"])
+def test_low_precision_tensors_show_their_own_dtype_and_are_measured_exactly(capsys, tmp_path, dtype):
+    torch = pytest.importorskip("torch")
+    weight = (torch.randn(48, 40, generator=torch.Generator().manual_seed(3)) * 8).to(getattr(torch, dtype))
+    path = tmp_path / "w.safetensors"
+    save_torch_safetensors(path, {"proj.weight": weight})
+    (row,) = run_json(capsys, str(path))
+    assert row["dtype"] == dtype and row["dequantized"] is None
+    exact = sigma_max(weight.float().numpy())  # the stored values, widened exactly
+    np.testing.assert_allclose(row["sigma"], exact, rtol=1e-5)
+    assert row["lower"] <= exact <= row["upper"]
+    assert main(["sigma", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"│ {dtype} " in out and "printed to 6 significant digits" in out  # float32's precision
+
+
+def test_fp8_with_block_scales_is_measured_as_the_models_matrix(capsys, tmp_path):
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(260, 140, generator=generator) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(3, 2, generator=generator) / 100
+    path = tmp_path / "fp8.safetensors"
+    save_torch_safetensors(path, {"mlp.weight": weight, "mlp.weight_scale_inv": scale})
+    (row,) = run_json(capsys, str(path))
+    assert row["name"] == "mlp.weight" and row["dtype"] == "float8_e4m3fn"
+    assert row["dequantized"] == "× weight_scale_inv per 128×128 block"
+    blocks = scale.repeat_interleave(128, 0)[:260].repeat_interleave(128, 1)[:, :140]
+    exact = sigma_max((weight.float() * blocks).numpy())
+    np.testing.assert_allclose(row["sigma"], exact, rtol=1e-5)
+    assert row["lower"] <= exact <= row["upper"]
+    assert main(["sigma", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "matrix × weight_scale_inv per 128×128 block" in out
+    assert "× scale: a float8 or int8 weight times its scale tensor" in out
+
+
+def test_packed_quantizations_are_skipped_counted_and_explained(capsys, tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "gptq.safetensors"
+    save_torch_safetensors(path, {
+        "layer.qweight": torch.zeros(16, 64, dtype=torch.int32),
+        "layer.qzeros": torch.zeros(1, 8, dtype=torch.int32),
+        "layer.scales": torch.ones(1, 64, dtype=torch.float16),
+        "lm_head.weight": torch.from_numpy(FC2),
+    })
+    assert main(["sigma", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [row["name"] for row in json.loads(captured.out)] == ["lm_head.weight"]
+    assert ("skipped 3 tensors of packed integer quantizations (layer.qweight, layer.qzeros, "
+            "layer.scales), which lipnorm does not unpack") in captured.err
+    err = run_failing(capsys, "sigma", str(path), "--key", "layer.qweight")
+    assert ("tensor 'layer.qweight' is a packed int32 quantization (GPTQ/AWQ qweight), which "
+            "lipnorm does not unpack") in err
+
+
+@pytest.fixture
+def sharded(tmp_path: Path) -> Path:
+    """A checkpoint of two shards and their index; returns the index."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    shards = {"model-00001-of-00002.safetensors": {"fc1": FC1, "bias": BIAS},
+              "model-00002-of-00002.safetensors": {"fc2": FC2}}
+    for name, arrays in shards.items():
+        safetensors_numpy.save_file(arrays, str(tmp_path / name))
+    weight_map = {name: shard for shard, arrays in shards.items() for name in arrays}
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+def test_a_sharded_checkpoint_is_one_model(capsys, sharded):
+    for path in (sharded, sharded.parent):
+        rows = run_json(capsys, str(path))
+        assert [row["name"] for row in rows] == ["fc1", "fc2"]
+        for row, tensor in zip(rows, (FC1, FC2)):
+            np.testing.assert_allclose(row["sigma"], sigma_max(tensor), rtol=1e-5)
+
+
+def test_bad_checkpoints_give_one_line_naming_the_file_and_tensor(capsys, sharded):
+    index = json.loads(sharded.read_text())
+    index["weight_map"]["head"] = "model-00003-of-00003.safetensors"
+    sharded.write_text(json.dumps(index))
+    err = run_failing(capsys, "sigma", str(sharded))
+    assert "model.safetensors.index.json: names shard 'model-00003-of-00003.safetensors', which is missing" in err
+    # safetensors knows this dtype, lipnorm does not read it.
+    path = sharded.parent / "mx.safetensors"
+    header = b'{"w": {"dtype": "F8_E8M0", "shape": [2, 2], "data_offsets": [0, 4]}}'
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    err = run_failing(capsys, "sigma", str(path))
+    assert f"{path}: tensor 'w' has dtype F8_E8M0, which lipnorm cannot read" in err
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 64]}}',
+     b'{"w": {"dtype": "F32", "shape": [3, 2], "data_offsets": [0, 16]}}',
+     b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 24]}}',
+     b'{"w": {"dtype": "Q4", "shape": [2, 2], "data_offsets": [0, 16]}}'],
+    ids=["offsets-past-the-end", "shape-vs-offsets", "offsets-leave-a-gap", "unknown-dtype"],
+)
+def test_a_header_that_lies_is_one_line_and_exit_2_from_the_console(tmp_path, header):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    result = subprocess.run(
+        [sys.executable, "-m", "lipnorm.cli", "sigma", str(path)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"lipnorm: error: {path}: ") and result.stderr.count("\n") == 1
+
+
+def test_an_expert_stack_without_stack_says_what_was_measured(capsys, tmp_path):
+    path = tmp_path / "moe.npz"
+    experts = RNG.standard_normal((8, 64, 128)).astype(np.float32)
+    np.savez(path, **{"mlp.experts.w1": experts})
+    (row,) = run_json(capsys, str(path))
+    assert row["measure"] == "reshaped"
+    np.testing.assert_allclose(row["sigma"], sigma_max(experts.reshape(8, -1)), rtol=1e-5)
+    assert main(["sigma", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "reshaped 8×8192" in out and "kernel" not in out.split("\n")[3]
+    assert "for a stack of matrices (experts, heads), not any one matrix's sigma" in out
+
+
+def test_no_bounds_gives_estimates_only(capsys, npz_file):
+    rows = run_json(capsys, str(npz_file), "--no-bounds")
+    for row, tensor in zip(rows, (FC1, CONV, FC2)):
+        np.testing.assert_allclose(row["sigma"], sigma_max(tensor.reshape(len(tensor), -1)), rtol=1e-5)
+        assert row["lower"] is None and row["upper"] is None and row["bounds_method"] is None
+        assert row["bounds_seconds"] is None and row["sigma_seconds"] >= 0
+    assert main(["sigma", str(npz_file), "--no-bounds"]) == 0
+    out = capsys.readouterr().out
+    assert "certified interval ┃" not in out and "No certified interval (--no-bounds)." in out
+
+
+def test_json_has_the_frobenius_norm_and_the_stable_rank(capsys, npz_file):
+    rows = run_json(capsys, str(npz_file))
+    for row, tensor in zip(rows, (FC1, CONV, FC2)):
+        frobenius = float(np.linalg.norm(tensor.astype(np.float64)))
+        np.testing.assert_allclose(row["frobenius"], frobenius, rtol=1e-12)
+        np.testing.assert_allclose(row["stable_rank"], frobenius**2 / sigma_max(tensor.reshape(len(tensor), -1))**2,
+                                   rtol=1e-5)
+        assert 1 <= row["stable_rank"] <= min(tensor.shape[0], tensor[0].size)
+
+
+def test_a_progress_bar_runs_over_the_tensors_on_a_terminal(capsys, npz_file, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    terminal = io.StringIO()
+    monkeypatch.setattr("lipnorm.cli._progress_console",
+                        lambda: Console(file=terminal, force_terminal=True, width=100))
+    rows = run_json(capsys, str(npz_file))  # stdout is the JSON alone
+    assert len(rows) == 3
+    shown = terminal.getvalue()
+    assert "3/3 fc2" in shown  # the last refresh: (3 of 3 tensors) measuring fc2
+    assert shown.endswith("\x1b[2K")  # erased when done

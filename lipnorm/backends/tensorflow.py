@@ -76,9 +76,23 @@ def abs(x: tf.Tensor) -> tf.Tensor:  # noqa: A001 - array-API name
     return tf.math.abs(x)
 
 
+def _propagating_nan(reduced: tf.Tensor, x: tf.Tensor, axis: Any, keepdims: bool) -> tf.Tensor:
+    """``reduced``, NaN wherever ``x`` has a NaN along ``axis`` (as the array API requires;
+    TensorFlow's reductions do not promise it)."""
+    if not x.dtype.is_floating:
+        return reduced
+    has_nan = tf.math.reduce_any(tf.math.is_nan(x), axis=axis, keepdims=keepdims)
+    return tf.where(has_nan, tf.constant(float("nan"), dtype=reduced.dtype), reduced)
+
+
 def max(x: tf.Tensor, axis: Any = None, keepdims: bool = False) -> tf.Tensor:  # noqa: A001
-    """Maximum over ``axis``."""
-    return tf.math.reduce_max(x, axis=axis, keepdims=keepdims)
+    """Maximum over ``axis`` (NaN propagates)."""
+    return _propagating_nan(tf.math.reduce_max(x, axis=axis, keepdims=keepdims), x, axis, keepdims)
+
+
+def min(x: tf.Tensor, axis: Any = None, keepdims: bool = False) -> tf.Tensor:  # noqa: A001
+    """Minimum over ``axis`` (NaN propagates)."""
+    return _propagating_nan(tf.math.reduce_min(x, axis=axis, keepdims=keepdims), x, axis, keepdims)
 
 
 def sum(x: tf.Tensor, axis: Any = None, keepdims: bool = False) -> tf.Tensor:  # noqa: A001
@@ -110,6 +124,29 @@ def all(x: tf.Tensor, axis: Any = None, keepdims: bool = False) -> tf.Tensor:  #
 def stack(arrays: Any, axis: int = 0) -> tf.Tensor:
     """Stack tensors along a new axis."""
     return tf.stack(list(arrays), axis=axis)
+
+
+def concat(arrays: Any, axis: int = 0) -> tf.Tensor:
+    """Join tensors along an existing axis."""
+    return tf.concat(list(arrays), axis=axis)
+
+
+def take(x: tf.Tensor, indices: tf.Tensor, axis: int = 0) -> tf.Tensor:
+    """The entries of ``x`` at ``indices`` along ``axis``."""
+    return tf.gather(x, indices, axis=axis)
+
+
+def where(condition: tf.Tensor, x1: tf.Tensor, x2: tf.Tensor) -> tf.Tensor:
+    """``x1`` where ``condition`` holds, else ``x2`` (broadcast)."""
+    return tf.where(condition, x1, x2)
+
+
+def zeros(shape: tuple[int, ...], dtype: Any = None, device: Any = None) -> tf.Tensor:
+    """A tensor of zeros (float32 unless ``dtype``), placed on ``device``."""
+    if device is not None:
+        with tf.device(device):
+            return tf.zeros(shape, dtype=dtype or tf.float32)
+    return tf.zeros(shape, dtype=dtype or tf.float32)
 
 
 def isdtype(dtype: Any, kind: Any) -> bool:
@@ -156,11 +193,16 @@ namespace = types.SimpleNamespace(
     conj=conj,
     abs=abs,
     max=max,
+    min=min,
     sum=sum,
     sqrt=sqrt,
     isfinite=isfinite,
     all=all,
     stack=stack,
+    concat=concat,
+    take=take,
+    where=where,
+    zeros=zeros,
     isdtype=isdtype,
     finfo=finfo,
     linalg=types.SimpleNamespace(vector_norm=_vector_norm),

@@ -30,10 +30,10 @@ def certify(model, input_shape=None, *, method: str = "auto", time_budget: float
         Shape of one input without the batch axis (channels first for torch and ONNX, as
         the model expects). Needed by torch; Keras and ONNX take it from the model when
         it is fixed there.
-    method : {"auto", "product", "chain", "sdp"}
+    method : {"auto", "product", "chain", "conv_sdp", "sdp"}
         ``"auto"`` (default): the tightest certified bound of the ladder within
-        ``time_budget``, never looser than ``"product"``. ``"chain"`` and ``"sdp"``
-        climb the ladder up to that method and report the tightest bound on the way;
+        ``time_budget``, never looser than ``"product"``. ``"chain"``, ``"conv_sdp"``
+        (convolutional chains at any image size) and ``"sdp"`` climb the ladder up to that method and report the tightest bound on the way;
         where a method does not apply (a layer it cannot hold, multipliers that fail
         the exact check) ``Certificate.ladder`` says why and the bound below it stands.
         ``"sdp"`` on a network too large for the budget raises ``ValueError`` naming

@@ -67,7 +67,7 @@ class Certificate:
     lower : float or None
         A lower bound (from :func:`lipnorm.lipschitz_lower_bound`) when one was computed.
     method : str
-        The method whose bound ``upper`` is (``"product"``, ``"chain"`` or ``"sdp"``).
+        The method whose bound ``upper`` is (``"product"``, ``"chain"``, ``"conv_sdp"`` or ``"sdp"``).
     ladder : tuple of MethodRun
         Every method tried, with its certified bound (None where it did not apply, and
         why) and its time.
@@ -233,7 +233,7 @@ class Certificate:
                   label="cumulative bound")
         if self.lower is not None and self.lower > 0:
             axes.axhline(self.lower, color="tab:green", linestyle="--", label="lower bound (model)")
-        styles = {"chain": "tab:orange", "sdp": "tab:purple"}
+        styles = {"chain": "tab:orange", "conv_sdp": "tab:green", "sdp": "tab:purple"}
         for run in self.ladder:
             if run.method in styles and run.upper is not None:
                 axes.axhline(run.upper, color=styles[run.method], linestyle=":",

@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from lipnorm.certify.errors import NotCertifiableError
+from lipnorm.certify.methods import METHODS
 
 __all__ = ["ModelFileError", "add_arguments", "load_model", "run_certify"]
 
@@ -93,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", type=_shape,
                         help="one input's shape without batch, e.g. 3,224,224 (channels first "
                              "for torch and ONNX)")
-    parser.add_argument("--method", choices=("auto", "product", "chain", "sdp"), default="auto",
+    parser.add_argument("--method", choices=METHODS, default="auto",
                         help="how to bound the network (default auto: the tightest certified "
                              "bound of the ladder within --time-budget)")
     parser.add_argument("--time-budget", type=_seconds, default=10.0,

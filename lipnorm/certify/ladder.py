@@ -92,7 +92,7 @@ def certify_graph(graph: Graph, *, model_name: str, input_shape: tuple[int, ...]
         listed in the report with bound 1.
     progress : callable, optional
         Called as ``progress(done, total, layer_name)`` before each layer is bounded.
-    method : {"product", "chain", "sdp", "auto"}
+    method : {"product", "chain", "conv_sdp", "sdp", "auto"}
         The rung of the ladder to climb to (see :mod:`lipnorm.certify.methods`).
     time_budget : float
         Seconds the tighter methods may take, counted from the start.
@@ -144,7 +144,7 @@ def run_ladder(context: MethodContext, *, method: str, started: float) -> Ladder
     Parameters
     ----------
     context : MethodContext
-    method : {"product", "chain", "sdp", "auto"}
+    method : {"product", "chain", "conv_sdp", "sdp", "auto"}
     started : float
         ``time.perf_counter()`` when certification started (the product's time counts from it).
 

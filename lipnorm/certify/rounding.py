@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 
 from lipnorm.bounds import round_up
 
-__all__ = ["UNIT_ROUNDOFF", "frobenius_upper", "gamma", "vector_norm_upper"]
+__all__ = ["UNIT_ROUNDOFF", "frobenius_upper", "gamma", "sqrt_upper", "vector_norm_upper"]
 
 UNIT_ROUNDOFF = 2.0**-53
 
@@ -28,3 +31,11 @@ def frobenius_upper(matrix: np.ndarray) -> float:
 def vector_norm_upper(vector: np.ndarray) -> float:
     """An upper bound of the Euclidean norm of a vector."""
     return frobenius_upper(vector)
+
+
+def sqrt_upper(value: float) -> float:
+    """The smallest float whose square is at least ``value`` (≥ 0)."""
+    root = math.sqrt(value)
+    while Fraction(root) ** 2 < Fraction(value):
+        root = math.nextafter(root, math.inf)
+    return root

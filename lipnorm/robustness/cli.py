@@ -18,6 +18,7 @@ import numpy as np
 
 from lipnorm.certify.cli import ModelFileError, load_model
 from lipnorm.certify.errors import NotCertifiableError
+from lipnorm.certify.methods import METHODS
 
 __all__ = ["DataFileError", "add_arguments", "load_samples", "run_robustness"]
 
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also report accuracy under foolbox's L2 attack")
     parser.add_argument("--domain", type=_floats,
                         help="LOW,HIGH: the inputs' valid range, kept by the attack (the radii never use it)")
-    parser.add_argument("--method", choices=("auto", "product", "chain", "sdp"), default="auto",
+    parser.add_argument("--method", choices=METHODS, default="auto",
                         help="certificate method for the bounds (default auto)")
     parser.add_argument("--time-budget", type=float, default=10.0,
                         help="seconds the tighter certificate methods may use (default 10)")

@@ -97,3 +97,33 @@ def test_torch_cuda_half_precision():
     sigma = lipnorm.estimate_sigma(weight)
     assert sigma.dtype == gpu.module.float16 and sigma.device.type == "cuda"
     assert_relative_close(float(sigma), true_sigma(weight), 1e-2, "float16")
+
+
+STACK = RNG.standard_normal((4, 2, 60, 40)).astype(np.float32)
+
+
+def test_a_stack_result_and_state_stay_on_the_gpu(gpu):
+    weight = gpu.asarray(STACK)
+    sigma, state = lipnorm.estimate_sigma(weight, batched=True, method="lanczos", return_state=True)
+    device = device_of(weight)
+    for array, what in ((sigma, "sigma"), (state.u, "state.u"), (state.v, "state.v")):
+        assert_on_device(array, device, what)
+    assert tuple(sigma.shape) == (4, 2) and str(sigma.dtype).endswith("float32")
+    assert tuple(state.u.shape) == (4, 2, 60) and tuple(state.v.shape) == (4, 2, 40)
+    truths = np.array([true_sigma(matrix) for matrix in STACK.reshape(-1, 60, 40)]).reshape(4, 2)
+    np.testing.assert_allclose(np.asarray(gpu.host(sigma)), truths, rtol=2e-6)
+    nudged = gpu.asarray((STACK * 1.001).astype(np.float32))
+    warm_sigma, warm = lipnorm.estimate_sigma(nudged, batched=True, state=state, return_state=True)
+    assert_on_device(warm_sigma, device, "warm sigma")
+    assert np.all(warm.converged)
+    lower, upper = lipnorm.sigma_bounds(nudged, batched=True, state=warm)
+    assert np.all((lower <= 1.001 * truths * (1 + 1e-6)) & (1.001 * truths * (1 - 1e-6) <= upper))
+
+
+def test_torch_cuda_bfloat16_stack():
+    gpu = GpuBackend("torch-cuda")
+    weight = gpu.asarray(STACK, dtype=gpu.module.bfloat16)
+    sigma = lipnorm.estimate_sigma(weight, batched=True)
+    assert sigma.dtype == gpu.module.bfloat16 and sigma.device.type == "cuda"
+    truths = np.array([true_sigma(m) for m in weight.float().cpu().numpy().reshape(-1, 60, 40)])
+    np.testing.assert_allclose(sigma.float().cpu().numpy().reshape(-1), truths, rtol=1e-2)

@@ -6,6 +6,11 @@
     Loop transformation over certified norms of chains of linear maps (:mod:`.chain`).
     Needs the dense view of the graph (:mod:`lipnorm.certify.network`): every linear
     layer between two nonlinear ones held as a matrix. Never looser than ``product``.
+``conv_sdp``
+    LipSDP-Neuron of a convolutional chain with a dense head on the torus, one multiplier
+    per channel, block-diagonal over frequencies, checked exactly (:mod:`.conv_sdp`).
+    Needs a plain chain of zero-padded convolutions and activations with ``a·b = 0``
+    (ReLU, tanh, sigmoid…), whatever the image size.
 ``sdp``
     LipSDP-Neuron with slope ranges, multipliers optimised and then checked exactly
     (:mod:`.sdp`). Needs the dense view, and a network small enough for the time budget.
@@ -31,7 +36,7 @@ from lipnorm.certify.graph import Graph
 __all__ = ["LADDER", "METHODS", "MethodContext", "MethodRun", "NotApplicable", "TooLarge", "method_runner"]
 
 #: The methods, loosest first: ``method=name`` climbs the ladder up to ``name``.
-LADDER = ("product", "chain", "sdp")
+LADDER = ("product", "chain", "conv_sdp", "sdp")
 #: What ``certify(method=...)`` accepts: a rung of the ladder, or ``"auto"`` (all of them).
 METHODS = (*LADDER, "auto")
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 
@@ -42,9 +41,9 @@ from lipnorm.bounds import compose, round_up
 from lipnorm.certificates import certify_positive_semidefinite
 from lipnorm.certify.methods import TooLarge
 from lipnorm.certify.network import DenseNetwork
-from lipnorm.certify.rounding import UNIT_ROUNDOFF, frobenius_upper, gamma, vector_norm_upper
+from lipnorm.certify.rounding import UNIT_ROUNDOFF, frobenius_upper, gamma, sqrt_upper, vector_norm_upper
 
-__all__ = ["SdpProof", "SdpTooLarge", "check_multipliers", "run", "sdp_bound"]
+__all__ = ["SdpProof", "SdpTooLarge", "check_multipliers", "optimise_multipliers", "run", "sdp_bound"]
 
 #: Floating-point rate assumed when judging whether the SDP fits a time budget (measured on a
 #: busy 2-core CPU: a Cholesky factorization of order 2000 took 0.33 s).
@@ -95,7 +94,7 @@ class SdpProof:
         problem = _Problem(self.network, self.row)
         if not check_multipliers(problem, self.multipliers, self.rho):
             raise ValueError("the stored multipliers do not certify the stored bound")
-        return _sqrt_up(self.rho)
+        return sqrt_upper(self.rho)
 
 
 def run(context):
@@ -178,12 +177,12 @@ def sdp_bound(network: DenseNetwork, *, time_budget: float, row: np.ndarray | No
             f"steps would take about {estimate:.0f} s, more than the time budget of {time_budget:.0f} s")
     problem = _Problem(network, row)
     deadline = time.perf_counter() + time_budget
-    multipliers = _optimise(problem, _feasible_start(problem, start), deadline, max_steps)
+    multipliers = optimise_multipliers(problem, _feasible_start(problem, start), deadline, max_steps)
     rho = problem.rho(multipliers)[0]
     for slack in (1e-7, 1e-5, 1e-3, 1e-2):
         candidate = rho * (1 + slack) + slack * 1e-300
         if check_multipliers(problem, multipliers, candidate):
-            return _sqrt_up(candidate), SdpProof(network, multipliers, candidate, row)
+            return sqrt_upper(candidate), SdpProof(network, multipliers, candidate, row)
     raise ValueError("the SDP multipliers found could not be certified in float64")
 
 
@@ -383,9 +382,13 @@ def _feasible_start(problem: _Problem, start) -> list[np.ndarray]:
     return multipliers
 
 
-def _optimise(problem: _Problem, multipliers, deadline: float, max_steps: int,
-              learning_rate: float = 0.05) -> list[np.ndarray]:
-    """Adam on log λ, keeping the best feasible multipliers; stops at the deadline."""
+def optimise_multipliers(problem, multipliers, deadline: float, max_steps: int,
+                         learning_rate: float = 0.05) -> list[np.ndarray]:
+    """Adam on log λ, keeping the best feasible multipliers; stops at the deadline.
+
+    ``problem.rho(multipliers)`` gives (ρ, gradient of log ρ with respect to log λ), or
+    (inf, None) where the multipliers are infeasible.
+    """
     logs = [np.log(np.maximum(m, 1e-300)) for m in multipliers]
     rho, gradient = problem.rho(multipliers)
     best, best_rho, reference = [m.copy() for m in multipliers], rho, rho
@@ -419,13 +422,3 @@ def _optimise(problem: _Problem, multipliers, deadline: float, max_steps: int,
                 break
         best_rho = min(best_rho, rho)
     return best
-
-
-def _sqrt_up(value: float) -> float:
-    """The smallest float whose square is at least ``value``."""
-    root = math.sqrt(value)
-    while Fraction(root) ** 2 < Fraction(value):
-        root = math.nextafter(root, math.inf)
-    return root
-
-
