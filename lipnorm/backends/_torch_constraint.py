@@ -26,6 +26,7 @@ to: it stays bit-for-bit what the optimizer left.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -299,7 +300,10 @@ class SpectralConstraint:
             A matrix could not be certified under the cap in ``MAX_ROUNDS`` rounds (not
             expected; the message names it).
         """
-        with torch.no_grad():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            for device_type in {target.param.device.type for target in self._targets}:
+                stack.enter_context(torch.autocast(device_type, enabled=False))  # if called inside one
             for group in self._groups:
                 self._step_group(group)
             for target in self._targets:
