@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import warnings
@@ -29,17 +30,23 @@ __all__ = ["add_arguments", "run_sigma"]
 
 METHODS = ("auto", "power", "lanczos", "svd")
 
+
 def add_arguments(sigma: argparse.ArgumentParser) -> None:
     """The arguments of ``lipnorm sigma``."""
     sigma.add_argument("file", metavar="PATH", help="weight file, checkpoint index or directory")
     sigma.add_argument(
         "--key", metavar="NAME",
-        help="the one tensor to measure (1-D to 5-D); default: every floating-point tensor "
-        "with 2 to 5 axes",
+        help="the one tensor to measure (1-D to 5-D, or more with --stack); default: every "
+        "floating-point tensor with 2 to 5 axes (2 or more with --stack)",
     )
     sigma.add_argument("--method", choices=METHODS, default="auto", help="estimation method")
     sigma.add_argument(
         "--rtol", type=float, default=1e-6, help="relative tolerance of the estimate (default 1e-6)"
+    )
+    sigma.add_argument(
+        "--stack", action="store_true",
+        help="measure each tensor of 3 or more axes as a stack of matrices (its last two "
+        "axes), e.g. MoE experts (E, d, f): sigma of each matrix and their maximum",
     )
     sigma.add_argument(
         "--no-bounds", action="store_true",
@@ -131,7 +138,8 @@ def run_sigma(args: argparse.Namespace) -> int:
                 values = tensor.read()
             except WeightFileError as exc:
                 raise CommandError(str(exc)) from None
-            rows.append(_measure(tensor, values, args))
+            stack = args.stack and len(tensor.shape) > 2
+            rows.append((_measure_stack if stack else _measure)(tensor, values, args))
             if args.input_size is not None and len(tensor.shape) == len(args.input_size) + 2:
                 rows.append(_measure_conv(tensor, values, args))
             del values  # one tensor in memory at a time
@@ -152,7 +160,7 @@ def _select(
     """The tensors to measure, and the names of those skipped by the reason's kind.
 
     ``--key`` names one tensor, which must be measurable. Without it every floating-point
-    tensor of 2 to 5 axes is measured; non-float tensors are
+    tensor of 2 to 5 axes (2 or more with ``--stack``) is measured; non-float tensors are
     skipped unless ``--include-non-float``, packed quantizations always.
     """
     if args.key is not None:
@@ -161,10 +169,10 @@ def _select(
         tensor = tensors[args.key]
         if tensor.unsupported:
             raise CommandError(f"{tensor.file}: tensor {args.key!r} is a {tensor.unsupported}")
-        if not 1 <= len(tensor.shape) <= 5:
+        if not (1 <= len(tensor.shape) <= 5 or (args.stack and len(tensor.shape) > 5)):
             raise CommandError(
                 f"{tensor.file}: tensor {args.key!r} has shape {tensor.shape}; `lipnorm sigma` "
-                "takes tensors with 1 to 5 axes"
+                "takes tensors with 1 to 5 axes (or more with --stack)"
             )
         if not (args.include_non_float or tensor.is_floating):
             raise CommandError(
@@ -172,7 +180,8 @@ def _select(
                 "point (a buffer, not a weight); pass --include-non-float to measure it as float64"
             )
         return [tensor], {}
-    candidates = [t for t in tensors.values() if 2 <= len(t.shape) <= 5]
+    most_axes = math.inf if args.stack else 5
+    candidates = [t for t in tensors.values() if 2 <= len(t.shape) <= most_axes]
     skipped: dict[str, list[str]] = {"packed": [], "non-float": []}
     selected = []
     for tensor in candidates:
@@ -185,7 +194,7 @@ def _select(
     if not selected:
         notes = "; ".join(_skipped_notes(skipped))
         raise CommandError(
-            f"{args.file}: no floating-point tensors with 2 to 5 axes"
+            f"{args.file}: no floating-point tensors with 2 to {'more' if args.stack else 5} axes"
             + (f" ({notes})" if notes else "") + "; pick a 1-D one with --key"
         )
     return selected, skipped
@@ -302,13 +311,50 @@ def _measure(tensor: StoredTensor, values: Any, args: argparse.Namespace) -> Sig
             sigma_seconds=sigma_seconds,
         )
         if not args.no_bounds:
-            interval, bounds_seconds = _timed(lipnorm.sigma_bounds, values, dim=dim)
+            interval, bounds_seconds = _timed(lipnorm.sigma_bounds, values, dim=dim, state=state)
             row = replace(row, lower=interval.lower, upper=interval.upper,
                           bounds_method=interval.method, bounds_seconds=bounds_seconds)
     except (ValueError, TypeError) as exc:
         return replace(row, sigma=None, error=str(exc))
     frobenius = _frobenius(values)
     return replace(row, frobenius=frobenius, stable_rank=_stable_rank(frobenius, row.sigma))
+
+
+def _measure_stack(tensor: StoredTensor, values: Any, args: argparse.Namespace) -> SigmaRow:
+    """σ of every matrix of a stack (the last two axes) in one batched call, and their maximum.
+
+    The certified interval is of the maximum: the largest lower and the largest upper end.
+    """
+    row = _row(tensor, "stack", args)
+    values = _floating(values)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", lipnorm.ConvergenceWarning)
+            (sigmas, state), sigma_seconds = _timed(
+                lipnorm.estimate_sigma, values, batched=True, method=args.method, rtol=args.rtol,
+                return_state=True,
+            )
+        sigmas = to_numpy(sigmas).astype(np.float64)
+        row = replace(
+            row, sigma=float(sigmas.max()), sigmas=sigmas.tolist(), method=state.method,
+            converged=bool(np.all(state.converged)), sigma_seconds=sigma_seconds,
+        )
+        if not args.no_bounds:
+            interval, bounds_seconds = _timed(
+                lipnorm.sigma_bounds, values, batched=True, state=state)
+            row = replace(row, lower=float(np.max(interval.lower)), upper=float(np.max(interval.upper)),
+                          bounds_method=interval.method, bounds_seconds=bounds_seconds)
+    except (ValueError, TypeError) as exc:
+        return replace(row, sigma=None, sigmas=None, error=str(exc))
+    frobenius = [_frobenius(matrix) for matrix in to_numpy(values).reshape(-1, *tensor.shape[-2:])]
+    ranks = [_stable_rank(norm, sigma) for norm, sigma in zip(frobenius, sigmas.ravel())]
+    return replace(row, frobenius_norms=_nested(frobenius, sigmas.shape),
+                   stable_ranks=_nested(ranks, sigmas.shape))
+
+
+def _nested(values: list, shape: tuple[int, ...]) -> list:
+    """Python values as nested lists of ``shape`` (a stack's leading axes), for JSON."""
+    return np.array(values, dtype=object).reshape(shape).tolist()
 
 
 def _frobenius(values: Any, chunk: int = 1 << 20) -> float:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 __all__ = ["MEASURES", "SigmaRow"]
 
-#: What a row measures: by the number of axes of its tensor, or "conv operator" (``--input-size``).
+#: What a row measures: by the number of axes of its tensor, or "stack" (``--stack``) or
+#: "conv operator" (``--input-size``).
 MEASURES = {1: "vector", 2: "matrix", 3: "reshaped", 4: "reshaped", 5: "reshaped"}
 
 
@@ -16,7 +17,10 @@ class SigmaRow:
 
     ``measure`` says which linear map σ is of: ``"vector"``, ``"matrix"``, ``"reshaped"``
     (a 3-D to 5-D tensor as the matrix ``(shape[0], -1)``: for a conv kernel, what torch's
-    spectral norm normalizes) or ``"conv operator"`` (the
+    spectral norm normalizes), ``"stack"`` (``--stack``: each matrix of the last two axes;
+    ``sigma`` is their maximum, ``sigmas``, ``frobenius_norms`` and ``stable_ranks`` are
+    nested lists of shape ``shape[:-2]``, one value per matrix, and ``lower``/``upper``
+    certify the maximum) or ``"conv operator"`` (the
     convolution on ``input_shape``, with the geometry given on the command line: certified
     bounds only, ``sigma`` is None). ``dtype`` is the stored dtype; floats narrower than
     float32 are measured widened to float32, which is exact. ``dequantized`` says how a
@@ -42,4 +46,7 @@ class SigmaRow:
     bounds_seconds: float | None = None
     frobenius: float | None = None
     stable_rank: float | None = None
+    sigmas: list | None = None
+    frobenius_norms: list | None = None
+    stable_ranks: list | None = None
     error: str | None = None

@@ -54,6 +54,8 @@ def _measure_text(row: SigmaRow) -> str:
         text = f"conv operator on {_shape(row.input_shape)}"
     elif row.measure == "reshaped":
         text = f"reshaped {row.shape[0]}×{math.prod(row.shape[1:])}"
+    elif row.measure == "stack":
+        text = f"stack of {math.prod(row.shape[:-2])} {_shape(row.shape[-2:])}"
     else:
         text = row.measure
     return f"{text} {row.dequantized}" if row.dequantized else text
@@ -150,7 +152,12 @@ def _footnotes(rows: list[SigmaRow], bounds: bool, dropped: list[str]) -> list[s
         lines.append(
             "reshaped: sigma of the tensor as the matrix (shape[0], -1): for a conv kernel, what "
             "torch's spectral norm divides by, not the convolution's norm (see --input-size); "
-            "for a stack of matrices (experts, heads), not any one matrix's sigma."
+            "for a stack of matrices (experts, heads), --stack measures each matrix."
+        )
+    if "stack" in measures:
+        lines.append(
+            "stack: each matrix of the last two axes; sigma and the interval are of the largest "
+            "(--json has every matrix's sigma)."
         )
     if any(row.dequantized for row in rows):
         lines.append(

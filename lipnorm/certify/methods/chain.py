@@ -7,16 +7,24 @@ output) with every unit in between replaced by its midpoint: a *linear* map, a s
 the paths of the DAG of products of consecutive linear layers. Expanding the true
 Jacobian unit by unit in topological order gives, exactly,
 
-    J_t = P_{t←x} + Σ_j P_{t←w_j} Δ_j J_{z_j},
+    J_t = P_{t←a} J_a + Σ_j P_{t←w_j} Δ_j J_{z_j}
 
-so with L_j ≥ ‖J_{z_j}‖ (the bound of the map from the input to unit j's input)
+for any *anchor* ``a`` that every path from the input to ``t`` passes through (the input
+itself, or the output of a unit that dominates ``t``; the sum runs over the units after
+it), so with L_j ≥ ‖J_{z_j}‖ (the bound of the map from the input to unit j's input)
 
-    ‖J_t‖ ≤ ‖P_{t←x}‖ + Σ_j ‖P_{t←w_j}‖ r_j L_j,
+    ‖J_t‖ ≤ ‖P_{t←a}‖ L(a) + Σ_j ‖P_{t←w_j}‖ r_j L_j,      L(w_c) = (|m_c| + r_c) L_c,
 
-every norm certified (float64, rounding included). With the product's bound of each unit
-input in place of the chain norms this is the product bound again (m + r = max slope), so
-taking the smaller of the two at every unit never loses against the product. It gains
-where consecutive layers partly cancel, which the product cannot see.
+every norm certified (float64, rounding included). Anchored at the input this is the
+loop transformation of LipLT; an anchor closer to ``t`` needs fewer and smaller chains and
+sees less of the cancellation between consecutive layers (:func:`chain_plan`). At every
+unit the bound is also capped by ``Σ_s ‖B_{t←s}‖ L(s)`` over the direct blocks (the
+product's step) and by an independent cap (the product method's bound of the unit's
+input, where it holds), so it is never looser than the product.
+
+The recursion is written once, over a view's block operations (:class:`ChainAlgebra`):
+the dense view (:mod:`lipnorm.certify.network`, matrices) and the torus view
+(:mod:`lipnorm.certify.fibers`, strided circular convolutions fiber by fiber).
 
 References
 ----------
@@ -26,15 +34,150 @@ References
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from lipnorm.bounds import compose, residual_sum, round_up
-from lipnorm.certify.rounding import gamma, vector_norm_upper
-from lipnorm.certify.network import Block, DenseNetwork, add_blocks, apply_matrix, scale_block
+from lipnorm.bounds import compose, residual_sum
+from lipnorm.certify.rounding import vector_norm_upper
 
-__all__ = ["ChainProof", "chain_bound", "run"]
+__all__ = ["ChainAlgebra", "ChainPlan", "ChainProof", "ChainViews", "chain_bound", "chain_plan", "run"]
+
+
+class ChainAlgebra(Protocol):
+    """The block operations of a view that the loop transformation runs on.
+
+    ``parts()`` splits the work (the dense view: one part; the torus view: chunks of
+    fibers); blocks live within a part. ``record(key, block, part)`` adds a block's share
+    of the certified norm kept under ``key``; ``norm(key)`` is that bound once every part
+    was recorded (0 for a key never recorded).
+    """
+
+    def parts(self): ...
+
+    def evaluate(self, block, source: int, part): ...
+
+    def compose(self, left, right, scale: float): ...
+
+    def add(self, left, right): ...
+
+    def record(self, key, block, part) -> None: ...
+
+    def norm(self, key) -> float: ...
+
+    def row_norms(self, key, rows: np.ndarray) -> np.ndarray | None: ...
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    """Which chains the loop transformation forms.
+
+    Attributes
+    ----------
+    anchors : list of int
+        For each target (every unit's input, then the output), its anchor source (0: the
+        input; ``c + 1``: unit c's output, which dominates the target).
+    sources : list of list of int
+        For each target, the anchor and the later sources whose chains to it are formed.
+    """
+
+    anchors: list[int]
+    sources: list[list[int]]
+
+
+def _inputs(network, target: int) -> dict:
+    units = network.units
+    return units[target].inputs if target < len(units) else network.output
+
+
+def chain_plan(network, span: int | None = None) -> ChainPlan:
+    """The chains to form, anchored at most ``span`` units back (None: at the input).
+
+    Parameters
+    ----------
+    network : DenseNetwork or TorusNetwork
+    span : int, optional
+        A target's anchor is the latest dominating unit output at least ``span`` units
+        before it (the input when there is none).
+
+    Returns
+    -------
+    ChainPlan
+    """
+    count = len(network.units)
+    dominators: list[set[int]] = []  # per target: the sources every path to it passes through
+    source_dominators = {0: {0}}
+    reaches: list[set[int]] = []  # per target: the sources with a path to it
+    source_reaches = {0: {0}}
+    for target in range(count + 1):
+        direct = list(_inputs(network, target))
+        common = set.intersection(*(source_dominators[s] for s in direct)) if direct else {0}
+        dominators.append(common)
+        reaches.append(set().union(*(source_reaches[s] for s in direct)) if direct else {0})
+        if target < count:
+            source_dominators[target + 1] = common | {target + 1}
+            source_reaches[target + 1] = reaches[target] | {target + 1}
+    anchors = []
+    for target in range(count + 1):
+        allowed = [s for s in dominators[target] if span is None and s == 0 or span is not None and s <= target + 1 - span]
+        anchors.append(max(allowed) if allowed else 0)
+    for target in reversed(range(count + 1)):  # an anchor never after a direct successor's
+        for source in _inputs(network, target):
+            if source > 0:
+                unit = source - 1
+                anchors[unit] = min(anchors[unit], anchors[target])
+    sources = [[anchors[t]] + sorted(s for s in reaches[t] if s > anchors[t]) for t in range(count + 1)]
+    return ChainPlan(anchors, sources)
+
+
+def chain_norms(network, algebra: ChainAlgebra, plan: ChainPlan) -> ChainAlgebra:
+    """Form every chain of the plan, part by part, and record its norm with the algebra.
+
+    Records ``("direct", t, s)`` for every direct block and ``("chain", t, s)`` for every
+    chain ``P_{t←s}`` of the plan (target ``t = len(units)`` is the output).
+
+    Parameters
+    ----------
+    network : DenseNetwork or TorusNetwork
+    algebra : ChainAlgebra
+    plan : ChainPlan
+
+    Returns
+    -------
+    ChainAlgebra
+        ``algebra``, with everything recorded.
+    """
+    units = network.units
+    count = len(units)
+    last_use = {}
+    for target in range(count + 1):
+        for source in _inputs(network, target):
+            if source > 0:
+                last_use[source - 1] = target
+    for part in algebra.parts():
+        chains = {}
+        for target in range(count + 1):
+            direct = {s: algebra.evaluate(b, s, part) for s, b in _inputs(network, target).items()}
+            for source, block in direct.items():
+                algebra.record(("direct", target, source), block, part)
+            for source in plan.sources[target]:
+                block = direct.get(source)
+                for unit in range(source, target):  # the units after the source that feed the target
+                    inner = chains.get((unit, source))
+                    if unit + 1 not in direct or inner is None or units[unit].midpoint == 0:
+                        continue
+                    term = algebra.compose(direct[unit + 1], inner, units[unit].midpoint)
+                    block = term if block is None else algebra.add(block, term)
+                if block is None:
+                    continue
+                algebra.record(("chain", target, source), block, part)
+                if target < count:
+                    chains[(target, source)] = block
+            for key in [key for key in chains if last_use.get(key[0], count) <= target]:
+                del chains[key]
+    return algebra
 
 
 @dataclass
@@ -43,129 +186,261 @@ class ChainProof:
 
     Attributes
     ----------
-    network : DenseNetwork
+    network : DenseNetwork or TorusNetwork
+    algebra_factory : callable
+        ``algebra_factory(network)`` gives a fresh :class:`ChainAlgebra` of the view.
+    plan : ChainPlan
     unit_caps : list of float
-        An independent upper bound of each unit's input bound L_j (the product's).
+        An independent upper bound of each unit's input bound L_j (inf where none).
     rows : ndarray or None
         Output rows whose functionals were bounded, if any.
+    view : str
+        Which view the bound came from (shown in the ladder's note).
+    local_caps : bool
+        As for :func:`chain_bound`.
     """
 
-    network: DenseNetwork
+    network: object
+    algebra_factory: object
+    plan: ChainPlan
     unit_caps: list[float]
     rows: np.ndarray | None = None
+    view: str = "dense"
+    local_caps: bool = True
 
     def verify(self):
         """The bound computed again from the stored network (every norm certified anew)."""
-        return chain_bound(self.network, self.unit_caps, self.rows)[0]
+        return chain_bound(self.network, self.algebra_factory, self.unit_caps, self.rows,
+                           plan=self.plan, view=self.view, local_caps=self.local_caps)[0]
 
 
-def run(context):
-    """The chain bound of the context's graph, through its dense view (see :mod:`lipnorm.certify.methods`)."""
-    network = context.dense_network()
-    caps = [context.product.cumulative[unit.input_node] for unit in network.units]
-    return chain_bound(network, caps, context.rows)
-
-
-def chain_bound(network: DenseNetwork, unit_caps: list[float], rows: np.ndarray | None = None):
-    """The loop-transformation bound of a dense network.
+def chain_bound(network, algebra_factory, unit_caps: list[float], rows: np.ndarray | None = None, *,
+                plan: ChainPlan | None = None, view: str = "dense", local_caps: bool = True):
+    """The loop-transformation bound of a network held in a view.
 
     Parameters
     ----------
-    network : DenseNetwork
+    network : DenseNetwork or TorusNetwork
+    algebra_factory : callable
+        ``algebra_factory(network)``: the view's :class:`ChainAlgebra`.
     unit_caps : list of float
         For each unit, an upper bound of the Lipschitz constant of the map from the input
-        to the unit's input, known independently (the product method's); the smaller
-        bound is used.
+        to the unit's input known independently (inf where none); the smaller bound is used.
     rows : ndarray, shape (p, output size), optional
         Bound the functionals ``x ↦ rows[i] · f(x)`` instead of ``f``.
+    plan : ChainPlan, optional
+        The chains to form (default: anchored at the input, :func:`chain_plan`).
+    view : str
+        Shown in notes.
+    local_caps : bool
+        Cap each unit by the product's step over its direct blocks (their norms certified
+        too); needed where ``unit_caps`` do not hold for the view's units (the torus view).
 
     Returns
     -------
     (float or ndarray, ChainProof)
         The bound of the output (one per row when ``rows`` is given) and its proof.
     """
+    plan = plan or chain_plan(network)
+    algebra = chain_norms(network, algebra_factory(network), plan)
     units = network.units
-    # chains[s][t]: P_{t←s} for target t = unit index, or len(units) for the output
-    unit_bounds: list[float] = []
-    chains: dict[int, dict[int, Block]] = {s: {} for s in range(len(units) + 1)}
-    for k, unit in enumerate(units):
-        for source in range(k + 1):
-            chains[source][k] = _chain(unit.inputs, units, chains, source, k)
-        terms = [_norm(chains[0][k])]
-        for j in range(k):
-            chain = chains[j + 1][k]
-            if chain is not None and units[j].radius > 0:
-                terms.append(compose([_norm(chain), units[j].radius, unit_bounds[j]]))
-        unit_bounds.append(min(residual_sum(terms), unit_caps[k]))
-    output = len(units)
-    for source in range(len(units) + 1):
-        chains[source][output] = _chain(network.output, units, chains, source, output)
+    count = len(units)
+    bounds: list[float] = []
+
+    def lipschitz(source: int) -> float:
+        if source == 0:
+            return 1.0
+        unit = units[source - 1]
+        return compose([abs(unit.midpoint) + unit.radius, bounds[source - 1]])
+
+    def combine(target: int, norm) -> float:
+        anchor = plan.anchors[target]
+        terms = [compose([norm(anchor), lipschitz(anchor)])]
+        for source in plan.sources[target]:
+            unit = source - 1
+            if source != anchor and units[unit].radius > 0:
+                value = norm(source)
+                if value > 0:
+                    terms.append(compose([value, units[unit].radius, bounds[unit]]))
+        return residual_sum(terms)
+
+    for target in range(count + 1):
+        loop = combine(target, lambda s, t=target: algebra.norm(("chain", t, s)))
+        local = residual_sum([compose([algebra.norm(("direct", target, s)), lipschitz(s)])
+                              for s in _inputs(network, target)]) if local_caps else float("inf")
+        cap = unit_caps[target] if target < count else float("inf")
+        bound = min(loop, local, cap)
+        if target < count:
+            bounds.append(bound)
+    whole = bound
+    proof = ChainProof(network, algebra_factory, plan, list(unit_caps), rows, view, local_caps)
     if rows is None:
-        norms = [_norm(chains[s][output]) for s in range(len(units) + 1)]
-        return _combine(norms, units, unit_bounds), ChainProof(network, list(unit_caps))
+        return whole, proof
     rows = np.asarray(rows, dtype=np.float64)
-    norms_per_row = [_row_norms(rows, chains[s][output]) for s in range(len(units) + 1)]
-    whole = _combine([_norm(chains[s][output]) for s in range(len(units) + 1)], units, unit_bounds)
-    bounds = np.array([min(_combine([n[i] for n in norms_per_row], units, unit_bounds),
-                           compose([vector_norm_upper(row), whole]))  # ‖row · f‖ ≤ ‖row‖ L(f)
-                       for i, row in enumerate(rows)])
-    return bounds, ChainProof(network, list(unit_caps), rows)
-
-
-def _combine(norms: list[float], units, unit_bounds: list[float]) -> float:
-    terms = [norms[0]]
-    for j, unit in enumerate(units):
-        if norms[j + 1] > 0 and unit.radius > 0:
-            terms.append(compose([norms[j + 1], unit.radius, unit_bounds[j]]))
-    return residual_sum(terms)
-
-
-def _chain(blocks: dict[int, Block], units, chains, source: int, target: int) -> Block | None:
-    """P_{target←source} = direct block + Σ_j block_j · m_j · P_{z_j←source} (None if no path)."""
-    total = blocks.get(source)
-    for j in range(source, target):  # the units after the source: outputs j + 1 > source
-        if j + 1 not in blocks:
+    per_source = {s: algebra.row_norms(("chain", count, s), rows) for s in plan.sources[count]}
+    row_bounds = []
+    for i, row in enumerate(rows):
+        capped = compose([vector_norm_upper(row), whole])  # ‖row · f‖ ≤ ‖row‖ L(f)
+        if any(values is None for values in per_source.values()):
+            row_bounds.append(capped)
             continue
-        m = units[j].midpoint
-        inner = chains[source].get(j)
-        if m == 0 or inner is None:
-            continue
-        term = _scaled_product(blocks[j + 1], inner, m)
-        total = term if total is None else add_blocks(total, term)
-    return total
+        row_bounds.append(min(combine(count, lambda s, i=i: float(per_source[s][i])), capped))
+    return np.array(row_bounds), proof
 
 
-def _scaled_product(left: Block, right: Block, scale: float) -> Block:
-    """``scale · left · right`` with its error bound."""
-    if left.matrix is None:  # an identity block (exact)
-        return scale_block(right, scale)
-    scaled = scale_block(left, scale)
-    return apply_matrix((scaled.matrix, scaled.error), right)
+#: Floating-point rates assumed when judging what fits the time budget (measured on a busy
+#: 2-core CPU: the torus view's complex products and certificates, the dense view's real ones).
+_TORUS_FLOPS_PER_SECOND = 4e9
+_DENSE_FLOPS_PER_SECOND = 1.5e10
+#: How far back the torus view's chains may reach, tried in this order (None: to the input).
+_SPANS = (None, 8, 6, 4, 3, 2, 1)
+#: Share of the remaining budget the dense view may take when the torus view runs too.
+_DENSE_SHARE = 0.5
 
 
-def _norm(block: Block | None) -> float:
-    """Certified upper bound of the exact map's norm."""
-    if block is None:
-        return 0.0
-    if block.matrix is None:
-        return round_up(1.0 + block.error)
-    import lipnorm
+@dataclass
+class ChainViews:
+    """The chain bounds of the views that ran, and what the others did (:attr:`note`).
 
-    matrix = block.matrix
-    if not np.any(matrix):
-        return round_up(block.error)
-    return round_up(lipnorm.sigma_bounds(matrix).upper + block.error)
+    Attributes
+    ----------
+    proofs : list of ChainProof
+    values : list of float or ndarray
+    notes : list of str
+    """
+
+    proofs: list
+    values: list
+    notes: list
+
+    @property
+    def note(self) -> str:
+        """Which view gave the bound, and what each view did (shown in the ladder)."""
+        return "; ".join(self.notes)
+
+    def verify(self):
+        """The smallest bound (per row for rows) of the views, each computed again."""
+        values = [np.asarray(proof.verify(), dtype=np.float64) for proof in self.proofs]
+        best = np.min(values, axis=0)
+        return float(best) if best.ndim == 0 else best
 
 
-def _row_norms(rows: np.ndarray, block: Block | None) -> list[float]:
-    """Certified ‖rows[i] · P‖ for every row."""
-    if block is None:
-        return [0.0] * rows.shape[0]
-    matrix = block.dense()
-    product = rows @ matrix
-    rounding = gamma(rows.shape[1] + 1) * np.linalg.norm(np.abs(rows) @ np.abs(matrix), axis=1)
-    norms = np.linalg.norm(product, axis=1) * (1 + 4 * gamma(product.shape[1] + 1))
-    total = norms + rounding + np.linalg.norm(rows, axis=1) * block.error
-    return [round_up(float(v) * (1 + 1e-12)) for v in total]
+def run(context):
+    """The chain bound of the context's graph, from the torus view and the dense view
+    (:mod:`lipnorm.certify.methods`).
+
+    The dense view (exact zero padding, matrices) runs when its estimated work fits the
+    budget (half of what remains when the torus view runs too); the torus view
+    (convolutions kept as convolutions) runs with its chains reaching as far back as its
+    estimated work allows. The smaller bound counts (per row for rows); the note says
+    which view gave it and why a view did not run.
+
+    Raises
+    ------
+    NotApplicable
+        Neither view can hold the graph.
+    TooLarge
+        No view fits the budget.
+    """
+    from lipnorm.certify.methods import NotApplicable, TooLarge
+
+    views, notes, too_large = [], [], []
+    try:
+        torus = context.torus_network()
+    except NotApplicable as error:
+        torus, notes = None, [str(error)]
+    allowed = context.remaining() * (_DENSE_SHARE if torus is not None else 1.0)
+    seconds = _dense_seconds_before(torus) if torus is not None else 0.0
+    dense = None
+    if seconds <= allowed:
+        try:
+            dense = context.dense_network()
+        except NotApplicable as error:
+            notes.append(str(error))
+    if dense is not None:
+        seconds = _dense_seconds(dense)
+    if seconds > allowed:
+        too_large.append(f"dense view: about {seconds:.0f} s of work, more than the {allowed:.0f} s "
+                         "the time budget leaves it")
+    elif dense is not None:
+        views.append(_dense_run(context, dense))
+    if torus is not None:
+        plan, seconds = _torus_plan(torus, context.remaining())
+        if plan is None:
+            too_large.append(f"torus view: about {seconds:.0f} s of work even with the shortest chains, "
+                             f"more than the {context.remaining():.0f} s left")
+        else:
+            views.append(_torus_run(context, torus, plan))
+    if not views:
+        if too_large:
+            raise TooLarge("; ".join(too_large + notes))
+        raise NotApplicable("; ".join(notes))
+    values = [value for value, _, _ in views]
+    best = int(np.argmin([float(np.max(v)) for v in values]))
+    ordered = [views[best]] + views[:best] + views[best + 1:]
+    labels = [f"{note} (the bound)" if i == 0 and len(views) > 1 else note
+              for i, (_, _, note) in enumerate(ordered)]
+    proof = ChainViews([p for _, p, _ in views], values, labels + too_large)
+    combined = np.min([np.asarray(v, dtype=np.float64) for v in values], axis=0)
+    return (float(combined) if combined.ndim == 0 else combined), proof
 
 
+def _dense_seconds_before(torus) -> float:
+    """The dense view's estimated seconds from the torus view's structure (its windows are
+    the dense view's tensors), before the dense view is built."""
+    from lipnorm.certify.network import DenseCost
+
+    def shape_of(paths, source: int):
+        space = torus.source_space(source)
+        if all(not path.convs for path in paths):
+            return None
+        target = next(path.convs[-1].target for path in paths if path.convs)
+        return (target.channels * math.prod(target.window), space.channels * math.prod(space.window))
+
+    return chain_norms(torus, DenseCost(torus, shape_of), chain_plan(torus)).flops / _DENSE_FLOPS_PER_SECOND
+
+
+def _dense_seconds(network) -> float:
+    from lipnorm.certify.network import DenseCost
+
+    return chain_norms(network, DenseCost(network), chain_plan(network)).flops / _DENSE_FLOPS_PER_SECOND
+
+
+def _dense_run(context, network):
+    import time
+
+    from lipnorm.certify.network import DenseAlgebra
+
+    start = time.perf_counter()
+    caps = [context.product.cumulative[unit.input_node] for unit in network.units]
+    value, proof = chain_bound(network, DenseAlgebra, caps, context.rows, local_caps=False)
+    return value, proof, f"dense view: {float(np.max(value)):.6g} in {time.perf_counter() - start:.1f} s"
+
+
+def _torus_plan(network, seconds_left: float):
+    """The plan whose chains reach furthest back within the time left, and its estimated seconds."""
+    from lipnorm.certify.fibers import FiberCost
+
+    seconds = float("inf")
+    for span in _SPANS:
+        plan = chain_plan(network, span)
+        seconds = chain_norms(network, FiberCost(network), plan).flops / _TORUS_FLOPS_PER_SECOND
+        if seconds <= seconds_left:
+            return plan, seconds
+    return None, seconds
+
+
+def _torus_run(context, network, plan):
+    import time
+
+    from lipnorm.certify.fibers import FiberAlgebra
+
+    start = time.perf_counter()
+    caps = [float("inf")] * len(network.units)
+    value, proof = chain_bound(network, FiberAlgebra, caps, context.rows, plan=plan, view="torus")
+    reach = ("chains from the input" if all(a == 0 for a in plan.anchors)
+             else f"chains anchored up to {max(t + 1 - a for t, a in enumerate(plan.anchors))} units back")
+    grid = "×".join(str(n) for n in network.input_space.grid)
+    fibers = "×".join(str(n) for n in network.fiber_grid)
+    return value, proof, (f"torus view (input grid {grid}, {fibers} fibers, {reach}): "
+                          f"{float(np.max(value)):.6g} in {time.perf_counter() - start:.1f} s")
