@@ -52,6 +52,8 @@ class LowerBound:
 #: Power-iteration steps that rank a screened input (on trained CNNs two steps find the
 #: data's best point where one step misses it by 5 %).
 SCREEN_STEPS = 2
+#: Inputs screened at a time (a batch's time decides whether the next one fits a deadline).
+SCREEN_BATCH = 32
 
 
 def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int = 64,
@@ -65,8 +67,8 @@ def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int =
     inputs : array_like, shape (batch, *input_shape), optional
         Candidate starting points; their elementwise range is the box the search stays in.
         With more than ``starts`` of them, each is screened (its local norm estimated by
-        two power-iteration steps on its Jacobian, in batches of ``starts``) and the
-        ``starts`` steepest start the ascent. Default: ``starts`` standard Gaussian inputs
+        two power-iteration steps on its Jacobian, 32 at a time) and the ``starts``
+        steepest start the ascent. Default: ``starts`` standard Gaussian inputs
         (no box).
     input_shape : tuple of int, optional
         Needed when ``inputs`` is not given.
@@ -192,10 +194,14 @@ class _Search:
     def screen(self, x, starts: int, rng, deadline=None):
         """The ``starts`` inputs of steepest secant after SCREEN_STEPS power steps each.
 
+        Inputs are screened in a seeded random order, ``SCREEN_BATCH`` at a time, until
+        the deadline would pass during the next batch (one batch at least).
+
         Returns
         -------
-        x : ndarray, shape (starts, *input_shape)
-            The steepest inputs, steepest first, representable in the model's precision.
+        x : ndarray, shape (at most starts, *input_shape)
+            The steepest inputs screened, steepest first, representable in the model's
+            precision.
         directions : ndarray, shape like x
             Their power-iteration directions.
         """
@@ -203,10 +209,12 @@ class _Search:
         directions = np.zeros_like(x)
         order = rng.permutation(len(x))
         output_shape = self.model.evaluate(self.model.representable(x[:1])).shape[1:]
-        for begin in range(0, len(x), starts):
-            if deadline is not None and begin > 0 and time.perf_counter() > deadline:
+        last = 0.0
+        for begin in range(0, len(x), SCREEN_BATCH):
+            now = time.perf_counter()
+            if deadline is not None and begin > 0 and now + last > deadline:
                 break
-            chunk = order[begin:begin + starts]
+            chunk = order[begin:begin + SCREEN_BATCH]
             points = self.model.representable(x[chunk])
             u = rng.standard_normal((len(chunk), *output_shape))
             v = self.unit(self.model.vjp(points, u), self.random_unit(rng, points.shape))
@@ -216,7 +224,8 @@ class _Search:
                 if step + 1 < SCREEN_STEPS:
                     v = self.unit(self.model.vjp(partners, u), v)
             scores[chunk], directions[chunk] = ratio, v
-        chosen = np.argsort(-scores, kind="stable")[:starts]
+            last = time.perf_counter() - now
+        chosen = np.argsort(-scores, kind="stable")[:min(starts, int(np.sum(np.isfinite(scores))))]
         return self.model.representable(x[chosen]), directions[chosen]
 
     def ascend(self, x, v, steps, rng, deadline=None):
