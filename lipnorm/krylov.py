@@ -591,6 +591,16 @@ def lanczos_stack(
             images.append(forward)
             k += 1
             beta = betas[:, k - 1]
+            if not (_checked_at(k, batch, alphas[:, :k], beta, negligible) or k >= basis_limit
+                    or k >= n or step >= max_iter):
+                previous, previous_beta = current, column_of(beta, operator)
+                current = w * column_of(np.where(beta > 0, 1.0 / np.where(beta > 0, beta, 1.0), 0.0), operator)
+                if k == int(stacked.shape[1]):
+                    grown = min(2 * k, basis_limit)
+                    stacked = xp.concat(
+                        [stacked, xp.zeros((batch.size, grown - k, n), dtype=operator.dtype, device=device)], axis=1)
+                stacked = _placed(xp, current, stacked, k)
+                continue
             ritz = _RitzPairs.of(alphas[:, :k], betas[:, :k])
             error = ritz.error()
             gap_rule_holds = batch.random_start & (error <= batch.rtol * ritz.sigma)
@@ -644,6 +654,22 @@ def lanczos_stack(
                 stacked = xp.concat(
                     [stacked, xp.zeros((batch.size, grown - k, n), dtype=operator.dtype, device=device)], axis=1)
             stacked = _placed(xp, current, stacked, k)
+
+
+def _checked_at(k: int, batch: "_Batch", alphas: np.ndarray, beta: np.ndarray, negligible: float) -> bool:
+    """Whether the step's Ritz pairs are computed and the stopping rules tried.
+
+    Every step for a few matrices, or where the gap rule may stop (it must hold at two
+    steps in a row). Many matrices at once (a stack of small ones, where the batched
+    eigendecomposition of their tridiagonals costs more than the step's products) are
+    checked at every other step from the fourth, and at any step where a coupling
+    ``beta`` is negligible (an invariant Krylov space, which must stop now).
+    """
+    if batch.size <= _MRRR_COUNT or np.any(batch.random_start):
+        return True
+    if np.any(beta <= negligible * np.max(alphas, axis=1)):
+        return True
+    return k >= 4 and k % 2 == 0
 
 
 @dataclasses.dataclass
