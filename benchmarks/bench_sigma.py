@@ -514,7 +514,7 @@ def _summary_header(cuda: bool) -> list[str]:
     return [
         "| matrix | lipnorm error | ARPACK error | lipnorm vs ARPACK | lipnorm vs full SVD "
         "| matvecs: lipnorm / ARPACK / Krylov minimum | lipnorm / minimum "
-        "| passes over W: lipnorm / Golub–Kahan before / ARPACK |",
+        "| passes over W: lipnorm / Golub–Kahan with the same products / ARPACK |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
