@@ -43,7 +43,8 @@ import numpy as np
 from lipnorm.bounds import compose, residual_sum
 from lipnorm.certify.rounding import vector_norm_upper
 
-__all__ = ["ChainAlgebra", "ChainPlan", "ChainProof", "ChainViews", "chain_bound", "chain_plan", "run"]
+__all__ = ["ChainAlgebra", "ChainPlan", "ChainProof", "ChainViews", "chain_bound", "chain_plan", "loop_bound",
+           "loop_bound_gradient", "run"]
 
 
 class ChainAlgebra(Protocol):
@@ -243,6 +244,28 @@ def chain_bound(network, algebra_factory, unit_caps: list[float], rows: np.ndarr
     """
     plan = plan or chain_plan(network)
     algebra = chain_norms(network, algebra_factory(network), plan)
+    proof = ChainProof(network, algebra_factory, plan, list(unit_caps), rows, view, local_caps)
+    return loop_bound(network, plan, algebra, unit_caps, rows, local_caps=local_caps), proof
+
+
+def loop_bound(network, plan: ChainPlan, algebra, unit_caps: list[float], rows: np.ndarray | None = None, *,
+               local_caps: bool = True):
+    """The loop transformation's bound from recorded chain norms (the module docstring).
+
+    Parameters
+    ----------
+    network : DenseNetwork or TorusNetwork
+    plan : ChainPlan
+    algebra : ChainAlgebra
+        With every chain of ``plan`` recorded (:func:`chain_norms`).
+    unit_caps, rows, local_caps
+        As for :func:`chain_bound`.
+
+    Returns
+    -------
+    float or ndarray
+        The bound of the output, or of each row's functional.
+    """
     units = network.units
     count = len(units)
     bounds: list[float] = []
@@ -273,9 +296,8 @@ def chain_bound(network, algebra_factory, unit_caps: list[float], rows: np.ndarr
         if target < count:
             bounds.append(bound)
     whole = bound
-    proof = ChainProof(network, algebra_factory, plan, list(unit_caps), rows, view, local_caps)
     if rows is None:
-        return whole, proof
+        return whole
     rows = np.asarray(rows, dtype=np.float64)
     per_source = {s: algebra.row_norms(("chain", count, s), rows) for s in plan.sources[count]}
     row_bounds = []
@@ -285,17 +307,94 @@ def chain_bound(network, algebra_factory, unit_caps: list[float], rows: np.ndarr
             row_bounds.append(capped)
             continue
         row_bounds.append(min(combine(count, lambda s, i=i: float(per_source[s][i])), capped))
-    return np.array(row_bounds), proof
+    return np.array(row_bounds)
+
+
+def loop_bound_gradient(network, plan: ChainPlan, norms: dict, *, local_caps: bool = True):
+    """The loop transformation's bound in plain arithmetic, and its gradient in the norms.
+
+    For proposing (the scalings of :mod:`lipnorm.certify.scaling`), not for certifying:
+    no rounding is bounded. Where a minimum is taken, the gradient follows the branch that
+    attains it.
+
+    Parameters
+    ----------
+    network : DenseNetwork or TorusNetwork
+    plan : ChainPlan
+    norms : dict
+        ``("chain" | "direct", target, source)`` to a norm (missing: 0).
+
+    Returns
+    -------
+    (float, dict)
+        The bound and ``∂bound/∂norms[key]`` for every key it depends on.
+    """
+    units = network.units
+    count = len(units)
+    values: list[float] = []
+    tape = []  # per target: (branch, terms) with terms (key, factor, source whose bound multiplies it)
+    for target in range(count + 1):
+        anchor = plan.anchors[target]
+        branches = []
+        loop = [(("chain", target, anchor), None, anchor)]
+        loop += [(("chain", target, s), units[s - 1].radius, s) for s in plan.sources[target]
+                 if s != anchor and units[s - 1].radius > 0]
+        branches.append(("loop", loop))
+        if local_caps:
+            branches.append(("local", [(("direct", target, s), None, s) for s in _inputs(network, target)]))
+        best = None
+        for name, terms in branches:
+            total = sum(norms.get(key, 0.0) * _factor(units, values, factor, source) for key, factor, source in terms)
+            if best is None or total < best[0]:
+                best = (total, terms)
+        values.append(best[0])
+        tape.append(best[1])
+    gradient: dict = {}
+    adjoint = [0.0] * (count + 1)
+    adjoint[count] = 1.0
+    for target in reversed(range(count + 1)):
+        weight = adjoint[target]
+        if weight == 0.0:
+            continue
+        for key, factor, source in tape[target]:
+            norm = norms.get(key, 0.0)
+            gradient[key] = gradient.get(key, 0.0) + weight * _factor(units, values, factor, source)
+            if source > 0:  # the source's bound multiplies this norm
+                scale = units[source - 1].radius if factor is not None else abs(units[source - 1].midpoint) + units[source - 1].radius
+                adjoint[source - 1] += weight * norm * scale
+    return values[count], gradient
+
+
+def _factor(units, values, factor, source) -> float:
+    """What multiplies a norm in the recursion: r_j L_j (``factor`` = r_j), or L(source)."""
+    if factor is not None:
+        return factor * values[source - 1]
+    if source == 0:
+        return 1.0
+    unit = units[source - 1]
+    return (abs(unit.midpoint) + unit.radius) * values[source - 1]
 
 
 #: Floating-point rates assumed when judging what fits the time budget (measured on a busy
 #: 2-core CPU: the torus view's complex products and certificates, the dense view's real ones).
-_TORUS_FLOPS_PER_SECOND = 4e9
+_TORUS_FLOPS_PER_SECOND = 6e9
 _DENSE_FLOPS_PER_SECOND = 1.5e10
 #: How far back the torus view's chains may reach, tried in this order (None: to the input).
 _SPANS = (None, 8, 6, 4, 3, 2, 1)
 #: Share of the remaining budget the dense view may take when the torus view runs too.
 _DENSE_SHARE = 0.5
+#: Share of the remaining budget the torus view's chains may be estimated to take (estimates
+#: are rough on a shared machine).
+_TORUS_SHARE = 0.7
+#: Per-channel scalings are optimised when every chain fits in this many complex entries
+#: (512 MiB) and the time left after the chains (counted this many times: formed once,
+#: certified twice) allows at least the fewest steps; the number of steps is fixed from the
+#: estimate before they start (so a network and a budget always give the same bound).
+_MAX_SCALED_ENTRIES = 2**25
+_SCALING_TIME_FACTOR = 1.8
+_SCALING_FLOPS_PER_ENTRY = 100.0  # one optimisation step, per held complex entry (measured)
+_SCALING_STEPS = 30
+_MIN_SCALING_STEPS = 5
 
 
 @dataclass
@@ -360,17 +459,19 @@ def run(context):
     if dense is not None:
         seconds = _dense_seconds(dense)
     if seconds > allowed:
-        too_large.append(f"dense view: about {seconds:.0f} s of work, more than the {allowed:.0f} s "
-                         "the time budget leaves it")
+        reason = f"dense view: about {seconds:.0f} s of chain work, more than the {allowed:.0f} s the time budget leaves it"
+        too_large.append(reason)
+        if dense is None and seconds > context.remaining():  # later rungs, heavier, cannot use it either
+            context.views.setdefault("dense", TooLarge(f"no dense view within the budget ({reason})"))
     elif dense is not None:
         views.append(_dense_run(context, dense))
     if torus is not None:
-        plan, seconds = _torus_plan(torus, context.remaining())
+        plan, seconds, entries = _torus_plan(torus, context.remaining() * _TORUS_SHARE)
         if plan is None:
             too_large.append(f"torus view: about {seconds:.0f} s of work even with the shortest chains, "
                              f"more than the {context.remaining():.0f} s left")
         else:
-            views.append(_torus_run(context, torus, plan))
+            views.append(_torus_run(context, torus, plan, seconds, entries))
     if not views:
         if too_large:
             raise TooLarge("; ".join(too_large + notes))
@@ -380,7 +481,7 @@ def run(context):
     ordered = [views[best]] + views[:best] + views[best + 1:]
     labels = [f"{note} (the bound)" if i == 0 and len(views) > 1 else note
               for i, (_, _, note) in enumerate(ordered)]
-    proof = ChainViews([p for _, p, _ in views], values, labels + too_large)
+    proof = ChainViews([p for _, p, _ in views], values, labels + too_large + notes)
     combined = np.min([np.asarray(v, dtype=np.float64) for v in values], axis=0)
     return (float(combined) if combined.ndim == 0 else combined), proof
 
@@ -418,29 +519,53 @@ def _dense_run(context, network):
 
 
 def _torus_plan(network, seconds_left: float):
-    """The plan whose chains reach furthest back within the time left, and its estimated seconds."""
+    """The plan whose chains reach furthest back within the time left, its estimated seconds
+    and the complex entries of all its chains."""
     from lipnorm.certify.fibers import FiberCost
 
-    seconds = float("inf")
+    seconds, entries = float("inf"), 0
     for span in _SPANS:
         plan = chain_plan(network, span)
-        seconds = chain_norms(network, FiberCost(network), plan).flops / _TORUS_FLOPS_PER_SECOND
+        cost = chain_norms(network, FiberCost(network), plan)
+        seconds, entries = cost.flops / _TORUS_FLOPS_PER_SECOND, cost.entries
         if seconds <= seconds_left:
-            return plan, seconds
-    return None, seconds
+            return plan, seconds, entries
+    return None, seconds, entries
 
 
-def _torus_run(context, network, plan):
+def _torus_run(context, network, plan, seconds: float, entries: int):
+    """The torus view's bound: with per-channel scalings where every chain fits in memory
+    and the time left allows optimising them (:mod:`lipnorm.certify.scaling`), the smaller
+    of the scaled and the plain bound; else the plain loop transformation chunk by chunk."""
+    import functools
     import time
 
     from lipnorm.certify.fibers import FiberAlgebra
+    from lipnorm.certify.scaling import certified_norms, held_chains, optimise_scalings
 
     start = time.perf_counter()
     caps = [float("inf")] * len(network.units)
-    value, proof = chain_bound(network, FiberAlgebra, caps, context.rows, plan=plan, view="torus")
     reach = ("chains from the input" if all(a == 0 for a in plan.anchors)
              else f"chains anchored up to {max(t + 1 - a for t, a in enumerate(plan.anchors))} units back")
     grid = "×".join(str(n) for n in network.input_space.grid)
     fibers = "×".join(str(n) for n in network.fiber_grid)
-    return value, proof, (f"torus view (input grid {grid}, {fibers} fibers, {reach}): "
-                          f"{float(np.max(value)):.6g} in {time.perf_counter() - start:.1f} s")
+    described = f"torus view (input grid {grid}, {fibers} fibers, {reach}"
+    step_seconds = entries * _SCALING_FLOPS_PER_ENTRY / _TORUS_FLOPS_PER_SECOND
+    spare = _TORUS_SHARE * context.remaining() - _SCALING_TIME_FACTOR * seconds
+    steps = min(_SCALING_STEPS, int(spare / step_seconds)) if step_seconds > 0 and spare > 0 else 0
+    if entries <= _MAX_SCALED_ENTRIES and steps >= _MIN_SCALING_STEPS:
+        held = held_chains(network, plan)
+        scalings, _ = optimise_scalings(network, plan, held, steps=steps)
+        candidates = []
+        for chosen in (scalings, None):
+            algebra = certified_norms(network, held, chosen)
+            value = loop_bound(network, plan, algebra, caps, context.rows)
+            candidates.append((float(np.max(value)), value, chosen))
+        _, value, chosen = min(candidates, key=lambda c: c[0])
+        factory = functools.partial(FiberAlgebra, scalings=chosen)
+        proof = ChainProof(network, factory, plan, caps, context.rows, "torus")
+        scaled = ", per-channel scalings" if chosen is not None else ", per-channel scalings did not help"
+        return value, proof, (f"{described}{scaled}): {float(np.max(value)):.6g} in "
+                              f"{time.perf_counter() - start:.1f} s (unscaled {candidates[1][0]:.6g})")
+    value, proof = chain_bound(network, FiberAlgebra, caps, context.rows, plan=plan, view="torus")
+    return value, proof, f"{described}): {float(np.max(value)):.6g} in {time.perf_counter() - start:.1f} s"
