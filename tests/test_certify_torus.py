@@ -23,7 +23,7 @@ from torch import nn  # noqa: E402
 import lipnorm  # noqa: E402
 from lipnorm.certify.fibers import FiberAlgebra  # noqa: E402
 from lipnorm.certify.graph import prepare_graph  # noqa: E402
-from lipnorm.certify.methods.chain import chain_bound, chain_norms, chain_plan  # noqa: E402
+from lipnorm.certify.loop import chain_bound, chain_norms, chain_plan, loop_bound  # noqa: E402
 from lipnorm.certify.methods.product import bound_nodes  # noqa: E402
 from lipnorm.certify.network import Block, DenseAlgebra, DenseNetwork, Unit  # noqa: E402
 from lipnorm.certify.torus import NotOnTorus, TorusConv, TorusNetwork  # noqa: E402
@@ -408,7 +408,7 @@ def test_scalings_undo_a_channel_rescaling_of_a_relu_network():
 
 def test_optimised_scalings_give_a_certified_bound_that_verifies():
     from lipnorm.certify.scaling import certified_norms, held_chains, optimise_scalings
-    from lipnorm.certify.methods.chain import loop_bound
+
 
     model, shape = _construction_models()["residual with a projection, zero padding layer"]
     model = model.double().eval()

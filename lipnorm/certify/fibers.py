@@ -547,7 +547,7 @@ class _Shape:
 class FiberCost:
     """The floating-point work of the chain method on a torus network, by a pass over shapes.
 
-    The same recursion as :class:`FiberAlgebra` (:func:`lipnorm.certify.methods.chain.chain_norms`),
+    The same recursion as :class:`FiberAlgebra` (:func:`lipnorm.certify.loop.chain_norms`),
     counting real flops: a complex product is four real ones, a certified norm a Gram matrix
     (``side² · other``) and a Cholesky factorization (``side³ / 3``) per row matrix.
 

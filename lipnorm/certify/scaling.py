@@ -3,7 +3,7 @@ r"""Per-channel scalings of the loop transformation on the torus view.
 Any positive diagonal :math:`\Lambda_j` on unit :math:`j`'s space commutes with the unit's
 :math:`\Delta_j` (diagonal too), and one that is constant over positions — a factor per
 channel — commutes with every circular convolution's frequency structure. Multiplying the
-expansion of :mod:`lipnorm.certify.methods.chain` by :math:`\Lambda_t` gives, with
+expansion of :mod:`lipnorm.certify.loop` by :math:`\Lambda_t` gives, with
 :math:`\tilde L_j \ge \|\Lambda_j J_{z_j}\|`,
 
 .. math::
@@ -20,7 +20,7 @@ The scalings are *proposed*: every chain block is held (:class:`HeldChains`), th
 norms estimated by warm-started power iterations on each frequency's block
 (:class:`ScaledNorms`, lower estimates, with their gradients in :math:`\log\Lambda` from
 the singular vectors), and :math:`\log \Lambda` moved by Adam on the logarithm of the
-bound (:func:`lipnorm.certify.methods.chain.loop_bound_gradient`). Nothing rests on them:
+bound (:func:`lipnorm.certify.loop.loop_bound_gradient`). Nothing rests on them:
 the bound reported is certified afterwards with the scalings fixed
 (:class:`lipnorm.certify.fibers.FiberAlgebra` with ``scalings``), every rounding bounded,
 and the proof recomputes it from the network and the scalings.
@@ -35,7 +35,7 @@ import math
 import numpy as np
 
 from lipnorm.certify.fibers import FiberAlgebra, FiberBlock, _coarse
-from lipnorm.certify.methods.chain import ChainPlan, chain_norms, loop_bound_gradient
+from lipnorm.certify.loop import ChainPlan, chain_norms, loop_bound_gradient
 from lipnorm.certify.torus import TorusNetwork
 
 __all__ = ["HeldChains", "ScaledNorms", "certified_norms", "held_chains", "optimise_scalings"]
