@@ -415,7 +415,7 @@ def test_optimised_scalings_give_a_certified_bound_that_verifies():
     network = _torus(model, shape)
     plan = chain_plan(network)
     held = held_chains(network, plan)
-    scalings, estimate = optimise_scalings(network, plan, held, steps=15)
+    scalings, estimate, _ = optimise_scalings(network, plan, held, steps=15)
     assert all(np.all(s > 0) and np.all(np.isfinite(s)) for s in scalings)
     caps = [math.inf] * len(network.units)
     bound = loop_bound(network, plan, certified_norms(network, held, scalings), caps)
@@ -432,7 +432,7 @@ def test_the_scaled_chain_bound_is_never_below_a_jacobian_norm(case):
     model, shape = case
     network = _torus(model, shape)
     plan = chain_plan(network)
-    scalings, _ = optimise_scalings(network, plan, held_chains(network, plan), steps=8)
+    scalings, _, _ = optimise_scalings(network, plan, held_chains(network, plan), steps=8)
     assert _scaled_bound(network, scalings, plan) >= _largest_jacobian_norm(model, shape) * (1 - 1e-9)
 
 

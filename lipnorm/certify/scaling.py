@@ -142,16 +142,19 @@ class ScaledNorms:
             grad_right[best] = -value
         return value, (grad_left, grad_right)
 
+    def _start(self, identity, shape, dtype) -> np.ndarray:
+        """The kept vectors of a block, or seeded random unit ones (per last axis)."""
+        vector = self.vectors.get(identity)
+        if vector is None:
+            vector = self.rng.standard_normal(shape).astype(dtype)
+            vector /= np.linalg.norm(vector, axis=-1, keepdims=True)
+        return vector
+
     def _row_power(self, identity, block: FiberBlock, left, right, steps: int):
         data = block.data  # (Z, T, c_t, R c_s)
         cs = block.source.channels
-        columns = data.shape[3] // cs
-        inverse = 1.0 if right is None else np.tile(1.0 / right, columns)
-        gain = 1.0 if left is None else left
-        vector = self.vectors.get(identity)
-        if vector is None:
-            vector = self.rng.standard_normal(data.shape[:2] + (data.shape[3],)) + 0j
-            vector /= np.linalg.norm(vector, axis=-1, keepdims=True)
+        columns, inverse, gain = _factors(data.shape[3], cs, left, right)
+        vector = self._start(identity, data.shape[:2] + (data.shape[3],), complex)
         for _ in range(steps):
             image = (data @ (vector * inverse)[..., None])[..., 0] * gain  # (Z, T, c_t)
             back = np.conj((np.conj(image * gain)[..., None, :] @ data)[..., 0, :]) * inverse  # Aᴴ A v
@@ -178,13 +181,8 @@ class ScaledNorms:
         if all(n == 1 for n in block.source.grid):  # the same in every fiber: counted once
             data, weights = data[:1], np.ones(1)
         cs = block.source.channels
-        columns = data.shape[2] // cs
-        inverse = 1.0 if right is None else np.tile(1.0 / right, columns)
-        gain = 1.0 if left is None else left
-        vector = self.vectors.get(identity)
-        if vector is None:
-            vector = self.rng.standard_normal(data.shape[1])
-            vector /= np.linalg.norm(vector)
+        columns, inverse, gain = _factors(data.shape[2], cs, left, right)
+        vector = self._start(identity, (data.shape[1],), float)
 
         def apply(u):  # (Σ_z w_z A_z A_zᴴ) u, A = Λ_t data Λ_s⁻¹ (real parts: the fibers' conjugates)
             back = np.conj((gain * u) @ data) * inverse**2  # A_zᴴ... (Z, R c_s), u real
@@ -209,6 +207,14 @@ class ScaledNorms:
         return sigma, (grad_left, grad_right)
 
 
+def _factors(width: int, channels: int, left, right):
+    """(column groups, ``Λ_s⁻¹`` repeated over them, ``Λ_t``) of a block ``width`` columns wide
+    (1.0 where a side is unscaled)."""
+    columns = width // channels
+    inverse = 1.0 if right is None else np.tile(1.0 / right, columns)
+    return columns, inverse, 1.0 if left is None else left
+
+
 def optimise_scalings(network: TorusNetwork, plan: ChainPlan, held: HeldChains, *,
                       steps: int) -> tuple[list[np.ndarray], float]:
     """Propose per-channel scalings that lower the loop transformation's bound.
@@ -224,9 +230,10 @@ def optimise_scalings(network: TorusNetwork, plan: ChainPlan, held: HeldChains, 
 
     Returns
     -------
-    (list of ndarray, float)
+    (list of ndarray, float, float)
         The scalings (a positive factor per channel of each unit's space) with the lowest
-        estimated bound, and that estimate (a proposal: certify it).
+        estimated bound, that estimate, and the estimate without scalings (proposals:
+        certify them).
     """
     units = network.units
     logs = [np.zeros(unit.input_space.channels) for unit in units]
@@ -237,6 +244,8 @@ def optimise_scalings(network: TorusNetwork, plan: ChainPlan, held: HeldChains, 
     for step in range(1, steps + 2):  # the last estimate is of the last step's scalings
         norms, gradients = estimator.estimate(logs)
         value, sensitivity = loop_bound_gradient(network, plan, norms)
+        if step == 1:
+            unscaled = value
         if value < best_value:
             best_value, best_logs = value, [v.copy() for v in logs]
         if step > steps or value == 0.0:
@@ -257,7 +266,7 @@ def optimise_scalings(network: TorusNetwork, plan: ChainPlan, held: HeldChains, 
             second[j] = 0.999 * second[j] + 0.001 * g * g
             corrected = first[j] / (1 - 0.9**step)
             logs[j] = logs[j] - _LEARNING_RATE * corrected / (np.sqrt(second[j] / (1 - 0.999**step)) + 1e-12)
-    return [np.exp(v) for v in best_logs], best_value
+    return [np.exp(v) for v in best_logs], best_value, unscaled
 
 
 def held_chains(network: TorusNetwork, plan: ChainPlan) -> HeldChains:
