@@ -30,6 +30,7 @@ __all__ = ["add_arguments", "run_sigma"]
 
 METHODS = ("auto", "power", "lanczos", "svd")
 
+
 def add_arguments(sigma: argparse.ArgumentParser) -> None:
     """The arguments of ``lipnorm sigma``."""
     sigma.add_argument("file", metavar="PATH", help="weight file, checkpoint index or directory")
