@@ -478,3 +478,15 @@ def test_the_torus_view_bounds_each_logit_difference():
             functional[1].weight.copy_(torch.tensor(row)[None])
         assert bound >= _largest_jacobian_norm(functional, (1, 8, 8)) * (1 - 1e-9)
         assert bound <= whole * float(np.linalg.norm(row)) * (1 + 1e-9)
+
+
+def test_a_linear_zero_padded_cnn_gets_its_exact_norm_through_the_ladder():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), _bn(3), nn.Conv2d(3, 4, 4, stride=2, padding=1),
+                          nn.AvgPool2d(2), nn.Conv2d(4, 2, 3, padding=2, dilation=2, groups=2), nn.Flatten(),
+                          nn.Linear(2 * 2 * 2, 3)).double().eval()
+    exact = float(np.linalg.norm(_model_jacobian(model, torch.zeros((2, 8, 8), dtype=torch.float64)), 2))
+    certificate = lipnorm.certify(model, (2, 8, 8), method="chain", time_budget=30)
+    assert exact <= certificate.upper <= exact * (1 + 1e-7)
+    chain = {run.method: run for run in certificate.ladder}["chain"]
+    assert "dense view" in chain.note and "(the bound)" in chain.note and "torus view" in chain.note
