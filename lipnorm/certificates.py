@@ -64,6 +64,8 @@ _SMALLEST_SUBNORMAL = 2.0**-1074
 _DENSE_ESTIMATE_LIMIT = 256
 #: Matrices at least this large are Cholesky-factored one at a time, smaller ones in batches.
 _SINGLE_FACTOR_MIN_DIMENSION = 32
+#: Gram matrices at least this large are formed by BLAS rank-k updates, one at a time.
+_RANK_UPDATE_MIN_DIMENSION = 32
 _RANKING_LANCZOS_STEPS = 16
 _TINY = np.finfo(np.float64).tiny
 
@@ -188,10 +190,38 @@ def block_grams(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     p, q = blocks.shape[-2:]
     complex_dtype = bool(np.iscomplexobj(blocks))
-    adjoint = np.conj(np.swapaxes(blocks, -1, -2))
-    gram = adjoint @ blocks if p >= q else blocks @ adjoint
-    squares = np.sum(np.abs(blocks) ** 2, axis=(-2, -1)) * (1.0 + _gamma(p * q + 2, complex_dtype))
+    if min(p, q) >= _RANK_UPDATE_MIN_DIMENSION:
+        gram = _rank_update_grams(blocks)
+    else:
+        adjoint = np.conj(np.swapaxes(blocks, -1, -2))
+        gram = adjoint @ blocks if p >= q else blocks @ adjoint
+    squares = (np.einsum("...ij,...ij->...", blocks.real, blocks.real)
+               + (np.einsum("...ij,...ij->...", blocks.imag, blocks.imag) if complex_dtype else 0.0))
+    squares = squares * (1.0 + _gamma(p * q + 2, complex_dtype))
     return gram, _gamma(max(p, q) + 2, complex_dtype) * squares
+
+
+def _rank_update_grams(blocks: np.ndarray) -> np.ndarray:
+    """The smaller Gram matrix of each block by BLAS's Hermitian (symmetric) rank-k update.
+
+    Half the products of a general matrix product, the same dot products (so the same
+    rounding bound); the upper triangle is filled from the lower one, exactly.
+    """
+    from scipy.linalg import blas
+
+    p, q = blocks.shape[-2:]
+    complex_dtype = bool(np.iscomplexobj(blocks))
+    update = blas.zherk if complex_dtype else blas.dsyrk
+    side = min(p, q)
+    gram = np.empty(blocks.shape[:-2] + (side, side), dtype=blocks.dtype)
+    flat_blocks = blocks.reshape((-1, p, q))
+    flat_gram = gram.reshape((-1, side, side))
+    strict_upper = np.triu_indices(side, 1)
+    for block, out in zip(flat_blocks, flat_gram):
+        # Aᴴ A (trans=2 for complex, 1 for real) when p >= q, as block_grams promises, else A Aᴴ
+        out[...] = update(1.0, block, lower=1, trans=(2 if complex_dtype else 1) if p >= q else 0)
+        out[strict_upper] = np.conj(out.T[strict_upper])
+    return gram
 
 
 def _certified_lowers(stack: _HostStack, vectors: np.ndarray, right: bool) -> np.ndarray:
@@ -808,12 +838,12 @@ def certify_positive_semidefinite(matrix: np.ndarray, formation_error: float = 0
         return float(np.vdot(factor, factor))
 
     return certify_shifted_cholesky(
-        factor_square, dimension=dimension, trace=float(np.trace(matrix)),
+        factor_square, dimension=dimension, estimate=float(np.trace(matrix)),
         largest_diagonal=float(np.max(np.abs(matrix[diagonal, diagonal]))),
         formation_error=formation_error)
 
 
-def certify_shifted_cholesky(factor_square: Callable[[float], float | None], *, dimension: int, trace: float,
+def certify_shifted_cholesky(factor_square: Callable[[float], float | None], *, dimension: int, estimate: float,
                              largest_diagonal: float, formation_error: float = 0.0,
                              complex_dtype: bool = False) -> bool:
     """Whether a Hermitian matrix is certainly positive semidefinite, from Cholesky factorizations.
@@ -821,20 +851,22 @@ def certify_shifted_cholesky(factor_square: Callable[[float], float | None], *, 
     The check of :func:`certify_positive_semidefinite` for a matrix held in any form: the
     caller factors ``fl(A − c I)`` by a conventional Cholesky algorithm (any order of
     elimination and of summation, as for a sparse or block-structured matrix factored
-    block by block with LAPACK's ``potrf`` and ``trsm``) and returns ``‖R‖_F²``. Then
+    block by block with LAPACK's ``potrf`` and ``trsm``) and returns an upper bound of
+    ``‖|R|‖₂²`` (``‖R‖_F²``, or less where the structure allows). Then
     ``R^H R = A − c I + E`` with ``|E| ≤ γ_{d+1}|R^H||R|`` (Higham, Thm 10.3), so
-    ``λ_min(A) ≥ c − γ_{d+1}‖R‖_F² − 2u(c + max|diag|)``, and the exact matrix is within
+    ``λ_min(A) ≥ c − γ_{d+1}‖|R|‖₂² − 2u(c + max|diag|)``, and the exact matrix is within
     ``formation_error`` of ``A``.
 
     Parameters
     ----------
     factor_square : callable
-        ``factor_square(c)`` factors ``fl(A − c I)`` and returns ``‖R‖_F²`` (computed in
-        float64), or None where the factorization failed.
+        ``factor_square(c)`` factors ``fl(A − c I)`` and returns its bound of ``‖|R|‖₂²``
+        (computed in float64), or None where the factorization failed.
     dimension : int
         ``d``: the longest inner product the factorization forms is at most ``d`` terms.
-    trace : float
-        ``trace(A)`` (the first estimate of ``‖R‖_F²``).
+    estimate : float
+        What ``factor_square`` returns in exact arithmetic at ``c = 0`` (``trace(A)`` for
+        ``‖R‖_F²``): it sets the first shift.
     largest_diagonal : float
         ``max |A_ii|``.
     formation_error : float
@@ -847,10 +879,10 @@ def certify_shifted_cholesky(factor_square: Callable[[float], float | None], *, 
     bool
         True only if ``λ_min(exact) ≥ 0`` is proven.
     """
-    if not (math.isfinite(trace) and math.isfinite(largest_diagonal) and math.isfinite(formation_error)):
+    if not (math.isfinite(estimate) and math.isfinite(largest_diagonal) and math.isfinite(formation_error)):
         return False
     gamma = _gamma(dimension + 1, complex_dtype)
-    square = max(trace, 0.0)  # ‖R‖_F² = trace(A − cI) in exact arithmetic
+    square = max(estimate, 0.0)
     subnormal = dimension * dimension * _SMALLEST_SUBNORMAL * (2 if complex_dtype else 1)
     for _ in range(2):
         rounding = gamma * square * 1.01 + 2 * _UNIT_ROUNDOFF * 2 * largest_diagonal

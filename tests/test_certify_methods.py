@@ -331,3 +331,55 @@ def test_keras_and_onnx_models_climb_the_ladder():
     runs = {run.method: run.upper for run in certificate.ladder}
     assert runs["sdp"] is not None and runs["chain"] <= runs["product"]
     assert certificate.upper == min(v for v in runs.values() if v is not None)
+
+
+class _Difference(nn.Module):
+    """x ↦ A x − B x with B = −A: 2A x. Read as a sum, the tight methods would see A x + B x = 0."""
+
+    def __init__(self, constant_first=False):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2, bias=False), nn.Linear(3, 2, bias=False)
+        self.constant_first = constant_first
+        with torch.no_grad():
+            self.a.weight.copy_(torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0]]))
+            self.b.weight.copy_(-self.a.weight)
+
+    def forward(self, x):
+        if self.constant_first:  # (1 − A x) + B x = 1 − 2 A x; read as a sum, A x + B x = 0
+            return (1.0 - self.a(x)) + self.b(x)
+        return self.a(x) - self.b(x)
+
+
+def _difference_truth():
+    weight = np.array([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0]])
+    return 2 * float(np.linalg.norm(weight, 2))
+
+
+@pytest.mark.parametrize("constant_first", [False, True])
+def test_a_difference_is_not_read_as_a_sum_by_torch(constant_first):
+    model = _Difference(constant_first).double().eval()
+    truth = _largest_jacobian_norm(model, (3,), starts=2, steps=2)
+    assert truth == pytest.approx(_difference_truth(), rel=1e-9)
+    for method in ("chain", "sdp"):
+        certificate = lipnorm.certify(model, (3,), method=method)
+        assert certificate.upper >= truth * (1 - 1e-9), method
+
+
+def test_a_difference_is_not_read_as_a_sum_by_keras_and_onnx():
+    keras = pytest.importorskip("keras")
+    onnx_export = pytest.importorskip("tests.test_certify_onnx")
+    weight = np.array([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0]])
+    inputs = keras.Input((3,))
+    a = keras.layers.Dense(2, use_bias=False)
+    b = keras.layers.Dense(2, use_bias=False)
+    difference = keras.layers.Subtract()([a(inputs), b(inputs)])
+    shifted = keras.ops.subtract(1.0, a(inputs))  # 1 − A x
+    model = keras.Model(inputs, keras.layers.Subtract()([difference, shifted]))  # A x − B x − 1 + A x
+    a.set_weights([weight.T])
+    b.set_weights([-weight.T])
+    truth = 3 * float(np.linalg.norm(weight, 2))
+    for method in ("chain", "sdp"):
+        assert lipnorm.certify(model, method=method).upper >= truth * (1 - 1e-6), method
+    proto = onnx_export.export(_Difference().eval(), (3,))
+    for method in ("chain", "sdp"):
+        assert lipnorm.certify(proto, method=method).upper >= _difference_truth() * (1 - 1e-6), method

@@ -1,6 +1,8 @@
 """certify() on PyTorch models: soundness on random networks, exactness on linear ones,
 refusals and rules."""
 
+import copy
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -278,6 +280,44 @@ def test_lower_bound_is_tight_on_a_linear_model():
     assert result.value <= exact * (1 + 1e-9)
     assert result.value >= exact * 0.999
     assert result.x.shape == (6,) and result.y.shape == (6,)
+
+
+def test_lower_bound_is_the_float64_secant_of_its_witness_pair():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GELU(), nn.Flatten(), nn.Linear(4 * 25, 3)).eval()
+    result = lipschitz_lower_bound(model, torch.rand(40, 2, 5, 5), starts=8, steps=10)
+    with torch.no_grad():
+        fx, fy = (model.double()(torch.from_numpy(p[None])) for p in (result.x, result.y))
+    secant = float((fx - fy).norm() / torch.from_numpy(result.x - result.y).norm())
+    np.testing.assert_allclose(result.value, secant, rtol=1e-12)
+
+
+def test_lower_bound_screens_every_input_and_starts_from_the_steepest():
+    """With more inputs than starts, the steepest input is found wherever it lies."""
+    model = nn.Sequential(nn.Linear(1, 1), nn.Tanh()).eval()  # slope w·tanh'(wx + b): largest at wx + b = 0
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+        model[0].bias.fill_(0.0)
+    inputs = torch.cat([torch.linspace(2.0, 4.0, 99), torch.zeros(1)])[:, None]  # the steep point last
+    result = lipschitz_lower_bound(model, inputs, starts=4, steps=0)
+    assert result.value >= 3.0 * (1 - 1e-3), result.value
+
+
+def test_lower_bound_from_data_is_at_least_the_data_s_best_jacobian_norm():
+    """Item 4 of the CNN-scale issue, in small: the search from the data is never below the
+    exact ‖J(x)‖₂ (full Jacobian + SVD) of its best data point, and never above the certificate."""
+    from torch.func import jacrev, vmap
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 4, stride=2, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 10)).eval()
+    data = torch.rand(200, 3, 8, 8)
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        jacobians = vmap(jacrev(lambda p: model64(p[None])[0]))(data.double()).reshape(200, 10, -1)
+    best = float(torch.linalg.matrix_norm(jacobians, ord=2).max())
+    result = lipschitz_lower_bound(model, data, starts=16, steps=20)
+    assert best * (1 - 1e-6) <= result.value <= certify(model, (3, 8, 8)).upper
 
 
 def test_certificate_reports(tmp_path):

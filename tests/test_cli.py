@@ -77,7 +77,7 @@ def test_table_output(capsys, npz_file):
     assert main(["sigma", str(npz_file)]) == 0
     out = capsys.readouterr().out
     assert "fc1" in out and "fc2" in out and "conv" in out and "bias" not in out
-    assert "40×30" in out and "reshaped 8×27" in out and "not any one matrix's sigma" in out
+    assert "40×30" in out and "reshaped 8×27" in out and "--stack measures each matrix" in out
     assert f"{sigma_max(FC1):.5f}"[:6] in out
     assert "certified interval" in out
 
@@ -240,7 +240,7 @@ def test_tensor_names_are_never_cut(capsys, tmp_path, monkeypatch, width):
 
     path = tmp_path / "w.npz"
     np.savez(path, **{LONG_NAMES[0]: FC1, LONG_NAMES[1]: FC2, "features.0.weight": CONV})
-    monkeypatch.setattr("lipnorm.cli._rich", lambda: (Console(width=width), Table))
+    monkeypatch.setattr("lipnorm.cli.console.rich_table_console", lambda: (Console(width=width), Table))
     assert main(["sigma", str(path), "--input-size", "6,6"]) == 0
     out = capsys.readouterr().out
     for name in (*LONG_NAMES, "features.0.weight"):
@@ -412,7 +412,7 @@ def test_interval_ends_are_rounded_outward_exactly():
     """The printed ends of an interval never cut into it, whatever the float."""
     from decimal import Decimal
 
-    from lipnorm.cli import _significant
+    from lipnorm.cli.sigma_table import _significant
 
     values = np.random.default_rng(2).lognormal(0, 8, size=2000)
     for value in [*values, 54.58703129197087, 4.9999999999999999, 1e-300, 9.999999999999e20]:
@@ -549,7 +549,7 @@ def test_an_expert_stack_without_stack_says_what_was_measured(capsys, tmp_path):
     assert main(["sigma", str(path)]) == 0
     out = capsys.readouterr().out
     assert "reshaped 8×8192" in out and "kernel" not in out.split("\n")[3]
-    assert "for a stack of matrices (experts, heads), not any one matrix's sigma" in out
+    assert "for a stack of matrices (experts, heads), --stack measures each matrix" in out
 
 
 def test_no_bounds_gives_estimates_only(capsys, npz_file):
@@ -579,10 +579,62 @@ def test_a_progress_bar_runs_over_the_tensors_on_a_terminal(capsys, npz_file, mo
     from rich.console import Console
 
     terminal = io.StringIO()
-    monkeypatch.setattr("lipnorm.cli._progress_console",
+    monkeypatch.setattr("lipnorm.cli.sigma._progress_console",
                         lambda: Console(file=terminal, force_terminal=True, width=100))
     rows = run_json(capsys, str(npz_file))  # stdout is the JSON alone
     assert len(rows) == 3
     shown = terminal.getvalue()
     assert "3/3 fc2" in shown  # the last refresh: (3 of 3 tensors) measuring fc2
     assert shown.endswith("\x1b[2K")  # erased when done
+
+
+# --- stacks of matrices: --stack ---
+
+
+def test_stack_measures_each_matrix_of_the_last_two_axes(capsys, tmp_path):
+    experts = RNG.standard_normal((8, 64, 128)).astype(np.float32)
+    heads = RNG.standard_normal((2, 3, 16, 24))
+    path = tmp_path / "moe.npz"
+    np.savez(path, **{"mlp.experts.w1": experts, "attn.heads": heads, "fc": FC1})
+    rows = run_json(capsys, str(path), "--stack")
+    assert [row["measure"] for row in rows] == ["stack", "stack", "matrix"]
+    for row, stack in zip(rows, (experts, heads)):
+        exact = np.linalg.svd(stack.astype(np.float64), compute_uv=False)[..., 0]
+        assert np.shape(row["sigmas"]) == stack.shape[:-2]
+        np.testing.assert_allclose(row["sigmas"], exact, rtol=1e-5)
+        np.testing.assert_allclose(row["sigma"], exact.max(), rtol=1e-5)
+        assert row["lower"] <= exact.max() <= row["upper"]
+        assert row["upper"] / row["lower"] <= 1 + 1e-3
+        frobenius = np.linalg.norm(stack.astype(np.float64), axis=(-2, -1))
+        np.testing.assert_allclose(row["frobenius_norms"], frobenius, rtol=1e-12)
+        np.testing.assert_allclose(row["stable_ranks"], frobenius**2 / exact**2, rtol=1e-4)
+        assert row["frobenius"] is None and row["stable_rank"] is None
+    assert rows[2]["sigmas"] is None and rows[2]["frobenius"] > 0
+    assert main(["sigma", str(path), "--stack"]) == 0
+    out = capsys.readouterr().out
+    assert "stack of 8 64×128" in out and "stack of 6 16×24" in out
+    assert "stack: each matrix of the last two axes; sigma and the interval are of the largest" in out
+
+
+def test_stack_takes_any_number_of_leading_axes_and_no_bounds(capsys, tmp_path):
+    stack = RNG.standard_normal((2, 1, 2, 1, 3, 5))
+    path = tmp_path / "w.npz"
+    np.savez(path, t=stack)
+    err = run_failing(capsys, "sigma", str(path), "--key", "t")
+    assert "takes tensors with 1 to 5 axes (or more with --stack)" in err
+    (row,) = run_json(capsys, str(path), "--key", "t", "--stack", "--no-bounds")
+    exact = np.linalg.svd(stack, compute_uv=False)[..., 0]
+    np.testing.assert_allclose(row["sigmas"], exact, rtol=1e-6)
+    assert row["lower"] is None and row["upper"] is None
+
+
+def test_a_nan_in_one_matrix_of_a_stack_gets_an_error_row(capsys, tmp_path):
+    stack = RNG.standard_normal((4, 6, 5))
+    stack[2, 1, 3] = np.nan
+    path = tmp_path / "w.npz"
+    np.savez(path, experts=stack, fc=FC1)
+    assert main(["sigma", str(path), "--stack", "--json"]) == 1
+    bad, good = json.loads(capsys.readouterr().out)
+    assert bad["sigma"] is None and bad["sigmas"] is None
+    assert "matrix [2] of the stack" in bad["error"] and "NaN" in bad["error"]
+    assert good["error"] is None

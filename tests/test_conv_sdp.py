@@ -155,14 +155,52 @@ def test_check_rejects_what_it_cannot_prove():
         proof.verify()
 
 
-def test_exact_and_fast_factorizations_agree():
-    model, shape = _cnn(seed=5)
+def _dense(blocks):
+    """The tree-structured matrix as one dense Hermitian matrix (levels, then the border)."""
+    starts = np.cumsum([0] + [d.shape[0] * d.shape[1] for d in blocks.diagonal] + [blocks.border.shape[0]])
+    matrix = np.zeros((starts[-1], starts[-1]), dtype=complex)
+    for level, d in enumerate(blocks.diagonal):
+        count, n = d.shape[:2]
+        for f in range(count):
+            at = starts[level] + f * n
+            matrix[at:at + n, at:at + n] = d[f]
+        coupling = blocks.couplings[level]
+        rows = np.arange(coupling.rows.start, coupling.rows.stop)
+        columns = np.arange(d.shape[1])[coupling.columns]
+        if level + 1 < len(blocks.diagonal):
+            parents, size = blocks.diagonal[level + 1].shape[:2]
+        else:
+            parents, size = 1, 0
+        for f in range(count):
+            parent = starts[level + 1] + (f % parents) * size + rows
+            child = starts[level] + f * n + columns
+            matrix[np.ix_(parent, child)] = coupling.matrix[f]
+            matrix[np.ix_(child, parent)] = np.conj(coupling.matrix[f]).T
+    matrix[starts[-2]:, starts[-2]:] = blocks.border
+    return matrix
+
+
+def test_tree_factorization_is_the_dense_one():
+    model, shape = _cnn(seed=5, size=4)
     sdp = FrequencySdp(conv_chain(_graph(model, shape)))
     multipliers = conv_sdp._uniform_start(sdp)
     blocks = sdp.assemble(multipliers, 1e4, with_error=True)
-    fast, exact = tree_cholesky(blocks), tree_cholesky(blocks, exact=True)
-    assert exact.square == pytest.approx(fast.square, rel=1e-10)
+    dense = _dense(blocks)
+    assert np.allclose(dense, np.conj(dense.T))
+    factor = tree_cholesky(blocks)
+    assert factor.square == pytest.approx(blocks.row_estimate(), rel=1e-10)
+    assert np.linalg.norm(np.abs(np.linalg.cholesky(dense)), 2) ** 2 <= factor.square * (1 + 1e-9)  # bounds ‖|R|‖₂²
+    rng = np.random.default_rng(0)
+    right = [rng.standard_normal(d.shape[:2] + (2,)) + 0j for d in blocks.diagonal]
+    border = rng.standard_normal((blocks.border.shape[0], 2)) + 0j
+    levels, border_solution = factor.solve(right, border)
+    stacked = np.concatenate([r.reshape(-1, 2) for r in right] + [border])
+    expected = np.linalg.solve(dense, stacked)
+    assert np.allclose(np.concatenate([h.reshape(-1, 2) for h in levels] + [border_solution]), expected)
     assert 0 < blocks.error < 1e-9 * blocks.largest_diagonal()
+    smallest = np.linalg.eigvalsh(dense)[0]
+    assert smallest > 0 and tree_cholesky(blocks, smallest * 1.01) is None
+    assert tree_cholesky(blocks, smallest * 0.99) is not None
 
 
 def test_ladder_reaches_it_and_rows_are_capped():

@@ -32,7 +32,8 @@ def run_example(name: str, *args: str, cwd: Path) -> str:
 
 def test_every_example_is_tested():
     tested = {"sngan_digits_torch.py", "critic_digits_keras_jax.py",
-              "checkpoint_sigma_histogram.py", "certify_onnx_cli.py", "certified_robustness.py"}
+              "checkpoint_sigma_histogram.py", "certify_onnx_cli.py", "certified_robustness.py",
+              "constraint_training_torch.py"}
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
 
 
@@ -89,3 +90,15 @@ def test_certified_robustness(tmp_path):
     assert certified <= attacked <= clean  # certified <= empirical <= clean
     assert "pairwise L_yj by" in out
     assert (tmp_path / "robustness.png").stat().st_size > 1000
+
+
+def test_constraint_training_torch(tmp_path):
+    pytest.importorskip("sklearn")
+    out = run_example("constraint_training_torch.py", cwd=tmp_path)
+    pattern = r"^{}: test accuracy (\S+), Lipschitz constant <= (\S+) \(product of the layers' bounds (\S+)\)$"
+    accuracy, upper, product = map(float, re.search(pattern.format("constrained"), out, re.MULTILINE).groups())
+    sigmas = [float(value) for value in re.findall(r"\d\.weight (\d\.\d+)", out)]
+    assert len(sigmas) == 3 and max(sigmas) <= 1.001  # every weight certified under the cap
+    assert upper <= product <= 1.001**3 and accuracy >= 0.8
+    _, free_upper, _ = map(float, re.search(pattern.format("unconstrained"), out, re.MULTILINE).groups())
+    assert free_upper > 1.5  # without the constraint the network's bound is not held

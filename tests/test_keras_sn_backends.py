@@ -1,4 +1,4 @@
-"""Run the Keras SN test modules under the Keras backends this process is not using.
+"""Run the Keras test modules (SN, constraint) under the Keras backends this process is not using.
 
 Keras fixes its backend per process (KERAS_BACKEND), so the other backends run
 in subprocesses; a failure names the backend and shows that run's report.
@@ -14,7 +14,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ("test_keras_sn.py", "test_keras_sn_upstream.py")
+MODULES = ("test_keras_sn.py", "test_keras_sn_upstream.py", "test_keras_constraint.py")
 FRAMEWORK = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 OTHER_BACKENDS = [b for b in FRAMEWORK if b != keras.backend.backend()]
 

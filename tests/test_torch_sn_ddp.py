@@ -1,7 +1,5 @@
 """lipnorm's torch spectral norm under DistributedDataParallel: 2 CPU processes on gloo."""
 
-import sys
-
 import numpy as np
 import pytest
 
@@ -9,12 +7,11 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from lipnorm.backends.torch import sigmas, spectral_norm  # noqa: E402
+from tests.ddp import WORLD_SIZE, requires_gloo, run_on_two_ranks  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or sys.platform == "win32",
-                                reason="needs torch.distributed with gloo")
+pytestmark = requires_gloo
 
 STEPS = 3
-WORLD_SIZE = 2
 
 
 def _model():
@@ -47,23 +44,16 @@ def _state(model, losses):
             "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
-def _ddp_worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                         world_size=WORLD_SIZE)
-    try:
-        model = _model()
-        model(torch.zeros(1, 2, 6, 6))  # operator mode: create u, v (same on every rank: same seed)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        losses = _train(model, ddp, slice(rank, None, WORLD_SIZE))
-        torch.save(_state(model, losses), f"{out_dir}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_worker(rank, out_dir):
+    model = _model()
+    model(torch.zeros(1, 2, 6, 6))  # operator mode: create u, v (same on every rank: same seed)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    losses = _train(model, ddp, slice(rank, None, WORLD_SIZE))
+    torch.save(_state(model, losses), f"{out_dir}/rank{rank}.pt")
 
 
 def test_ddp_two_processes_match_single_process(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)),
-                                nprocs=WORLD_SIZE, join=True)
+    run_on_two_ranks(_ddp_worker, tmp_path, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
     single = _model()
     single(torch.zeros(1, 2, 6, 6))

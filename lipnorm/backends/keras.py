@@ -15,6 +15,7 @@ import numbers
 import keras
 from keras import ops
 
+from lipnorm.backends._keras_constraint import SpectralConstraint
 from lipnorm.backends._keras_conv_operator import conv_operator_map, operator_shapes
 from lipnorm.backends._keras_kernel_views import (
     CONV_LAYERS,
@@ -31,7 +32,7 @@ from lipnorm.backends._keras_power_iteration import (
     sigma_from_vectors,
 )
 
-__all__ = ["SpectralNormalization"]
+__all__ = ["SpectralConstraint", "SpectralNormalization"]
 
 _MODES = ("matrix", "operator")
 _WARM_UP_ITERATIONS = 15

@@ -43,11 +43,13 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from ._torch_checkpoint import lipnorm_keys, migrate_keys_, restore_legacy_v_
+from ._torch_constraint import SpectralConstraint
 from ._torch_layer_maps import ConvMap, LinearMap
 from ._torch_scaled_map import normalized_layer
 from ._torch_sigma import MatrixView, OperatorView, SigmaView, exporting, inner, update_sigma_
 
-__all__ = ["spectral_norm", "remove_spectral_norm", "sigma_of", "sigmas", "warm_up", "SpectralNormSpec"]
+__all__ = ["spectral_norm", "remove_spectral_norm", "sigma_of", "sigmas", "warm_up", "SpectralNormSpec",
+           "SpectralConstraint"]
 
 #: Power-iteration steps run when u, v are (re)initialized, as torch does (pytorch#51800).
 WARMUP_ITERATIONS = 15

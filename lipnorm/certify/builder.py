@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from lipnorm.bounds import activation_lipschitz, activation_slope_range, round_up
 from lipnorm.certify.errors import NotCertifiableError
 from lipnorm.certify.graph import Concat, Graph, Linear, Lipschitz, Sum
 from lipnorm.certify.layers import normalization_bound
-from lipnorm.certify.linear import FixedMap
+from lipnorm.certify.linear import FixedMap, ScaleMap
 from lipnorm.certify.rules import EPSILON_RULE, Rules, lookup_rule, user_bound
 
 __all__ = ["GraphBuilder"]
@@ -105,6 +107,17 @@ class GraphBuilder:
 
     def add_sum(self, name: str, layer_type: str, sources: list[str]) -> str:
         return self.graph.add(name, layer_type, sources, Sum())
+
+    def difference(self, name: str, layer_type: str, sources: list[str], subtracted: list[bool]) -> str:
+        """A sum whose operands flagged ``subtracted`` enter negated (``a − b``, or ``c − b``
+        for a constant ``c``): the tight methods add the operands' maps, so the sign matters.
+        """
+        terms = [self.linear(f"{name}.negated{i}" if len(sources) > 1 else name, f"{layer_type} (negation)",
+                             source, ScaleMap(np.asarray(-1.0), None)) if negated else source
+                 for i, (source, negated) in enumerate(zip(sources, subtracted))]
+        if len(terms) == 1:
+            return terms[0]
+        return self.add_sum(name, layer_type, terms)
 
     def concat(self, name: str, layer_type: str, sources: list[str]) -> str:
         return self.graph.add(name, layer_type, sources, Concat())

@@ -319,6 +319,11 @@ class TreeBlocks:
     def trace(self) -> float:
         return float(sum(np.einsum("fii->", d).real for d in self.diagonal) + np.trace(self.border).real)
 
+    def row_estimate(self) -> float:
+        """Σ over levels of the largest trace of a frequency's block, plus the border's trace:
+        what :func:`tree_cholesky`'s ``square`` is in exact arithmetic."""
+        return float(sum(np.max(np.einsum("fii->f", d).real) for d in self.diagonal) + np.trace(self.border).real)
+
     def largest_diagonal(self) -> float:
         values = [np.max(np.abs(np.diagonal(d, axis1=1, axis2=2))) for d in self.diagonal if d.size]
         if self.border.size:
@@ -330,33 +335,39 @@ class TreeBlocks:
 class TreeFactor:
     """A block Cholesky factorization of :class:`TreeBlocks` (see :func:`tree_cholesky`).
 
-    ``solved[l]`` is ``Y = L_l⁻¹ Eᴴ`` (the factor's block below level ``l``'s, adjoint),
-    for the parent rows ``rows[l]``.
+    ``solved[l]`` is ``Y = L_l⁻¹ Eᴴ`` (the adjoint of the factor's block below level
+    ``l``'s) for the parent rows ``rows[l]``; ``aliases[l]`` frequencies share a parent.
     """
 
     factors: list[np.ndarray]
-    inverses: list[np.ndarray] | None
     solved: list[np.ndarray]
     rows: list[slice]
     border: np.ndarray
     square: float
     aliases: list[int]
 
-    def __post_init__(self):
-        if self.inverses is not None:  # the adjoints the solves apply, formed once
-            self.inverse_adjoints = [np.ascontiguousarray(np.conj(np.swapaxes(i, 1, 2))) for i in self.inverses]
-            self.solved_adjoints = [np.ascontiguousarray(np.conj(np.swapaxes(y, 1, 2))) for y in self.solved]
+    def forward(self, level: int, right: np.ndarray, adjoint: bool = False) -> np.ndarray:
+        """``L_l⁻¹ right`` (``L_l⁻ᴴ right`` with ``adjoint``) for every frequency of a level."""
+        factor = self.factors[level]
+        if factor.ndim == 2:  # a diagonal factor, held as its diagonal
+            return right / factor[:, :, None]
+        return scipy.linalg.solve_triangular(factor, right, lower=True, trans="C" if adjoint else "N",
+                                             check_finite=False)
+
+    def coupling_adjoint(self, level: int, values: np.ndarray) -> np.ndarray:
+        """``Yᴴ values`` for every frequency of a level (the update of the parent rows)."""
+        return np.conj(np.swapaxes(self.solved[level], 1, 2)) @ values
 
     def solve(self, right: list[np.ndarray], border: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        """``A⁻¹ [right; border]`` (levels ``(F_l, n_l, k)``, border ``(n_b, k)``); needs ``inverses``."""
+        """``A⁻¹ [right; border]`` (levels ``(F_l, n_l, k)``, border ``(n_b, k)``)."""
         right = [r.copy() for r in right]
         border = border.copy()
         forward = []
-        levels = len(self.inverses)
+        levels = len(self.factors)
         for level in range(levels):
-            y = self.inverses[level] @ right[level]
+            y = self.forward(level, right[level])
             forward.append(y)
-            update = self.solved_adjoints[level] @ y
+            update = self.coupling_adjoint(level, y)
             if level + 1 < levels:
                 right[level + 1][:, self.rows[level]] -= _parent_sum(update, self.aliases[level])
             else:
@@ -368,19 +379,22 @@ class TreeFactor:
                 parent = np.tile(solution[level + 1][:, self.rows[level]], (self.aliases[level], 1, 1))
             else:
                 parent = border_solution[None, self.rows[level]]
-            solution[level] = self.inverse_adjoints[level] @ (forward[level] - self.solved[level] @ parent)
+            solution[level] = self.forward(level, forward[level] - self.solved[level] @ parent, adjoint=True)
         return solution, border_solution
 
 
-def tree_cholesky(blocks: TreeBlocks, shift: float = 0.0, *, exact: bool = False) -> TreeFactor | None:
+def tree_cholesky(blocks: TreeBlocks, shift: float = 0.0) -> TreeFactor | None:
     """Block Cholesky factorization of ``blocks − shift·I``, finest level first; None if not positive definite.
 
-    Each level's blocks are factored by LAPACK (``potrf``); with ``exact`` the couplings
-    ``Y = L⁻¹ Eᴴ`` come from forward substitution (``trtrs``) frequency by frequency, so
-    the whole is a conventional Cholesky factorization of the permuted matrix, to which
-    Higham's rounding bound applies; otherwise from the blocks' inverses (faster, for the
-    optimisation, which is only a proposal), which are kept for :meth:`TreeFactor.solve`.
-    ``square`` is ‖R‖_F² of the whole factor.
+    Each level's blocks are factored by LAPACK (``potrf``) and the couplings ``Y = L⁻¹ Eᴴ``
+    come from forward substitution (``trtrs``): the whole is a conventional Cholesky
+    factorization of the permuted matrix, to which Higham's rounding bound applies.
+    ``square`` bounds ‖|R|‖₂², the norm Higham's componentwise bound ``|ΔA| ≤ γ|Rᴴ||R|``
+    needs: the rows of ``R`` split by level, and a level's rows are block-diagonal over its
+    frequencies (a frequency's row block: its own factor and its children's couplings), so
+    ``‖|R|‖₂² ≤ Σ_levels max_f ‖row block_f‖_F²`` (plus the border's rows) — far below
+    ‖R‖_F² when there are many frequencies. In exact arithmetic a row block's ‖·‖_F² is the
+    trace of the frequency's block before the fills (:meth:`TreeBlocks.row_estimate`).
     """
     diagonal = [d.copy() for d in blocks.diagonal]
     border = blocks.border.copy()
@@ -388,44 +402,56 @@ def tree_cholesky(blocks: TreeBlocks, shift: float = 0.0, *, exact: bool = False
         for d in diagonal:
             d[:, np.arange(d.shape[1]), np.arange(d.shape[1])] -= shift
         border[np.diag_indices_from(border)] -= shift
-    factors, inverses, solved, aliases, square = [], [], [], [], 0.0
+    factors, solved, aliases, square = [], [], [], 0.0
     levels = len(diagonal)
+    children = np.zeros(diagonal[0].shape[0])  # each frequency's children's ‖Y‖_F², summed
     for level in range(levels):
-        try:
-            factor = np.linalg.cholesky(diagonal[level])
-        except np.linalg.LinAlgError:
-            return None
+        block = diagonal[level]
         coupling = blocks.couplings[level]
-        adjoint = np.conj(np.swapaxes(coupling.matrix, 1, 2))  # (F, c, r)
-        if exact:
-            padded = np.zeros((factor.shape[0], factor.shape[1], adjoint.shape[2]), dtype=np.complex128)
-            padded[:, coupling.columns] = adjoint
-            y = np.stack([scipy.linalg.solve_triangular(f, e, lower=True, check_finite=False)
-                          for f, e in zip(factor, padded)])
+        adjoint = np.zeros((block.shape[0], block.shape[1], coupling.matrix.shape[1]), dtype=np.complex128)
+        adjoint[:, coupling.columns] = np.conj(np.swapaxes(coupling.matrix, 1, 2))
+        if _is_diagonal(block):  # potrf and trtrs would compute exactly these square roots and quotients
+            entries = np.diagonal(block, axis1=1, axis2=2).real
+            if not np.all(entries > 0):
+                return None
+            factor = np.sqrt(entries)
+            y = adjoint / factor[:, :, None]
         else:
-            inverse = np.linalg.inv(factor)
-            inverses.append(inverse)
-            y = inverse[:, :, coupling.columns] @ adjoint
-        fill = np.conj(np.swapaxes(y, 1, 2)) @ y
+            try:
+                factor = np.linalg.cholesky(block)
+            except np.linalg.LinAlgError:
+                return None
+            y = scipy.linalg.solve_triangular(factor, adjoint, lower=True, check_finite=False)
         if level + 1 < levels:
             count = diagonal[level].shape[0] // diagonal[level + 1].shape[0]
+            fill = np.conj(np.swapaxes(y, 1, 2)) @ y
             diagonal[level + 1][:, coupling.rows, coupling.rows] -= _parent_sum(fill, count)
-        else:
+        else:  # every frequency's fill lands on the border: one product of the stacked blocks
             count = diagonal[level].shape[0]
-            border[coupling.rows, coupling.rows] -= fill.sum(axis=0)
+            stacked = y.reshape(-1, y.shape[2])
+            border[coupling.rows, coupling.rows] -= np.conj(stacked.T) @ stacked
         aliases.append(count)
         factors.append(factor)
         solved.append(y)
-        square += float(np.vdot(factor, factor).real + np.vdot(y, y).real)
+        own = np.sum(np.abs(factor.reshape(factor.shape[0], -1)) ** 2, axis=1)
+        square += float(np.max(own + children))
+        below = np.sum(np.abs(y.reshape(y.shape[0], -1)) ** 2, axis=1)
+        children = _parent_sum(below, count) if level + 1 < levels else np.sum(below, keepdims=True)
         if not math.isfinite(square):
             return None
     try:
         border_factor = np.linalg.cholesky(border)
     except np.linalg.LinAlgError:
         return None
-    square += float(np.vdot(border_factor, border_factor).real)
-    return TreeFactor(factors, None if exact else inverses, solved, [c.rows for c in blocks.couplings],
-                      border_factor, square, aliases)
+    square += float(np.vdot(border_factor, border_factor).real + children[0])
+    return TreeFactor(factors, solved, [c.rows for c in blocks.couplings], border_factor, square, aliases)
+
+
+def _is_diagonal(blocks: np.ndarray) -> bool:
+    """Whether every block of a stack (F, n, n) is diagonal with a real diagonal."""
+    size = blocks.shape[1]
+    off = blocks.reshape(blocks.shape[0], -1)[:, :-1].reshape(blocks.shape[0], size - 1, size + 1)[:, :, 1:]
+    return not np.any(off) and not np.any(np.diagonal(blocks, axis1=1, axis2=2).imag)
 
 
 def _parent_sum(values: np.ndarray, aliases: int) -> np.ndarray:
@@ -503,7 +529,7 @@ class FrequencySdp:
     def multiplier_sizes(self) -> list[int]:
         return [c.channels for c in self.chain.convs] + [d.weight.shape[0] for d in self.head_units]
 
-    def _layout(self, with_input: bool):
+    def layout(self, with_input: bool):
         """Levels held, and each node's (level index among them, offset in the block)."""
         first = 0 if with_input else self.node_level[1]
         sizes = [0] * (len(self.grids) - first)
@@ -524,7 +550,7 @@ class FrequencySdp:
 
         With ``with_error``, ``error`` bounds the spectral norm of (held − exact M).
         """
-        first, sizes, place = self._layout(rho is not None)
+        first, sizes, place = self.layout(rho is not None)
         freqs = self.freqs[first:]
         diagonal = [np.zeros((f.shape[0], n, n), dtype=np.complex128) for f, n in zip(freqs, sizes)]
         couplings: list[Coupling] = []
@@ -597,7 +623,7 @@ class FrequencySdp:
 
     def input_coupling(self, multipliers, vectors: np.ndarray) -> list[np.ndarray]:
         """``B u``: the hidden part's right-hand side from input vectors ``(F_0, C_0, k)``."""
-        first, sizes, place = self._layout(False)
+        first, sizes, place = self.layout(False)
         conv = self.chain.convs[0]
         level, offset = place[1]
         right = [np.zeros((self.freqs[first + i].shape[0], n, vectors.shape[2]), dtype=np.complex128)
@@ -623,7 +649,7 @@ class FrequencySdp:
         order : ndarray of int, shape (F_last · c,)
             The input entry (frequency-major, ``f·C_0 + channel``) of each row.
         """
-        first, sizes, place = self._layout(False)
+        first, sizes, place = self.layout(False)
         conv = self.chain.convs[0]
         level, offset = place[1]
         count, channels = self.freqs[0].shape[0], self.chain.input_channels
@@ -635,15 +661,15 @@ class FrequencySdp:
             right, order = _gather_columns(right, parents), _gather_columns(order, parents)
         blocks = None
         for held in range(len(sizes)):
-            z = factor.inverses[held] @ right
+            z = factor.forward(held, right)
             gram = np.conj(np.swapaxes(z, 1, 2)) @ z
             if blocks is not None:
                 gram += _block_diagonal(blocks, gram.shape[0])
             blocks = gram
-            update = -(factor.solved_adjoints[held] @ z)
+            update = -factor.coupling_adjoint(held, z)
             rows = factor.rows[held]
             if held + 1 < len(sizes):
-                parents = factor.inverses[held + 1].shape[0]
+                parents = factor.factors[held + 1].shape[0]
                 right = np.zeros((parents, sizes[held + 1], update.shape[2] * factor.aliases[held]),
                                  dtype=np.complex128)
                 right[:, rows] = _gather_columns(update, parents)
@@ -655,7 +681,7 @@ class FrequencySdp:
 
     def input_adjoint(self, multipliers, hidden: list[np.ndarray]) -> np.ndarray:
         """``Bᴴ h`` for hidden vectors (levels as :meth:`input_coupling` gives)."""
-        first, _, place = self._layout(False)
+        first, _, place = self.layout(False)
         conv = self.chain.convs[0]
         level, offset = place[1]
         part = hidden[level][:, offset:offset + conv.channels]
@@ -668,7 +694,7 @@ class FrequencySdp:
                           border: np.ndarray) -> list[np.ndarray]:
         """Σ over positions of each unit's constraint ``(w − a z)(b z − w)`` at the given
         vectors, per channel (convolutional units) or neuron (dense ones), per column."""
-        _, _, place = self._layout(False)
+        _, _, place = self.layout(False)
         values, previous = [], inputs
         for k, conv in enumerate(self.chain.convs):
             level, offset = place[k + 1]

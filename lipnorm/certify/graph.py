@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lipnorm.certify.linear import LinearMap, merge
+from lipnorm.certify.linear import DenseMap, LinearMap, ScaleMap, merge
 
-__all__ = ["Concat", "Graph", "Input", "Linear", "Lipschitz", "Node", "Sum", "prepare_graph"]
+__all__ = ["Concat", "Graph", "Input", "Linear", "Lipschitz", "Node", "Sum", "inferred_shapes", "prepare_graph"]
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,36 @@ def prepare_graph(graph: Graph) -> Graph:
     _prune_unused(graph, graph.outputs)
     _merge_linear_chains(graph, graph.outputs)
     return graph
+
+
+def inferred_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
+    """The recorded output shapes, with those of activations, scales, sums and dense maps
+    inferred from their input where the front end did not record them.
+
+    Parameters
+    ----------
+    graph : Graph
+
+    Returns
+    -------
+    dict of str to tuple of int
+        Batch axis included (of size 1); nodes whose shape is neither recorded nor
+        inferable are missing.
+    """
+    shapes = dict(graph.shapes)
+    for node in graph.nodes.values():
+        if node.name in shapes or not node.inputs or node.inputs[0] not in shapes:
+            continue
+        op, in_shape = node.op, shapes[node.inputs[0]]
+        if isinstance(op, Sum) or (isinstance(op, Lipschitz) and op.slope is not None):
+            shapes[node.name] = in_shape
+        elif isinstance(op, Linear) and isinstance(op.map, ScaleMap):
+            shapes[node.name] = in_shape
+        elif isinstance(op, Linear) and isinstance(op.map, DenseMap):
+            shape = list(in_shape)
+            shape[op.map.axis] = op.map.weight.shape[0]
+            shapes[node.name] = tuple(shape)
+    return shapes
 
 
 def _prune_unused(graph: Graph, outputs: list[str]) -> None:

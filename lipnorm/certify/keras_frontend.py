@@ -15,12 +15,12 @@ from lipnorm.backends._keras_kernel_views import kernel_views
 from lipnorm.backends.keras import SpectralNormalization
 from lipnorm.bounds import max_pool_lipschitz, round_up
 from lipnorm.certify.builder import ATTENTION_REASON, GraphBuilder
+from lipnorm.certify.errors import NotCertifiableError
 from lipnorm.certify.layers import (
     average_pool_map,
     batch_norm_map,
-    padding_sources,
+    padding_map,
     same_padding,
-    selection_map,
     torch_pool_windows,
 )
 from lipnorm.certify.linear import ConvMap, DenseMap, FixedMap, ScaleMap
@@ -129,9 +129,11 @@ class _Walker:
         if isinstance(layer, SpectralNormalization):
             return self._spectrally_normalized(layer, node, sources, f"{name}/")
         in_shape = tuple(node.input_tensors[0].shape)
-        if isinstance(layer, (L.Add, L.Subtract)) or (kind in {"Add", "Subtract"} and len(sources) > 1):
+        if isinstance(layer, L.Subtract) or kind == "Subtract":
+            return [b.difference(name, kind, sources, _subtracted(node, sources))]
+        if isinstance(layer, L.Add) or (kind == "Add" and len(sources) > 1):
             return [b.add_sum(name, kind, sources)]
-        if kind in {"Add", "Subtract"}:  # keras.ops with a constant operand
+        if kind == "Add":  # keras.ops with a constant operand
             b.passthrough(name, f"{kind} (constant shift)", sources[0])
             return sources
         if isinstance(layer, L.Average):
@@ -191,17 +193,18 @@ class _Walker:
             return [b.linear(name, kind, source, self._average_pool(layer, in_shape))]
         if isinstance(layer, (L.GlobalAveragePooling1D, L.GlobalAveragePooling2D,
                               L.GlobalAveragePooling3D)):
-            count = math.prod(_spatial(in_shape, layer.data_format))
-            return [b.linear(name, kind, source, FixedMap(
-                math.nextafter(1.0 / math.sqrt(count) * (1 + 2.0**-50), math.inf),
-                f"global average over {count} positions: 1/√{count}"))]
+            spatial = _spatial(in_shape, layer.data_format)
+            return [b.linear(name, kind, source, average_pool_map(
+                [(n, [(0, n, n)]) for n in spatial], True,
+                channels_last=layer.data_format in (None, "channels_last")))]
         if isinstance(layer, (L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D)):
             return [b.lipschitz(name, kind, source, 1.0, "global max pooling")]
         if isinstance(layer, (L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D)):
-            spatial = _spatial(in_shape, layer.data_format)
             pads = layer.padding if isinstance(layer.padding[0], (tuple, list)) else (layer.padding,)
-            sources = [padding_sources(n, p[0], p[1], "constant") for n, p in zip(spatial, pads)]
-            return [b.linear(name, kind, source, selection_map(sources, spatial, "zero padding"))]
+            pads = [tuple(p) for p in pads]
+            pairs = ([(0, 0), *pads, (0, 0)] if layer.data_format in (None, "channels_last")
+                     else [(0, 0), (0, 0), *pads])
+            return [b.linear(name, kind, source, padding_map(in_shape, pairs, "constant", "zero padding"))]
         if isinstance(layer, (L.UpSampling1D, L.UpSampling2D, L.UpSampling3D)):
             if getattr(layer, "interpolation", "nearest") != "nearest":
                 b.refuse(name, kind, "uses non-nearest interpolation, which lipnorm does not model")
@@ -339,6 +342,20 @@ def _scale_map(scale, rank: int, error: float) -> ScaleMap | FixedMap:
         return FixedMap(round_up(float(np.max(np.abs(scale))) + error), "max |scale|")
     return ScaleMap(scale.ravel() if varying else scale.reshape(()),
                     varying[0] if varying else None, error)
+
+
+def _subtracted(node, sources: list[str]) -> list[bool]:
+    """For each input-dependent operand of a subtraction, whether it is subtracted (not first).
+
+    A Subtract layer is called with ``[a, b]``, ``keras.ops.subtract`` with ``(a, b)``; the
+    operands are read in that order, constants (plain numbers) included.
+    """
+    operands = keras.tree.flatten(node.arguments.args)
+    dynamic = [i for i, operand in enumerate(operands) if any(operand is t for t in node.input_tensors)]
+    if len(dynamic) != len(sources):
+        raise NotCertifiableError(node.operation.name, type(node.operation).__name__,
+                                  "subtracts operands lipnorm cannot tell apart")
+    return [i > 0 for i in dynamic]
 
 
 def _spatial(shape, data_format) -> tuple[int, ...]:

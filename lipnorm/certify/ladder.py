@@ -63,13 +63,14 @@ class LadderResult:
     def record(self, method: str, value, proof, seconds: float) -> None:
         """Add a certified run; keep it as the result where it is tighter (per row for rows)."""
         self.proofs[method] = proof
+        note = getattr(proof, "note", "")
         if self.row_upper is None:
-            self.runs.append(MethodRun(method, float(value), seconds))
+            self.runs.append(MethodRun(method, float(value), seconds, note))
             if value < self.upper:
                 self.upper, self.method = float(value), method
             return
         value = np.asarray(value, dtype=np.float64)
-        self.runs.append(MethodRun(method, float(np.max(value)), seconds))
+        self.runs.append(MethodRun(method, float(np.max(value)), seconds, note))
         self.row_upper = np.minimum(self.row_upper, value)
         if float(np.max(self.row_upper)) < self.upper:
             self.upper, self.method = float(np.max(self.row_upper)), method

@@ -23,6 +23,7 @@ __all__ = [
     "selection_map",
     "torch_pool_windows",
     "adaptive_pool_windows",
+    "padding_map",
     "padding_sources",
     "same_padding",
 ]
@@ -177,6 +178,34 @@ def selection_map(sources: Sequence[np.ndarray], length: Sequence[int], method: 
         counts = np.bincount(src[src >= 0], minlength=n)
         copies *= int(counts.max()) if counts.size else 1
     return FixedMap(1.0 if copies <= 1 else round_up(math.sqrt(copies)), method)
+
+
+def padding_map(shape: Sequence[int], pads: Sequence[tuple[int, int]], mode: str,
+                method: str | None = None) -> FixedMap:
+    """A padding (or cropping) layer as a fixed map that knows its padding.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The padded tensor's shape, batch axis included.
+    pads : sequence of (int, int)
+        ``(before, after)`` for every axis of ``shape`` (negative values crop).
+    mode : {"constant", "reflect", "replicate", "circular"}
+    method : str, optional
+        The description shown in reports (default: "<mode> padding √copies").
+
+    Returns
+    -------
+    FixedMap
+        Its bound from :func:`selection_map`; ``padding`` and ``padding_mode`` set.
+    """
+    shape = tuple(1 if n is None else int(n) for n in shape)  # an unknown batch size counts as 1
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    if len(pads) != len(shape):
+        raise ValueError(f"padding needs (before, after) for each of the {len(shape)} axes, got {pads}")
+    sources = [padding_sources(n, lo, hi, mode) for n, (lo, hi) in zip(shape, pads)]
+    bound = selection_map(sources, list(shape), "").bound
+    return FixedMap(bound, method or f"{mode} padding √copies", padding=pads, padding_mode=mode)
 
 
 def padding_sources(length: int, before: int, after: int, mode: str) -> np.ndarray:

@@ -115,6 +115,11 @@ class FixedMap:
         it as a matrix. Any other fixed map is known to them by its bound alone.
     channels_last : bool
         Where the channel axis of ``spatial_factors``' tensor is.
+    padding : tuple of (int, int), optional
+        For a padding layer: the entries added ``(before, after)`` on every axis of the
+        tensor (batch axis included), so the tight methods can hold it as a shift.
+    padding_mode : str, optional
+        ``"constant"`` (zeros), ``"reflect"``, ``"replicate"`` or ``"circular"``.
     """
 
     bound: float
@@ -122,6 +127,8 @@ class FixedMap:
     flat_identity: bool = False
     spatial_factors: tuple[np.ndarray, ...] | None = field(default=None, compare=False)
     channels_last: bool = False
+    padding: tuple[tuple[int, int], ...] | None = None
+    padding_mode: str | None = None
 
 
 LinearMap = DenseMap | ConvMap | ScaleMap | FixedMap

@@ -29,10 +29,10 @@ import numpy as np
 
 from lipnorm.bounds import round_up
 from lipnorm.certify.rounding import UNIT_ROUNDOFF, frobenius_upper, gamma
-from lipnorm.certify.graph import Concat, Graph, Input, Linear, Lipschitz, Sum
+from lipnorm.certify.graph import Concat, Graph, Input, Linear, Lipschitz, Sum, inferred_shapes
 from lipnorm.certify.linear import ConvMap, DenseMap, FixedMap, LinearMap, ScaleMap, conv_map_operator
 
-__all__ = ["Block", "DenseNetwork", "NotDensifiable", "Unit", "add_blocks", "apply_matrix",
+__all__ = ["Block", "DenseAlgebra", "DenseCost", "DenseNetwork", "NotDensifiable", "Unit", "add_blocks", "apply_matrix",
            "dense_network", "scale_block"]
 
 #: The largest matrix (entries) a block may have: 2^24 float64 entries are 128 MiB.
@@ -228,20 +228,7 @@ def _shape(shapes: dict, name: str) -> tuple[int, ...]:
 
 
 def _shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
-    """Recorded shapes, with those of activations, scales and sums inferred from their input."""
-    shapes = dict(graph.shapes)
-    for node in graph.nodes.values():
-        if node.name in shapes or not node.inputs or node.inputs[0] not in shapes:
-            continue
-        op, in_shape = node.op, shapes[node.inputs[0]]
-        if isinstance(op, Sum) or (isinstance(op, Lipschitz) and op.slope is not None):
-            shapes[node.name] = in_shape
-        elif isinstance(op, Linear) and isinstance(op.map, ScaleMap):
-            shapes[node.name] = in_shape
-        elif isinstance(op, Linear) and isinstance(op.map, DenseMap):
-            shape = list(in_shape)
-            shape[op.map.axis] = op.map.weight.shape[0]
-            shapes[node.name] = tuple(shape)
+    shapes = inferred_shapes(graph)
     if graph.input_name not in shapes:
         raise NotDensifiable("the input shape is unknown")
     return shapes
@@ -379,3 +366,121 @@ def _stack(values, placed=None, rows: int | None = None) -> dict[int, Block]:
 
 def _numel(shape) -> int:
     return math.prod(shape[1:]) if len(shape) else 1
+
+
+class DenseAlgebra:
+    """The dense view's blocks as the chain method's block operations (one part, matrices).
+
+    Parameters
+    ----------
+    network : DenseNetwork
+    """
+
+    def __init__(self, network: DenseNetwork):
+        self.network = network
+        self.values: dict = {}  # key -> certified norm
+        self.blocks: dict = {}  # key -> block whose norm is certified when asked
+
+    def parts(self):
+        return [None]
+
+    def evaluate(self, block: Block, source: int, part) -> Block:
+        return block
+
+    def compose(self, left: Block, right: Block, scale: float) -> Block:
+        """``scale · left · right`` with its error bound."""
+        if left.matrix is None:  # an identity block (exact)
+            return scale_block(right, scale)
+        scaled = scale_block(left, scale)
+        return apply_matrix((scaled.matrix, scaled.error), right)
+
+    def add(self, left: Block, right: Block) -> Block:
+        return add_blocks(left, right)
+
+    def record(self, key, block: Block, part) -> None:
+        """Certify a chain's norm now (the output's chains are kept for :meth:`row_norms`);
+        keep a direct block, whose norm is certified only when asked."""
+        if key[0] == "direct" or key[1] == len(self.network.units):
+            self.blocks[key] = block
+        if key[0] == "chain":
+            direct = ("direct", *key[1:])
+            self.values[key] = self.norm(direct) if self.blocks.get(direct) is block else _certified_norm(block)
+
+    def norm(self, key) -> float:
+        if key not in self.values:
+            block = self.blocks.get(key)
+            self.values[key] = 0.0 if block is None else _certified_norm(block)
+        return self.values[key]
+
+    def row_norms(self, key, rows: np.ndarray) -> np.ndarray:
+        """Certified ‖rows[i] · P‖ for every row (0 where no chain was recorded)."""
+        block = self.blocks.get(key)
+        if block is None:
+            return np.zeros(rows.shape[0])
+        matrix = block.dense()
+        product = rows @ matrix
+        rounding = gamma(rows.shape[1] + 1) * np.linalg.norm(np.abs(rows) @ np.abs(matrix), axis=1)
+        norms = np.linalg.norm(product, axis=1) * (1 + 4 * gamma(product.shape[1] + 1))
+        total = norms + rounding + np.linalg.norm(rows, axis=1) * block.error
+        return np.array([round_up(float(v) * (1 + 1e-12)) for v in total])
+
+
+def _certified_norm(block: Block) -> float:
+    """Certified upper bound of the exact map's norm."""
+    if block.matrix is None:
+        return round_up(1.0 + block.error)
+    import lipnorm
+
+    matrix = block.matrix
+    if not np.any(matrix):
+        return round_up(block.error)
+    return round_up(lipnorm.sigma_bounds(matrix).upper + block.error)
+
+
+class DenseCost:
+    """The floating-point work of the chain method on a dense network, by a pass over shapes.
+
+    The same recursion as :class:`DenseAlgebra`, counting real flops: a product of
+    ``m × k`` and ``k × n`` matrices ``2 m k n`` (twice, with its rounding bound), a certified
+    norm a Gram matrix (``side² · other``) and a Cholesky factorization (``side³ / 3``).
+
+    Parameters
+    ----------
+    network : DenseNetwork, or any network of the same structure
+    shape_of : callable, optional
+        ``shape_of(block, source)``: the shape of a direct block as a matrix (None for an
+        identity); by default that of the dense view's block. Given another view of the
+        same graph (the torus view, whose windows are the dense view's tensors), it
+        estimates the dense view's work before the dense view is built.
+    """
+
+    def __init__(self, network, shape_of=None):
+        self.network = network
+        self.flops = 0.0
+        self.shape_of = shape_of or (lambda block, source: None if block.matrix is None else block.matrix.shape)
+
+    def parts(self):
+        return [None]
+
+    def evaluate(self, block, source: int, part):
+        return self.shape_of(block, source)
+
+    def compose(self, left, right, scale: float):
+        if left is None or right is None:
+            return right if left is None else left
+        self.flops += 4.0 * left[0] * left[1] * right[1]
+        return (left[0], right[1])
+
+    def add(self, left, right):
+        return left if left is not None else right
+
+    def record(self, key, block, part) -> None:
+        if key[0] == "chain" and block is not None:
+            side, other = sorted(block)
+            self.flops += 2.0 * side * side * other + side**3 / 3
+
+    def norm(self, key) -> float:
+        return 0.0
+
+    def row_norms(self, key, rows):
+        return None

@@ -19,9 +19,8 @@ from lipnorm.certify.builder import ATTENTION_REASON, GraphBuilder
 from lipnorm.certify.layers import (
     average_pool_map,
     batch_norm_map,
-    padding_sources,
+    padding_map,
     same_padding,
-    selection_map,
     torch_pool_windows,
 )
 from lipnorm.certify.linear import ConvMap, DenseMap, FixedMap, ScaleMap
@@ -178,6 +177,10 @@ class _Translator:
         rule = b.user_rule(name, op, node, sources)
         if rule is not None:
             return [rule] * len(node.output)
+        if op == "Sub":
+            subtracted = [k == 1 for k, i in enumerate(node.input) if i in self.values]
+            if len(sources) > 1 or any(subtracted):
+                return [b.difference(name, op, sources, subtracted)]
         if op in {"Add", "Sub", "Sum"}:
             if len(sources) > 1:
                 return [b.add_sum(name, op, sources)]
@@ -294,6 +297,9 @@ class _Translator:
                     axes = [int(i) for i in self.constant(node, 1, "axes")]
                 if not axes and not a.get("noop_with_empty_axes", 0):
                     axes = range(len(in_shape))  # no axes, or empty axes: every axis
+            if op != "ReduceSum" and sorted(int(i) % len(in_shape) for i in axes) == list(range(2, len(in_shape))):  # the spatial axes
+                return [b.linear(name, op, source, average_pool_map(
+                    [(n, [(0, n, n)]) for n in in_shape[2:]], True))]
             count = math.prod(in_shape[i] for i in axes)
             factor = math.sqrt(count) if op == "ReduceSum" else 1.0 / math.sqrt(count)
             return [b.linear(name, op, source, FixedMap(
@@ -312,8 +318,7 @@ class _Translator:
             lo, hi = [0] * rank, [0] * rank
             for k, axis in enumerate(axes):
                 lo[axis], hi[axis] = pads[k], pads[k + len(axes)]
-            sources_per_axis = [padding_sources(in_shape[i], lo[i], hi[i], mode) for i in range(rank)]
-            return [b.linear(name, op, source, selection_map(sources_per_axis, in_shape, f"{mode} padding"))]
+            return [b.linear(name, op, source, padding_map(in_shape, list(zip(lo, hi)), mode, f"{mode} padding"))]
         if op in _NORMALIZATIONS:
             gamma = self.constants.get(node.input[1]) if len(node.input) > 1 else None
             return [b.normalization(name, op, source, gamma, a.get("epsilon", 1e-5))]

@@ -22,7 +22,7 @@ from lipnorm.certify.layers import (
     average_pool_map,
     batch_norm_map,
     max_pool_bound,
-    padding_sources,
+    padding_map,
     selection_map,
     torch_pool_windows,
 )
@@ -300,6 +300,7 @@ class _ModuleTranslator:
             source = b.linear(f"{name}.pad", f"{kind}.padding_mode={mode}", source,
                               _pad_map(in_shape, tuple(flat), mode))
             spatial = tuple(n + a + c for n, (a, c) in zip(spatial, pads))
+            b.graph.record_shape(source, (*in_shape[:2], *spatial))
             pads = ((0, 0),) * d
         return b.linear(name, kind, source, ConvMap(
             kernel=_numpy(module.weight), input_spatial=spatial, stride=s, padding=pads,
@@ -356,8 +357,12 @@ class _FxTranslator:
                 b.refuse(name, kind, "scales an input-dependent operand by alpha; write the scaling "
                          "as a separate multiplication")
             operands = self._broadcast_operands(node, name, kind)
-            if len(operands) > 1:
-                return b.add_sum(name, kind, operands)
+            subtracted = [False] * len(operands)
+            if target in {"sub", "isub"}:
+                other = args[1] if len(args) > 1 else kwargs.get("other")
+                subtracted = [n is other for n in _flatten_nodes((node.args, node.kwargs)) if self._is_dynamic(n)]
+            if len(operands) > 1 or any(subtracted):
+                return b.difference(name, kind, operands, subtracted)
             if operands[0] != sources[0]:  # shifted by a larger constant: the copies remain
                 return operands[0]
             b.passthrough(name, f"{kind} (constant shift)", sources[0])
@@ -567,14 +572,10 @@ def _round_up_ratio(value: float) -> float:
 
 def _pad_map(in_shape, pads, mode) -> FixedMap:
     """F.pad order: pads = (last_before, last_after, second_last_before, ...)."""
-    pairs = [(pads[2 * i], pads[2 * i + 1]) for i in range(len(pads) // 2)]
-    rank = len(in_shape)
-    sources, lengths = [], []
-    for i, (before, after) in enumerate(pairs):
-        n = in_shape[rank - 1 - i]
-        sources.append(padding_sources(n, before, after, mode))
-        lengths.append(n)
-    return selection_map(sources, lengths, f"{mode} padding √copies")
+    pairs = [(0, 0)] * len(in_shape)
+    for i in range(len(pads) // 2):
+        pairs[len(in_shape) - 1 - i] = (pads[2 * i], pads[2 * i + 1])
+    return padding_map(in_shape, pairs, mode)
 
 
 def _is_tensor(node: fx.Node) -> bool:

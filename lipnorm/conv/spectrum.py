@@ -38,6 +38,7 @@ __all__ = [
     "alias_count",
     "block_error_bound",
     "half_frequencies",
+    "kernel_symbol",
     "phases",
     "stacked_blocks",
     "tap_offsets",
@@ -98,10 +99,37 @@ def phases(offsets, freqs, grid) -> np.ndarray:
     return phase
 
 
-def tap_offsets(kernel_size, dilation) -> np.ndarray:
-    """Offsets ``j * delta`` of the kernel taps, in C order, shape (T, d), int64."""
+def tap_offsets(kernel_size, dilation, origin=None) -> np.ndarray:
+    """Offsets ``j * delta + origin`` of the kernel taps, in C order, shape (T, d), int64."""
     taps = np.array(list(product(*(range(k) for k in kernel_size))), dtype=np.int64)
-    return taps.reshape(-1, len(kernel_size)) * np.asarray(dilation, dtype=np.int64)
+    offsets = taps.reshape(-1, len(kernel_size)) * np.asarray(dilation, dtype=np.int64)
+    return offsets if origin is None else offsets + np.asarray(origin, dtype=np.int64)
+
+
+def kernel_symbol(kernel, dilation, grid, freqs, origin=None) -> np.ndarray:
+    """The kernel's Fourier symbol ``H(xi) = sum_j W_j exp(2 pi i xi . (j delta + origin) / N)``.
+
+    Parameters
+    ----------
+    kernel : ndarray, float64, shape (G, cout_g, cin_g, *kernel_size)
+    dilation, grid : tuple of int, shape (d,)
+        ``grid`` is the input torus size ``N``.
+    freqs : ndarray of int, shape (F, d)
+        Input frequencies ``xi``.
+    origin : tuple of int, shape (d,), optional
+        Where tap 0 reads, relative to ``o * stride`` (``-pad_lo`` for a zero-padded layer
+        placed on the torus with its windows at the origin); 0 by default.
+
+    Returns
+    -------
+    ndarray, complex128, shape (G, F, cout_g, cin_g)
+        With the rounding of :func:`block_error_bound` (one alias).
+    """
+    groups, cout_g, cin_g = kernel.shape[:3]
+    phase = phases(tap_offsets(kernel.shape[3:], dilation, origin), freqs, grid)  # (T, F)
+    flat = kernel.reshape(groups * cout_g * cin_g, -1)
+    symbol = (flat @ phase).reshape(groups, cout_g, cin_g, freqs.shape[0])
+    return symbol.transpose(0, 3, 1, 2)
 
 
 def stacked_blocks(kernel, stride, dilation, grid, freqs) -> np.ndarray:
@@ -124,10 +152,9 @@ def stacked_blocks(kernel, stride, dilation, grid, freqs) -> np.ndarray:
     out_grid = np.array([n // s for n, s in zip(grid, stride)], dtype=np.int64)
     aliases = np.array(list(product(*(range(s) for s in stride))), dtype=np.int64)  # (S, d)
     xi = (freqs[:, None, :] + aliases[None, :, :] * out_grid).reshape(-1, len(grid))  # (F*S, d)
-    phase = phases(tap_offsets(kernel.shape[3:], dilation), xi, grid)  # (T, F*S)
-    flat = kernel.reshape(groups * cout_g * cin_g, -1)
-    blocks = (flat @ phase).reshape(groups, cout_g, cin_g, freqs.shape[0], aliases.shape[0])
-    blocks = blocks.transpose(0, 3, 1, 4, 2)  # (G, F, cout_g, S, cin_g)
+    symbol = kernel_symbol(kernel, dilation, grid, xi)  # (G, F*S, cout_g, cin_g)
+    blocks = symbol.reshape(groups, freqs.shape[0], aliases.shape[0], cout_g, cin_g)
+    blocks = blocks.transpose(0, 1, 3, 2, 4)  # (G, F, cout_g, S, cin_g)
     return blocks.reshape(groups, freqs.shape[0], cout_g, aliases.shape[0] * cin_g)
 
 

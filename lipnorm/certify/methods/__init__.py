@@ -128,6 +128,10 @@ class MethodContext:
         """The dense view (:func:`lipnorm.certify.network.dense_network`), built once."""
         return self.view("dense", _build_dense_network)
 
+    def torus_network(self):
+        """The torus view (:func:`lipnorm.certify.torus_builder.torus_network`), built once."""
+        return self.view("torus", _build_torus_network)
+
 
 def _build_dense_network(context: MethodContext):
     from lipnorm.certify.network import NotDensifiable, dense_network
@@ -136,6 +140,16 @@ def _build_dense_network(context: MethodContext):
         return dense_network(context.graph, context.node_bounds)
     except NotDensifiable as error:
         raise NotApplicable(f"no dense view: {error}") from error
+
+
+def _build_torus_network(context: MethodContext):
+    from lipnorm.certify.torus import NotOnTorus
+    from lipnorm.certify.torus_builder import torus_network
+
+    try:
+        return torus_network(context.graph, context.node_bounds)
+    except NotOnTorus as error:
+        raise NotApplicable(f"no torus view: {error}") from error
 
 
 def method_runner(name: str):

@@ -1,171 +1,208 @@
-"""The chain method: a loop transformation over certified norms of chains of linear maps.
+"""The chain method: the loop transformation (:mod:`lipnorm.certify.loop`) on the views of a graph.
 
-Each unit's derivative is split as D = m·I + Δ with m the midpoint of its slope range and
-‖Δ‖ ≤ r its half-width (an opaque unit: m = 0, r = its bound). Call ``P_{t←s}`` the map
-from source ``s`` (the input, or a unit's output) to target ``t`` (a unit's input, or the
-output) with every unit in between replaced by its midpoint: a *linear* map, a sum over
-the paths of the DAG of products of consecutive linear layers. Expanding the true
-Jacobian unit by unit in topological order gives, exactly,
-
-    J_t = P_{t←x} + Σ_j P_{t←w_j} Δ_j J_{z_j},
-
-so with L_j ≥ ‖J_{z_j}‖ (the bound of the map from the input to unit j's input)
-
-    ‖J_t‖ ≤ ‖P_{t←x}‖ + Σ_j ‖P_{t←w_j}‖ r_j L_j,
-
-every norm certified (float64, rounding included). With the product's bound of each unit
-input in place of the chain norms this is the product bound again (m + r = max slope), so
-taking the smaller of the two at every unit never loses against the product. It gains
-where consecutive layers partly cancel, which the product cannot see.
-
-References
-----------
-.. [1] Fazlyab, Entesari, Roy, Chellappa, "Certified robustness via dynamic margin
-   maximization and improved Lipschitz regularization" (LipLT), NeurIPS 2023, section 3.
+Two views hold the linear maps between nonlinear layers: the dense view
+(:mod:`lipnorm.certify.network`: matrices, exact zero padding, networks whose layers fit in
+matrices) and the torus view (:mod:`lipnorm.certify.torus`: strided circular convolutions
+evaluated fiber by fiber, :mod:`lipnorm.certify.fibers`, at any image size, with per-channel
+scalings where the chains fit in memory, :mod:`lipnorm.certify.scaling`). :func:`run`
+estimates each view's work from shapes alone, runs the dense view where it fits its share
+of the budget and the torus view with chains reaching as far back as the rest allows, and
+reports the smaller bound with a note saying which view gave it.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from lipnorm.bounds import compose, residual_sum, round_up
-from lipnorm.certify.rounding import gamma, vector_norm_upper
-from lipnorm.certify.network import Block, DenseNetwork, add_blocks, apply_matrix, scale_block
+from lipnorm.certify.fibers import FiberAlgebra, FiberCost
+from lipnorm.certify.loop import ChainProof, chain_bound, chain_norms, chain_plan, loop_bound
+from lipnorm.certify.methods import NotApplicable, TooLarge
+from lipnorm.certify.network import DenseAlgebra, DenseCost
+from lipnorm.certify.scaling import certified_norms, held_chains, optimise_scalings
 
-__all__ = ["ChainProof", "chain_bound", "run"]
+__all__ = ["ChainViews", "run"]
+
+#: Floating-point rates assumed when judging what fits the time budget (measured on a busy
+#: 2-core CPU: the torus view's complex products and certificates, the dense view's real ones).
+_TORUS_FLOPS_PER_SECOND = 6e9
+_DENSE_FLOPS_PER_SECOND = 1.5e10
+#: How far back the torus view's chains may reach, tried in this order (None: to the input).
+_SPANS = (None, 8, 6, 4, 3, 2, 1)
+#: Share of the remaining budget the dense view may take when the torus view runs too.
+_DENSE_SHARE = 0.5
+#: Share of the remaining budget the torus view's chains may be estimated to take (estimates
+#: are rough on a shared machine).
+_TORUS_SHARE = 0.7
+#: Per-channel scalings are optimised when every chain fits in this many complex entries
+#: (512 MiB) and the time left after the chains (counted this many times: formed once,
+#: certified twice) allows at least the fewest steps; the number of steps is fixed from the
+#: estimate before they start (so a network and a budget always give the same bound).
+_MAX_SCALED_ENTRIES = 2**25
+_SCALING_TIME_FACTOR = 1.8
+_SCALING_FLOPS_PER_ENTRY = 100.0  # one optimisation step, per held complex entry (measured)
+_SCALING_STEPS = 30
+_MIN_SCALING_STEPS = 5
+#: Below this relative gain of the scalings' estimate the plain bound is certified as well.
+_CLEAR_GAIN = 0.05
 
 
 @dataclass
-class ChainProof:
-    """What the chain bound rests on, to compute it again (:meth:`verify`).
+class ChainViews:
+    """The chain bounds of the views that ran, and what the others did (:attr:`note`).
 
     Attributes
     ----------
-    network : DenseNetwork
-    unit_caps : list of float
-        An independent upper bound of each unit's input bound L_j (the product's).
-    rows : ndarray or None
-        Output rows whose functionals were bounded, if any.
+    proofs : list of ChainProof
+    values : list of float or ndarray
+    notes : list of str
     """
 
-    network: DenseNetwork
-    unit_caps: list[float]
-    rows: np.ndarray | None = None
+    proofs: list
+    values: list
+    notes: list
+
+    @property
+    def note(self) -> str:
+        """Which view gave the bound, and what each view did (shown in the ladder)."""
+        return "; ".join(self.notes)
 
     def verify(self):
-        """The bound computed again from the stored network (every norm certified anew)."""
-        return chain_bound(self.network, self.unit_caps, self.rows)[0]
+        """The smallest bound (per row for rows) of the views, each computed again."""
+        values = [np.asarray(proof.verify(), dtype=np.float64) for proof in self.proofs]
+        best = np.min(values, axis=0)
+        return float(best) if best.ndim == 0 else best
 
 
 def run(context):
-    """The chain bound of the context's graph, through its dense view (see :mod:`lipnorm.certify.methods`)."""
-    network = context.dense_network()
-    caps = [context.product.cumulative[unit.input_node] for unit in network.units]
-    return chain_bound(network, caps, context.rows)
+    """The chain bound of the context's graph, from the torus view and the dense view
+    (:mod:`lipnorm.certify.methods`).
 
+    The dense view (exact zero padding, matrices) runs when its estimated work fits the
+    budget (half of what remains when the torus view runs too); the torus view
+    (convolutions kept as convolutions) runs with its chains reaching as far back as its
+    estimated work allows. The smaller bound counts (per row for rows); the note says
+    which view gave it and why a view did not run.
 
-def chain_bound(network: DenseNetwork, unit_caps: list[float], rows: np.ndarray | None = None):
-    """The loop-transformation bound of a dense network.
-
-    Parameters
-    ----------
-    network : DenseNetwork
-    unit_caps : list of float
-        For each unit, an upper bound of the Lipschitz constant of the map from the input
-        to the unit's input, known independently (the product method's); the smaller
-        bound is used.
-    rows : ndarray, shape (p, output size), optional
-        Bound the functionals ``x ↦ rows[i] · f(x)`` instead of ``f``.
-
-    Returns
-    -------
-    (float or ndarray, ChainProof)
-        The bound of the output (one per row when ``rows`` is given) and its proof.
+    Raises
+    ------
+    NotApplicable
+        Neither view can hold the graph.
+    TooLarge
+        No view fits the budget.
     """
-    units = network.units
-    # chains[s][t]: P_{t←s} for target t = unit index, or len(units) for the output
-    unit_bounds: list[float] = []
-    chains: dict[int, dict[int, Block]] = {s: {} for s in range(len(units) + 1)}
-    for k, unit in enumerate(units):
-        for source in range(k + 1):
-            chains[source][k] = _chain(unit.inputs, units, chains, source, k)
-        terms = [_norm(chains[0][k])]
-        for j in range(k):
-            chain = chains[j + 1][k]
-            if chain is not None and units[j].radius > 0:
-                terms.append(compose([_norm(chain), units[j].radius, unit_bounds[j]]))
-        unit_bounds.append(min(residual_sum(terms), unit_caps[k]))
-    output = len(units)
-    for source in range(len(units) + 1):
-        chains[source][output] = _chain(network.output, units, chains, source, output)
-    if rows is None:
-        norms = [_norm(chains[s][output]) for s in range(len(units) + 1)]
-        return _combine(norms, units, unit_bounds), ChainProof(network, list(unit_caps))
-    rows = np.asarray(rows, dtype=np.float64)
-    norms_per_row = [_row_norms(rows, chains[s][output]) for s in range(len(units) + 1)]
-    whole = _combine([_norm(chains[s][output]) for s in range(len(units) + 1)], units, unit_bounds)
-    bounds = np.array([min(_combine([n[i] for n in norms_per_row], units, unit_bounds),
-                           compose([vector_norm_upper(row), whole]))  # ‖row · f‖ ≤ ‖row‖ L(f)
-                       for i, row in enumerate(rows)])
-    return bounds, ChainProof(network, list(unit_caps), rows)
+    views, notes, too_large = [], [], []
+    try:
+        torus = context.torus_network()
+    except NotApplicable as error:
+        torus, notes = None, [str(error)]
+    allowed = context.remaining() * (_DENSE_SHARE if torus is not None else 1.0)
+    seconds = _dense_seconds_before(torus) if torus is not None else 0.0
+    dense = None
+    if seconds <= allowed:
+        try:
+            dense = context.dense_network()
+        except NotApplicable as error:
+            notes.append(str(error))
+    if dense is not None:
+        seconds = _dense_seconds(dense)
+    if seconds > allowed:
+        reason = f"dense view: about {seconds:.0f} s of chain work, more than the {allowed:.0f} s the time budget leaves it"
+        too_large.append(reason)
+        if dense is None and seconds > context.remaining():  # later rungs, heavier, cannot use it either
+            context.views.setdefault("dense", TooLarge(f"no dense view within the budget ({reason})"))
+    elif dense is not None:
+        views.append(_dense_run(context, dense))
+    if torus is not None:
+        plan, seconds, entries = _torus_plan(torus, context.remaining() * _TORUS_SHARE)
+        if plan is None:
+            too_large.append(f"torus view: about {seconds:.0f} s of work even with the shortest chains, "
+                             f"more than the {context.remaining():.0f} s left")
+        else:
+            views.append(_torus_run(context, torus, plan, seconds, entries))
+    if not views:
+        if too_large:
+            raise TooLarge("; ".join(too_large + notes))
+        raise NotApplicable("; ".join(notes))
+    values = [value for value, _, _ in views]
+    best = int(np.argmin([float(np.max(v)) for v in values]))
+    ordered = [views[best]] + views[:best] + views[best + 1:]
+    labels = [f"{note} (the bound)" if i == 0 and len(views) > 1 else note
+              for i, (_, _, note) in enumerate(ordered)]
+    proof = ChainViews([p for _, p, _ in views], values, labels + too_large + notes)
+    combined = np.min([np.asarray(v, dtype=np.float64) for v in values], axis=0)
+    return (float(combined) if combined.ndim == 0 else combined), proof
 
 
-def _combine(norms: list[float], units, unit_bounds: list[float]) -> float:
-    terms = [norms[0]]
-    for j, unit in enumerate(units):
-        if norms[j + 1] > 0 and unit.radius > 0:
-            terms.append(compose([norms[j + 1], unit.radius, unit_bounds[j]]))
-    return residual_sum(terms)
+def _dense_seconds_before(torus) -> float:
+    """The dense view's estimated seconds from the torus view's structure (its windows are
+    the dense view's tensors), before the dense view is built."""
+    def shape_of(paths, source: int):
+        space = torus.source_space(source)
+        if all(not path.convs for path in paths):
+            return None
+        target = next(path.convs[-1].target for path in paths if path.convs)
+        return (target.channels * math.prod(target.window), space.channels * math.prod(space.window))
+
+    return chain_norms(torus, DenseCost(torus, shape_of), chain_plan(torus)).flops / _DENSE_FLOPS_PER_SECOND
 
 
-def _chain(blocks: dict[int, Block], units, chains, source: int, target: int) -> Block | None:
-    """P_{target←source} = direct block + Σ_j block_j · m_j · P_{z_j←source} (None if no path)."""
-    total = blocks.get(source)
-    for j in range(source, target):  # the units after the source: outputs j + 1 > source
-        if j + 1 not in blocks:
-            continue
-        m = units[j].midpoint
-        inner = chains[source].get(j)
-        if m == 0 or inner is None:
-            continue
-        term = _scaled_product(blocks[j + 1], inner, m)
-        total = term if total is None else add_blocks(total, term)
-    return total
+def _dense_seconds(network) -> float:
+    return chain_norms(network, DenseCost(network), chain_plan(network)).flops / _DENSE_FLOPS_PER_SECOND
 
 
-def _scaled_product(left: Block, right: Block, scale: float) -> Block:
-    """``scale · left · right`` with its error bound."""
-    if left.matrix is None:  # an identity block (exact)
-        return scale_block(right, scale)
-    scaled = scale_block(left, scale)
-    return apply_matrix((scaled.matrix, scaled.error), right)
+def _dense_run(context, network):
+    start = time.perf_counter()
+    caps = [context.product.cumulative[unit.input_node] for unit in network.units]
+    value, proof = chain_bound(network, DenseAlgebra, caps, context.rows, local_caps=False)
+    return value, proof, f"dense view: {float(np.max(value)):.6g} in {time.perf_counter() - start:.1f} s"
 
 
-def _norm(block: Block | None) -> float:
-    """Certified upper bound of the exact map's norm."""
-    if block is None:
-        return 0.0
-    if block.matrix is None:
-        return round_up(1.0 + block.error)
-    import lipnorm
-
-    matrix = block.matrix
-    if not np.any(matrix):
-        return round_up(block.error)
-    return round_up(lipnorm.sigma_bounds(matrix).upper + block.error)
-
-
-def _row_norms(rows: np.ndarray, block: Block | None) -> list[float]:
-    """Certified ‖rows[i] · P‖ for every row."""
-    if block is None:
-        return [0.0] * rows.shape[0]
-    matrix = block.dense()
-    product = rows @ matrix
-    rounding = gamma(rows.shape[1] + 1) * np.linalg.norm(np.abs(rows) @ np.abs(matrix), axis=1)
-    norms = np.linalg.norm(product, axis=1) * (1 + 4 * gamma(product.shape[1] + 1))
-    total = norms + rounding + np.linalg.norm(rows, axis=1) * block.error
-    return [round_up(float(v) * (1 + 1e-12)) for v in total]
+def _torus_plan(network, seconds_left: float):
+    """The plan whose chains reach furthest back within the time left, its estimated seconds
+    and the complex entries of all its chains."""
+    seconds, entries = float("inf"), 0
+    for span in _SPANS:
+        plan = chain_plan(network, span)
+        cost = chain_norms(network, FiberCost(network), plan)
+        seconds, entries = cost.flops / _TORUS_FLOPS_PER_SECOND, cost.entries
+        if seconds <= seconds_left:
+            return plan, seconds, entries
+    return None, seconds, entries
 
 
+def _torus_run(context, network, plan, seconds: float, entries: int):
+    """The torus view's bound: with per-channel scalings where every chain fits in memory
+    and the time left allows optimising them (:mod:`lipnorm.certify.scaling`), the smaller
+    of the scaled and the plain bound; else the plain loop transformation chunk by chunk."""
+    start = time.perf_counter()
+    caps = [float("inf")] * len(network.units)
+    reach = ("chains from the input" if all(a == 0 for a in plan.anchors)
+             else f"chains anchored up to {max(t + 1 - a for t, a in enumerate(plan.anchors))} units back")
+    grid = "×".join(str(n) for n in network.input_space.grid)
+    fibers = "×".join(str(n) for n in network.fiber_grid)
+    described = f"torus view (input grid {grid}, {fibers} fibers, {reach}"
+    step_seconds = entries * _SCALING_FLOPS_PER_ENTRY / _TORUS_FLOPS_PER_SECOND
+    spare = _TORUS_SHARE * context.remaining() - _SCALING_TIME_FACTOR * seconds
+    steps = min(_SCALING_STEPS, int(spare / step_seconds)) if step_seconds > 0 and spare > 0 else 0
+    if entries <= _MAX_SCALED_ENTRIES and steps >= _MIN_SCALING_STEPS:
+        held = held_chains(network, plan)
+        scalings, estimate, unscaled = optimise_scalings(network, plan, held, steps=steps)
+        # the plain bound is certified too unless the scalings' estimate is clearly lower
+        options = (scalings,) if estimate <= (1 - _CLEAR_GAIN) * unscaled else (scalings, None)
+        candidates = []
+        for chosen in options:
+            value = loop_bound(network, plan, certified_norms(network, held, chosen), caps, context.rows)
+            candidates.append((float(np.max(value)), value, chosen))
+        _, value, chosen = min(candidates, key=lambda c: c[0])
+        factory = functools.partial(FiberAlgebra, scalings=chosen)
+        proof = ChainProof(network, factory, plan, caps, context.rows, "torus")
+        scaled = ", per-channel scalings" if chosen is not None else ", per-channel scalings did not help"
+        return value, proof, (f"{described}{scaled}): {float(np.max(value)):.6g} in "
+                              f"{time.perf_counter() - start:.1f} s (unscaled about {unscaled:.6g})")
+    value, proof = chain_bound(network, FiberAlgebra, caps, context.rows, plan=plan, view="torus")
+    return value, proof, f"{described}): {float(np.max(value)):.6g} in {time.perf_counter() - start:.1f} s"

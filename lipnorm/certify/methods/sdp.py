@@ -383,11 +383,12 @@ def _feasible_start(problem: _Problem, start) -> list[np.ndarray]:
 
 
 def optimise_multipliers(problem, multipliers, deadline: float, max_steps: int,
-                         learning_rate: float = 0.05) -> list[np.ndarray]:
+                         learning_rate: float = 0.05, check_steps: int = _CHECK_STEPS) -> list[np.ndarray]:
     """Adam on log λ, keeping the best feasible multipliers; stops at the deadline.
 
     ``problem.rho(multipliers)`` gives (ρ, gradient of log ρ with respect to log λ), or
-    (inf, None) where the multipliers are infeasible.
+    (inf, None) where the multipliers are infeasible. The last ``check_steps`` steps' worth
+    of time before the deadline is left for the exact check.
     """
     logs = [np.log(np.maximum(m, 1e-300)) for m in multipliers]
     rho, gradient = problem.rho(multipliers)
@@ -398,7 +399,7 @@ def optimise_multipliers(problem, multipliers, deadline: float, max_steps: int,
     stalled, began = 0, time.perf_counter()
     for step in range(1, max_steps + 1):
         # the exact check after the optimisation costs a few steps: keep it inside the budget
-        if time.perf_counter() + _CHECK_STEPS * (time.perf_counter() - began) / step > deadline:
+        if time.perf_counter() + check_steps * (time.perf_counter() - began) / step > deadline:
             break
         trial = []
         for i, (x, g) in enumerate(zip(logs, gradient)):
