@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -222,6 +223,7 @@ def cnn_row(key: str) -> dict:
     reference = exact_jacobian_reference(net) if key in REFERENCE_NETS else None
     print(key, "lower", low, reference, flush=True)
     best = max(low["value"], reference["value"] if reference else 0.0)
+    info["load_end"] = round(os.getloadavg()[0], 1)
     return {"network": net.spec.title, "group": "cnn", "key": key, "weights_id": net.weights, "accuracy": net.accuracy,
             "weights": "trained" if net.spec.trained else "random", "budget": net.spec.budget,
             "lower": best, "lower_lipnorm": low, "lower_reference": reference, "methods": methods,
@@ -257,15 +259,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    rows = {row["network"]: row for row in (json.loads(JSON.read_text()) if JSON.exists() else [])}
-    new_rows = list(digits_rows(groups, args))
-    for key in NETS:
-        if key in groups:
-            new_rows.append(cnn_row(key))
-    for row in new_rows:
-        rows[row["network"]] = row
+    # each row, once measured, is merged by network into the JSON as it is then (another run
+    # may have written rows of its own meanwhile)
+    for new in itertools.chain(digits_rows(groups, args), (cnn_row(key) for key in NETS if key in groups)):
+        rows = {row["network"]: row for row in (json.loads(JSON.read_text()) if JSON.exists() else [])}
+        rows[new["network"]] = new
         JSON.write_text(json.dumps(list(rows.values()), indent=2) + "\n")
-    write(list(rows.values()), args)
+    write(json.loads(JSON.read_text()) if JSON.exists() else [], args)
 
 
 def _cell(value, low, seconds=None):
@@ -274,6 +274,11 @@ def _cell(value, low, seconds=None):
     ratio = f" ({value / low:.4f}×)" if low else ""
     time_part = "" if seconds is None else f", {seconds:.2f} s"
     return f"{value:.5g}{ratio}{time_part}"
+
+
+def _load(run: dict) -> str:
+    """The load average at the start of a row's run, and at its end where recorded."""
+    return f"{run['load']}–{run['load_end']}" if "load_end" in run else f"{run['load']}"
 
 
 def _ratio(value, reference) -> str:
@@ -398,16 +403,17 @@ def _cnn_tables(rows) -> list[str]:
             f"{low['points']}, {low['starts']}, {low['steps']} | "
             + (f"{ref['value']:.5g} | {ref['seconds']:.1f} s | {ref['data_best']:.5g} | {low['value'] / ref['value']:.4f}"
                if ref else "not run | | |")
-            + f" | {run['load']} | {run['date']}, {run['commit']} |")
+            + f" | {_load(run)} | {run['date']}, {run['commit']} |")
     lines += ["", "Targets of issue 19 (`auto`, one run):", "",
-              "| network | target | auto / product | auto / lower | auto time | met |", "|---|---|---|---|---|---|"]
+              "| network | target | auto / product | auto / lower | auto time | met | load |",
+              "|---|---|---|---|---|---|---|"]
     for row in rows:
         target, meets = TARGETS.get(row.get("key"), ("", lambda *_: None))
         auto, product = row["methods"]["auto"], row["methods"]["product"]["upper"]
         ratio = auto["upper"] / product
         met = {True: "yes", False: "no", None: "no baseline"}[meets(row, auto["upper"], ratio, auto["seconds"])]
         lines.append(f"| {row['network']} | {target} | {ratio:.3g} | {_ratio(auto['upper'], row['lower'])} | "
-                     f"{auto['seconds']:.1f} s | {met} |")
+                     f"{auto['seconds']:.1f} s | {met} | {_load(row['run'])} |")
     return lines
 
 
