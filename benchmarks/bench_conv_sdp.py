@@ -27,10 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lipnorm  # noqa: E402
 from benchmarks.cnn_nets import load_net  # noqa: E402
-from lipnorm.certify.frequency_sdp import FrequencySdp, conv_chain  # noqa: E402
+from lipnorm.certify.frequency_sdp import FrequencySdp  # noqa: E402
 from lipnorm.certify.graph import prepare_graph  # noqa: E402
 from lipnorm.certify.methods.conv_sdp import conv_sdp_bound  # noqa: E402
+from lipnorm.certify.methods.product import bound_nodes  # noqa: E402
 from lipnorm.certify.torch_frontend import build_graph  # noqa: E402
+from lipnorm.certify.torus_builder import torus_network  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "bench_conv_sdp.md"
 
@@ -53,7 +55,8 @@ def main() -> None:
         start = time.perf_counter()
         builder, _ = build_graph(model, shape)
         builder.graph.record_shape(builder.graph.input_name, (1, *shape))
-        sdp = FrequencySdp(conv_chain(prepare_graph(builder.graph)))
+        graph = prepare_graph(builder.graph)
+        sdp = FrequencySdp(torus_network(graph, bound_nodes(graph)))
         bound, proof = conv_sdp_bound(sdp, time_budget=args.budget)
         cells = {"conv_sdp": (bound, time.perf_counter() - start, "conv_sdp")}
         assert proof.verify() == bound
