@@ -330,9 +330,9 @@ def run(context):
     (:mod:`lipnorm.certify.methods`).
 
     The dense view (exact zero padding, matrices) runs when its estimated work fits the
-    budget (half of what remains when the torus view runs too); the torus view
-    (convolutions kept as convolutions) runs with its chains reaching as far back as its
-    estimated work allows. The smaller bound counts (per row for rows); the note says
+    method's share of the budget (``context.share()``; half of it when the torus view runs
+    too); the torus view (convolutions kept as convolutions) runs with its chains reaching
+    as far back as its estimated work in what is left of the share allows. The smaller bound counts (per row for rows); the note says
     which view gave it and why a view did not run.
 
     Raises
@@ -349,7 +349,8 @@ def run(context):
         torus = context.torus_network()
     except NotApplicable as error:
         torus, notes = None, [str(error)]
-    allowed = context.remaining() * (_DENSE_SHARE if torus is not None else 1.0)
+    budget = context.share()
+    allowed = budget * (_DENSE_SHARE if torus is not None else 1.0)
     seconds = _dense_seconds_before(torus) if torus is not None else 0.0
     dense = None
     if seconds <= allowed:
@@ -364,11 +365,13 @@ def run(context):
                          "the time budget leaves it")
     elif dense is not None:
         views.append(_dense_run(context, dense))
+        budget -= seconds  # its estimate, not the clock: the torus plan does not depend on the load
     if torus is not None:
-        plan, seconds = _torus_plan(torus, context.remaining())
+        left = min(budget, context.remaining())
+        plan, seconds = _torus_plan(torus, left)
         if plan is None:
             too_large.append(f"torus view: about {seconds:.0f} s of work even with the shortest chains, "
-                             f"more than the {context.remaining():.0f} s left")
+                             f"more than the {left:.0f} s left")
         else:
             views.append(_torus_run(context, torus, plan))
     if not views:
