@@ -8,8 +8,19 @@ Every method runs in this one process on the same float32 matrices, medians over
 - ``np.linalg.norm(W, 2)`` and ``torch.linalg.matrix_norm(W, 2)`` (full SVDs);
 - plain power iteration stopping when σ changes by less than 1e-6 relative;
 - ``lipnorm.sigma_bounds(W)``: time and upper/lower;
-- on the 4096×4096 matrix, the time of ``W @ X`` for ``X`` with 1 to 16 columns: what a
-  block Krylov method (several vectors per pass over W) would pay per vector.
+- on the 4096×4096 matrix, the time of ``W @ X`` for ``X`` with 1 to 16 columns, and of
+  ``W^T W X`` in one pass over W a block of rows at a time (what lipnorm does for one
+  vector): what a block Krylov method (several vectors per pass over W) would pay per
+  vector;
+- stacks (``batched=True``): 1024 float32 matrices of 64×64 (NumPy) against a Python loop
+  of ``estimate_sigma`` and NumPy's batched SVD, and 32 float32 matrices of 1024×1024
+  (torch) against ``torch.linalg.matrix_norm(W, ord=2)`` on the stack; every slice's error
+  against its float64 SVD, and ``sigma_bounds(W, batched=True)`` checked to contain it.
+
+Passes over W: reads of the whole matrix. lipnorm computes ``W v`` and ``W^T W v`` in one
+pass (``lipnorm.operators.fused_normal_products``), so its passes are half its products;
+Golub–Kahan before it (the same Krylov space and stopping rule, hence the same products)
+and ARPACK read W once per product.
 
 With ``--device cuda`` the matrices are torch tensors on the GPU and lipnorm runs next
 to ``torch.linalg.matrix_norm(W, 2)`` there (ARPACK and NumPy have no GPU); the table
@@ -21,9 +32,9 @@ space of the start vector (the exact-arithmetic Lanczos Ritz value, computed her
 float64 with full reorthogonalization) is within 1e-6 of σ: no method that builds on
 products from one start vector can need fewer (it does not pay for verifying convergence).
 
-Run ``python benchmarks/bench_sigma.py`` (or ``make bench``); it writes
-``benchmarks/results/bench_sigma.md``. ``--only 4096`` keeps the matrices whose name
-holds that text.
+Run ``python benchmarks/bench_sigma.py`` (or ``make bench``) at the default BLAS thread
+count; it writes ``benchmarks/results/bench_sigma.md``. ``--only 4096`` keeps the matrices
+(and stacks) whose name holds that text.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import scipy.linalg
 import scipy.sparse.linalg
 
 import lipnorm
+import lipnorm.operators
 
 RTOL = 1e-6
 RESULTS = Path(__file__).parent / "results" / "bench_sigma.md"
@@ -60,6 +72,7 @@ class Measurement:
     seconds: float  # median over repeats
     matvecs: int | None = None  # products with W or Wᵀ
     note: str = ""
+    passes: int | None = None  # reads of the whole of W
 
 
 def benchmark_matrices(seed: int = 0) -> dict[str, np.ndarray]:
@@ -224,7 +237,8 @@ def measure(
         ("power", "power iteration, stop on Δσ ≤ 1e-6 σ", power_counts[0], ""),
     ):
         seconds, sigma = fast[key]
-        results.append(Measurement(method, sigma, seconds, matvecs, note))
+        passes = state.passes if key == "lipnorm" else matvecs
+        results.append(Measurement(method, sigma, seconds, matvecs, note, passes))
 
     seconds, sigma = median_time(lambda r: np.linalg.norm(matrix, 2), slow_repeats)
     results.append(Measurement("np.linalg.norm(W, 2) (full SVD)", sigma, seconds))
@@ -256,16 +270,109 @@ def measure_cuda(matrix: np.ndarray, repeats: int, slow_repeats: int) -> list[Me
     return results
 
 
+def fused_block_products(matrix: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """``Wᵀ W X`` in one pass over W, a block of rows at a time (as
+    ``lipnorm.operators.fused_normal_products`` does for one vector), for ``X`` of any width."""
+    rows = max(1, lipnorm.operators.FUSED_CHUNK_BYTES // (matrix.shape[1] * matrix.itemsize))
+    normal = np.zeros(block.shape, dtype=matrix.dtype)
+    for start in range(0, matrix.shape[0], rows):
+        chunk = matrix[start:start + rows]
+        normal += chunk.T @ (chunk @ block)
+    return normal
+
+
 def product_costs(matrix: np.ndarray, widths=(1, 2, 4, 8, 16), repeats: int = 20) -> list[str]:
-    """Table rows: median time of ``matrix @ X`` for ``X`` with each number of columns."""
+    """Table rows: median times of ``W @ X`` then ``Wᵀ @ (W X)`` (two passes) and of the fused
+    ``Wᵀ W X`` (one pass), for ``X`` with each number of columns."""
     rows = []
     single = None
     for width in widths:
         block = np.ones((matrix.shape[1], width) if width > 1 else matrix.shape[1], dtype=matrix.dtype)
-        seconds, _ = median_time(lambda r: float((matrix @ block).ravel()[0]), repeats)
-        single = seconds if single is None else single
-        rows.append(f"| {width} | {_seconds(seconds)} | {_seconds(seconds / width)} | {seconds / single:.1f}× |")
+        if width == 1:
+            fused = lambda r: float(lipnorm.operators.fused_normal_products(matrix, block)[1][0])  # noqa: E731
+        else:
+            fused = lambda r: float(fused_block_products(matrix, block).ravel()[0])  # noqa: E731
+        times = median_times({"two": lambda r: float((matrix.T @ (matrix @ block)).ravel()[0]),
+                              "fused": fused}, repeats)
+        two, one = times["two"][0], times["fused"][0]
+        single = one if single is None else single
+        rows.append(f"| {width} | {_seconds(two)} | {_seconds(one)} | {_seconds(one / width)} | "
+                    f"{one / single:.1f}× |")
     return rows
+
+
+def stack_benchmarks(only: str, repeats: int) -> tuple[list[str], list[str]]:
+    """The stack benchmarks' sections and summary rows."""
+    sections, summary = [], []
+    rng = np.random.default_rng(1)
+    if only in "stack 1024×64×64 (NumPy)":
+        stack = rng.standard_normal((1024, 64, 64), dtype=np.float32)
+        runs = median_times({
+            "batched": lambda r: float(lipnorm.estimate_sigma(stack, batched=True)[0]),
+            "loop": lambda r: float([lipnorm.estimate_sigma(matrix) for matrix in stack][0]),
+            "svd": lambda r: float(np.linalg.norm(stack, 2, axis=(1, 2))[0]),
+        }, repeats)
+        sections += _stack_section("stack 1024×64×64 (NumPy)", stack, stack, runs, repeats, {
+            "loop": "Python loop of estimate_sigma", "svd": "np.linalg.norm(W, 2, axis=(1, 2)) (batched SVD)"})
+        summary.append(_stack_summary_row("1024 × 64×64, float32, NumPy", stack, runs, "loop",
+                                          "Python loop of estimate_sigma", 10))
+    if only in "stack 32×1024×1024 (torch)":
+        import torch
+
+        stack = rng.standard_normal((32, 1024, 1024), dtype=np.float32)
+        tensor = torch.from_numpy(stack)
+        runs = median_times({
+            "batched": lambda r: float(lipnorm.estimate_sigma(tensor, batched=True)[0]),
+            "torch": lambda r: float(torch.linalg.matrix_norm(tensor, ord=2)[0]),
+        }, max(1, repeats // 2))
+        sections += _stack_section("stack 32×1024×1024 (torch)", stack, tensor, runs, max(1, repeats // 2),
+                                   {"torch": "torch.linalg.matrix_norm(W, ord=2) (batched SVD)"})
+        summary.append(_stack_summary_row("32 × 1024×1024, float32, torch", stack, runs, "torch",
+                                          "torch.linalg.matrix_norm(W, ord=2)", 5))
+    return sections, summary
+
+
+def _stack_section(name: str, stack: np.ndarray, weight, runs: dict, repeats: int, labels: dict) -> list[str]:
+    """A stack's table: lipnorm batched next to the incumbents, errors of every slice, bounds."""
+    exact = np.linalg.norm(stack.astype(np.float64), 2, axis=(1, 2))
+    ours, state = lipnorm.estimate_sigma(weight, batched=True, return_state=True)
+    ours = np.asarray(ours, dtype=np.float64)
+    seconds = runs["batched"][0]
+    start = time.perf_counter()
+    lower, upper = lipnorm.sigma_bounds(weight, batched=True, state=state)
+    bounds_seconds = time.perf_counter() - start
+    contained = bool(np.all((lower <= exact) & (exact <= upper)))
+    lines = [
+        f"## {name}",
+        "",
+        f"Medians over {repeats} runs taking turns. Error: the largest over the slices of "
+        "|σ − σ_SVD| / σ_SVD (float64 SVD of each slice).",
+        "",
+        "| method | time | lipnorm's speed-up | max rel. error |",
+        "|---|---:|---:|---:|",
+        f"| lipnorm estimate_sigma(W, batched=True) | {_seconds(seconds)} | 1.0× | "
+        f"{np.max(np.abs(ours - exact) / exact):.1e} |",
+    ]
+    for key, label in labels.items():
+        lines.append(f"| {label} | {_seconds(runs[key][0])} | {runs[key][0] / seconds:.1f}× | — |")
+    iterations = state.iterations
+    lines += [
+        "",
+        f"Iterations per matrix (each a product with W and one with Wᵀ): median "
+        f"{np.median(iterations):.0f}, max {iterations.max()}; batched products: "
+        f"{state.passes // 2 if state.passes else 0} steps × 2 (stacks are not fused); every "
+        f"matrix converged: {'yes' if np.all(state.converged) else 'NO'}.",
+        f"`sigma_bounds(W, batched=True, state=state)`: {_seconds(bounds_seconds)}, largest "
+        f"upper/lower − 1 = {np.max(upper / lower - 1):.1e}, every interval contains its "
+        f"slice's SVD value: {'yes' if contained else 'NO'}.",
+        "",
+    ]
+    return lines
+
+
+def _stack_summary_row(label: str, stack: np.ndarray, runs: dict, key: str, incumbent: str, target: float) -> str:
+    ratio = runs[key][0] / runs["batched"][0]
+    return f"| {label} | {incumbent} | {ratio:.1f}× | ≥ {target:g}× | {'met' if ratio >= target else 'not met'} |"
 
 
 def versions() -> str:
@@ -308,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# σ_max of dense float32 matrices{' on CUDA' if cuda else ''}: lipnorm vs "
         f"{'the full SVD' if cuda else 'ARPACK, full SVD, power iteration'}",
         "",
-        f"Written by `benchmarks/bench_sigma.py{' --device cuda' if cuda else ''}` on "
+        f"Written by `{'PYTHONPATH=. ' if not cuda else ''}.venv/bin/python benchmarks/bench_sigma.py"
+        f"{' --device cuda' if cuda else ''}` (rerun it as is on a quiet machine) on "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}{', ' + _gpu_name() if cuda else ''}.",
@@ -340,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"σ (float64 SVD) = {exact:.9g}. Krylov minimum for 1e-6: {minimum} matvecs.",
             "",
-            "| method | σ | rel. error | time | speed-up of lipnorm | matvecs |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| method | σ | rel. error | time | speed-up of lipnorm | matvecs | passes over W |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for result in results:
             error = abs(result.sigma - exact) / exact
@@ -349,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             method = result.method + (f" ({result.note})" if result.note else "")
             lines.append(
                 f"| {method} | {result.sigma:.9g} | {error:.1e} | {_seconds(result.seconds)} | "
-                f"{speedup:.1f}× | {result.matvecs if result.matvecs is not None else '—'} |"
+                f"{speedup:.2f}× | {result.matvecs if result.matvecs is not None else '—'} | "
+                f"{result.passes if result.passes is not None else '—'} |"
             )
         lines.append("")
         if not cuda:
@@ -362,15 +471,20 @@ def main(argv: list[str] | None = None) -> int:
             ]
         summary.append(_summary_row(name, exact, minimum, results, cuda))
         print("\n".join(lines[-12:]), file=sys.stderr, flush=True)
+    stack_summary: list[str] = []
+    if not cuda:
+        stack_sections, stack_summary = stack_benchmarks(args.only, args.repeats)
+        lines += stack_sections
     if not cuda and "Gaussian 4096×4096" in matrices:
         lines += [
             "## Products with several vectors (Gaussian 4096×4096)",
             "",
             "A block Krylov method multiplies W by b vectors per pass over the matrix. Median of "
-            "20 products `W @ X`, X with b columns (b = 1: a matrix-vector product):",
+            "20 products, taking turns: `Wᵀ @ (W @ X)` (two passes) and `Wᵀ W X` fused in one "
+            "pass a block of rows at a time (lipnorm's product for b = 1), X with b columns:",
             "",
-            "| b | time | per vector | vs b = 1 |",
-            "|---:|---:|---:|---:|",
+            "| b | two passes | fused, one pass | fused, per vector | fused vs b = 1 |",
+            "|---:|---:|---:|---:|---:|",
             *product_costs(matrices["Gaussian 4096×4096"]),
             "",
         ]
@@ -380,7 +494,11 @@ def main(argv: list[str] | None = None) -> int:
         f"start, {load_after[0]:.1f} at the end; ratios between methods are more reliable than "
         "absolute times, product counts more than either.",
     ]
-    lines[8:8] = ["## Summary", "", *_summary_header(cuda), *summary, ""]
+    stack_table = [
+        "Stacks (`batched=True`), speed-up of lipnorm over the incumbent in the same run:", "",
+        "| stack | incumbent | lipnorm's speed-up | target | |", "|---|---|---:|---:|---|", *stack_summary, "",
+    ] if stack_summary else []
+    lines[8:8] = ["## Summary", "", *_summary_header(cuda), *summary, "", *stack_table]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(lines) + "\n")
     print(f"wrote {output}", file=sys.stderr)
@@ -395,8 +513,9 @@ def _summary_header(cuda: bool) -> list[str]:
         ]
     return [
         "| matrix | lipnorm error | ARPACK error | lipnorm vs ARPACK | lipnorm vs full SVD "
-        "| matvecs: lipnorm / ARPACK / Krylov minimum | lipnorm / minimum |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| matvecs: lipnorm / ARPACK / Krylov minimum | lipnorm / minimum "
+        "| passes over W: lipnorm / Golub–Kahan with the same products / ARPACK |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
 
@@ -416,7 +535,8 @@ def _summary_row(name: str, exact: float, minimum: int, results: list[Measuremen
     return (
         f"| {name} | {error:.1e} | {abs(arpack_default.sigma - exact) / exact:.1e} | "
         f"{arpack_default.seconds / ours.seconds:.2f}× | {svd.seconds / ours.seconds:.0f}× | "
-        f"{ours.matvecs} / {arpack_default.matvecs} / {minimum} | {ours.matvecs / minimum:.2f}× |"
+        f"{ours.matvecs} / {arpack_default.matvecs} / {minimum} | {ours.matvecs / minimum:.2f}× | "
+        f"{ours.passes} / {ours.matvecs} / {arpack_default.matvecs} |"
     )
 
 

@@ -268,12 +268,15 @@ class BenchNet:
         Train accuracy (None for random weights).
     epochs : int
         Epochs trained (0 for random weights).
+    weights : str
+        Names these weights: the cache file's name for trained ones, ``"<key>-random"`` else.
     """
 
     spec: NetSpec
     model: object
     accuracy: float | None
     epochs: int
+    weights: str
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -300,7 +303,7 @@ def load_net(key: str) -> BenchNet:
         raise KeyError(f"unknown benchmark net {key!r}; expected one of {', '.join(NETS)}")
     spec = NETS[key]
     if spec.framework == "keras":
-        return BenchNet(spec, spec.build(), None, 0)
+        return BenchNet(spec, spec.build(), None, 0, f"{key}-random")
     import torch
 
     threads = torch.get_num_threads()
@@ -309,19 +312,19 @@ def load_net(key: str) -> BenchNet:
         torch.manual_seed(0)
         model = spec.build()
         if not spec.trained:
-            return BenchNet(spec, model.eval(), None, 0)
+            return BenchNet(spec, model.eval(), None, 0, f"{key}-random")
         path = CACHE / f"{key}-{_fingerprint(spec, model)}.pt"
         if path.exists():
             saved = torch.load(path, weights_only=True)
             model.load_state_dict(saved["state"])
-            return BenchNet(spec, model.eval(), float(saved["accuracy"]), int(saved["epochs"]))
+            return BenchNet(spec, model.eval(), float(saved["accuracy"]), int(saved["epochs"]), path.stem)
         x, y = digit_images(spec.image_size)
         model, accuracy, epochs = train(model, x, y, spec.epochs, target=TARGET_ACCURACY)
         if accuracy < TARGET_ACCURACY:
             print(f"warning: {key} reached {accuracy:.4f} train accuracy in {epochs} epochs", file=sys.stderr)
         CACHE.mkdir(parents=True, exist_ok=True)
         torch.save({"state": model.state_dict(), "accuracy": accuracy, "epochs": epochs}, path)
-        return BenchNet(spec, model, accuracy, epochs)
+        return BenchNet(spec, model, accuracy, epochs, path.stem)
     finally:
         torch.set_num_threads(threads)
 

@@ -112,7 +112,7 @@ _COMPACT_SHARE = 0.75
 #: ... and the batch holds at least this many entries (a smaller one costs little to carry).
 _COMPACT_ENTRIES = 1 << 18
 #: Columns of the Lanczos basis held at first; the capacity doubles as the basis grows.
-_FIRST_CAPACITY = 16
+_FIRST_CAPACITY = 8
 #: The first product's norm must lie in [2**-e, 2**e], e by precision (single, double):
 #: then ``A^H A`` and the squares in its norms stay inside the dtype's normal range.
 _RANGE_EXPONENTS = (40, 480)
@@ -549,109 +549,168 @@ def lanczos_stack(
     """
     xp, device = operator.xp, operator.device
     count = operator.count
-    rtol = np.broadcast_to(np.asarray(rtol, dtype=np.float64), (count,)).copy()
-    random_start = np.broadcast_to(np.asarray(random_start, dtype=bool), (count,)).copy()
     complex_dtype = bool(xp.isdtype(operator.dtype, "complex floating"))
     negligible = 10 * _epsilon(xp, operator.dtype)
     m, n = operator.shape
     # rank <= m: the Krylov space of A^H A from v becomes invariant after m + 1 steps at most
     basis_limit = max(1, min(n, m + 1, MAX_BASIS))
     outcome = _Outcome(count)
-    slots = np.arange(count)
-    live = np.ones(count, dtype=bool)  # not finished yet
+    batch = _Batch(np.arange(count), np.broadcast_to(np.asarray(rtol, dtype=np.float64), (count,)).copy(),
+                   np.broadcast_to(np.asarray(random_start, dtype=bool), (count,)).copy())
     current = start
-    scales = None
     step = passes = 0
-    while slots.size:
+    while True:
         # The basis q_1..q_k fills the first k columns of ``stacked`` (count, capacity, n),
         # zeros beyond: its shape changes only when the capacity doubles (JAX compiles each
         # new shape once), and the zero columns drop out of every product.
         capacity = min(_FIRST_CAPACITY, basis_limit)
-        stacked = _placed(xp, current, xp.zeros((slots.size, capacity, n), dtype=operator.dtype, device=device), 0)
+        stacked = _placed(xp, current, xp.zeros((batch.size, capacity, n), dtype=operator.dtype, device=device), 0)
         previous = previous_beta = None
-        images, alphas, betas = [], [], []
-        held = np.zeros(slots.size, dtype=bool)  # the gap rule held at the previous step
+        images = []
+        alphas = np.zeros((batch.size, basis_limit))  # the tridiagonal T_k of each matrix
+        betas = np.zeros((batch.size, basis_limit))
+        held = np.zeros(batch.size, dtype=bool)  # the gap rule held at the previous step
+        k = 0
         while True:
             step += 1
             forward, normal = operator.products(current)
             passes += 1
-            if scales is None:
+            if batch.scales is None:
                 first = _first_norms(forward)
-                _check_first_products(first, slots, operator)
-                scales = _scales(first)
-            alpha = _row_norms(xp, forward) ** 2 * _on_real(xp, 1.0 / scales, operator)
-            w = normal * column_of(1.0 / scales, operator) - xp.reshape(
-                _like_vectors(xp, alpha, operator), (slots.size, 1)) * current
+                _check_first_products(first, batch.slots, operator)
+                batch.scale(_scales(first), operator)
+            alpha = _row_norms(xp, forward) ** 2 * batch.inverse_scales
+            w = normal * batch.inverse_column - xp.reshape(_like_vectors(xp, alpha, operator), (batch.size, 1)) * current
             if previous is not None:
                 w = w - previous_beta * previous
             conjugated = xp.conj(stacked) if complex_dtype else stacked
             w = _orthogonalize(xp, w, stacked, conjugated)
-            alpha_host, beta_host = _host(xp, alpha, _row_norms(xp, w))
-            _check_finite(alpha_host)
-            _check_finite(beta_host)
+            alphas[:, k], betas[:, k] = _host(xp, alpha, _row_norms(xp, w))
+            _check_finite(alphas[:, k])
+            _check_finite(betas[:, k])
             images.append(forward)
-            alphas.append(alpha_host)
-            betas.append(beta_host)
-            k = len(alphas)
-            ritz = _RitzPairs.of(np.stack(alphas, axis=1), np.stack(betas, axis=1))
+            k += 1
+            beta = betas[:, k - 1]
+            if not (_checked_at(k, batch, alphas[:, :k], beta, negligible) or k >= basis_limit
+                    or k >= n or step >= max_iter):
+                previous, previous_beta = current, column_of(beta, operator)
+                current = w * column_of(np.where(beta > 0, 1.0 / np.where(beta > 0, beta, 1.0), 0.0), operator)
+                if k == int(stacked.shape[1]):
+                    grown = min(2 * k, basis_limit)
+                    stacked = xp.concat(
+                        [stacked, xp.zeros((batch.size, grown - k, n), dtype=operator.dtype, device=device)], axis=1)
+                stacked = _placed(xp, current, stacked, k)
+                continue
+            ritz = _RitzPairs.of(alphas[:, :k], betas[:, :k])
             error = ritz.error()
-            gap_rule_holds = random_start & (error <= rtol * ritz.sigma)
+            gap_rule_holds = batch.random_start & (error <= batch.rtol * ritz.sigma)
             converged = (
-                (ritz.residual <= rtol * ritz.sigma)
+                (ritz.residual <= batch.rtol * ritz.sigma)
                 | (gap_rule_holds & held)
-                | (beta_host <= negligible * ritz.theta)
+                | (beta <= negligible * ritz.theta)
                 | (k >= n)
             )
             held = gap_rule_holds
-            finished = live & (converged | (step >= max_iter))
-            live &= ~finished
-            restart = bool(np.any(live)) and k >= basis_limit
-            padding = np.zeros((slots.size, int(stacked.shape[1]) - k))
+            finished = batch.live & (converged | (step >= max_iter))
+            batch.live &= ~finished
+            restart = bool(np.any(batch.live)) and k >= basis_limit
+            padding = np.zeros((batch.size, int(stacked.shape[1]) - k))
             if np.any(finished):
                 done = np.flatnonzero(finished)
                 coefficients = np.concatenate([ritz.vectors, padding], axis=1)[done]
                 v_done = _combine(xp, coefficients, _take(xp, stacked, done, device), operator)
                 images_done = _take(xp, xp.stack(images, axis=1), done, device)
                 u_done = unit_rows(xp, _combine(xp, ritz.vectors[done], images_done, operator), operator)[0]
-                root = np.sqrt(scales[done])
+                root = np.sqrt(batch.scales[done])
                 outcome.record(
-                    slots[done], ritz.sigma[done] * root, ritz.residual[done] * root,
-                    np.where(random_start, error, ritz.residual)[done] * root, converged[done], step,
+                    batch.slots[done], ritz.sigma[done] * root, ritz.residual[done] * root,
+                    np.where(batch.random_start, error, ritz.residual)[done] * root, converged[done], step,
                     u_done, v_done,
                 )
-                if not np.any(live):
+                if not np.any(batch.live):
                     return outcome.result(xp, device, passes)
-            if not np.all(live) and (restart or (
-                    np.count_nonzero(live) <= _COMPACT_SHARE * slots.size and slots.size * m * n >= _COMPACT_ENTRIES)):
+            if not np.all(batch.live) and (restart or (
+                    np.count_nonzero(batch.live) <= _COMPACT_SHARE * batch.size
+                    and batch.size * m * n >= _COMPACT_ENTRIES)):
                 # The finished matrices leave the batch. Until then their rows ride along: a
                 # new batch size costs a copy of the stack (and JAX a compilation of each
                 # operation), which pays only for many large matrices.
-                keep = np.flatnonzero(live)
-                slots, rtol, random_start, live = slots[keep], rtol[keep], random_start[keep], live[keep]
-                scales, held, beta_host = scales[keep], held[keep], beta_host[keep]
+                keep = np.flatnonzero(batch.live)
+                batch.keep(keep, operator)
                 operator = operator.take(keep)
+                held, beta, alphas, betas = held[keep], beta[keep], alphas[keep], betas[keep]
                 ritz, padding = ritz.rows(keep), padding[keep]
                 stacked, current, w = (_take(xp, x, keep, device) for x in (stacked, current, w))
                 images = [_take(xp, image, keep, device) for image in images]
-                alphas = [a[keep] for a in alphas]
-                betas = [b[keep] for b in betas]
             if restart:
                 coefficients = np.concatenate([ritz.vectors, padding], axis=1)
                 current = unit_rows(xp, _combine(xp, coefficients, stacked, operator), operator)[0]
                 break
-            previous, previous_beta = current, column_of(beta_host, operator)
-            inverse = np.where(beta_host > 0, 1.0 / np.where(beta_host > 0, beta_host, 1.0), 0.0)
+            previous, previous_beta = current, column_of(beta, operator)
+            inverse = np.where(beta > 0, 1.0 / np.where(beta > 0, beta, 1.0), 0.0)
             current = w * column_of(inverse, operator)
             if k == int(stacked.shape[1]):
                 grown = min(2 * k, basis_limit)
                 stacked = xp.concat(
-                    [stacked, xp.zeros((slots.size, grown - k, n), dtype=operator.dtype, device=device)], axis=1)
+                    [stacked, xp.zeros((batch.size, grown - k, n), dtype=operator.dtype, device=device)], axis=1)
             stacked = _placed(xp, current, stacked, k)
-    return outcome.result(xp, device, passes)
+
+
+def _checked_at(k: int, batch: "_Batch", alphas: np.ndarray, beta: np.ndarray, negligible: float) -> bool:
+    """Whether the step's Ritz pairs are computed and the stopping rules tried.
+
+    Every step for a few matrices, or where the gap rule may stop (it must hold at two
+    steps in a row). Many matrices at once (a stack of small ones, where the batched
+    eigendecomposition of their tridiagonals costs more than the step's products) are
+    checked at every other step from the fourth, and at any step where a coupling
+    ``beta`` is negligible (an invariant Krylov space, which must stop now).
+    """
+    if batch.size <= _MRRR_COUNT or np.any(batch.random_start):
+        return True
+    if np.any(beta <= negligible * np.max(alphas, axis=1)):
+        return True
+    return k >= 4 and k % 2 == 0
+
+
+@dataclasses.dataclass
+class _Batch:
+    """What Lanczos keeps per matrix of the batch, on the host and as device scale factors."""
+
+    slots: np.ndarray  # the matrix of the stack each row stands for
+    rtol: np.ndarray
+    random_start: np.ndarray
+    live: np.ndarray | None = None  # not finished yet
+    scales: np.ndarray | None = None  # powers of four A^H A is divided by
+    inverse_scales: Any = None  # 1 / scales on the device, real dtype
+    inverse_column: Any = None  # 1 / scales on the device, (size, 1), the vectors' dtype
+
+    def __post_init__(self) -> None:
+        self.live = np.ones(self.slots.size, dtype=bool)
+
+    @property
+    def size(self) -> int:
+        return self.slots.size
+
+    def scale(self, scales: np.ndarray, operator: LinearOperator) -> None:
+        self.scales = scales
+        self.inverse_scales = _on_real(operator.xp, 1.0 / scales, operator)
+        self.inverse_column = column_of(1.0 / scales, operator)
+
+    def keep(self, positions: np.ndarray, operator: LinearOperator) -> None:
+        self.slots, self.rtol = self.slots[positions], self.rtol[positions]
+        self.random_start, self.live = self.random_start[positions], self.live[positions]
+        self.scale(self.scales[positions], operator)
 
 
 def _placed(xp: Any, vectors: Any, stacked: Any, column: int) -> Any:
-    """``stacked`` (count, capacity, n) with ``vectors`` (count, n) in column ``column``."""
+    """``stacked`` (count, capacity, n) with ``vectors`` (count, n) in column ``column``:
+    written in place where the library allows it (``stacked`` is the caller's own array),
+    else a new array (JAX and TensorFlow arrays are immutable)."""
+    try:
+        stacked[:, column, :] = vectors
+        return stacked
+    except (TypeError, ValueError, NotImplementedError):
+        pass
     count, capacity, n = (int(s) for s in stacked.shape)
     mask = np.zeros((1, capacity, 1), dtype=bool)
     mask[0, column, 0] = True
@@ -684,8 +743,7 @@ class _RitzPairs:
         theta = np.maximum(values, 0.0)
         singular = np.sqrt(theta)
         couplings = betas[:, -1:] * np.abs(vectors[:, -1, :])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            residuals = np.where(singular > 0, couplings / np.where(singular > 0, singular, 1.0), couplings)
+        residuals = np.where(singular > 0, couplings / np.where(singular > 0, singular, 1.0), couplings)
         return cls(theta[:, 0], singular[:, 0], singular[:, 1], residuals[:, 0], residuals[:, 1],
                    vectors[:, :, 0])
 
@@ -701,9 +759,9 @@ class _RitzPairs:
         top, second = self.residual, self.second_residual
         gap = self.sigma - self.second - np.maximum(top, second)
         resolved = np.isfinite(self.second) & (gap > np.maximum(GAP_RESIDUALS * top, second))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            bound = top * (top / gap) * (self.sigma / (2.0 * (self.sigma + self.second)))
-        return np.where(resolved, bound, top)
+        gap = np.where(resolved, gap, 1.0)
+        total = np.where(resolved, self.sigma + self.second, 1.0)
+        return np.where(resolved, top * (top / gap) * (self.sigma / (2.0 * total)), top)
 
 
 def _top_eigenpairs(diagonal: np.ndarray, beside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -346,10 +346,10 @@ def _times_powers_of_two(matrices: Any, exponents: np.ndarray, shape: tuple[int,
     """``matrices`` times ``2**exponents`` (host integers, reshaped to ``shape`` to broadcast),
     in steps of at most ``2**60``, a factor every floating dtype from single precision up holds."""
     exponents = np.asarray(exponents, dtype=np.int64).copy()
-    real = np.float32 if to_numpy_dtype(operator.dtype) in (np.float32, np.complex64) else np.float64
+    dtype = to_numpy_dtype(operator.dtype)  # complex factors for complex matrices (TensorFlow)
     while np.any(exponents):
         step = np.clip(exponents, -60, 60)
-        factors = np.ldexp(1.0, step).astype(real).reshape(shape)
+        factors = np.ldexp(1.0, step).astype(dtype).reshape(shape)
         matrices = matrices * operator.xp.asarray(factors, device=operator.device)
         exponents -= step
     return matrices

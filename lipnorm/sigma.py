@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 METHODS = ("auto", "power", "lanczos", "svd")
+#: Stopping rules of Lanczos: the residual rule, or the gap rule (faster, less safe).
+STOPPING_RULES = ("residual", "gap")
 #: ``method="auto"`` uses an exact SVD when the smaller side is at most this.
 AUTO_SVD_LIMIT = 32
 #: Largest operator (smaller side) ``sigma_bounds`` densifies through matvecs.
@@ -251,6 +253,7 @@ def estimate_sigma(
     state: SigmaState | None = None,
     return_state: bool = False,
     seed: Any = DEFAULT_SEED,
+    stop: str = "residual",
 ) -> Any:
     """Estimate the largest singular value (spectral norm) of ``weight``.
 
@@ -273,22 +276,16 @@ def estimate_sigma(
     rtol : float, or array of shape ``W.shape[:-2]`` with ``batched=True``
         Relative accuracy of sigma, each matrix of a stack held to its own: the
         iteration stops when its estimate of the error ``sigma_max - sigma`` is at
-        most ``rtol * sigma`` (``state.error``).
-        Lanczos from a random start estimates it by about ``residual**2 / (4 gap)``,
-        the gap to the next singular value taken from its own Ritz values
-        (Kato-Temple): the result is then within ``rtol`` of sigma_max when that
-        gap is real. It is not when singular values the Krylov space has not yet
-        separated from sigma_max lie closer to it than the next Ritz value: a
-        repeated or clustered top with further values a few residuals below can
-        stop it early, by up to about that distance. Otherwise (gap not
-        resolved, a warm start ``state=``, ``method="power"``) the rule is
-        ``residual <= rtol * sigma``, which bounds the distance to *a* singular
-        value of ``W`` by ``rtol * sigma``: to sigma_max or to one of the values
-        clustered with it (see :mod:`lipnorm.krylov`). Either way sigma never
-        exceeds sigma_max (up to rounding), and in single precision the products'
-        own rounding (about ``sqrt(n)`` units of the last place) limits what
-        ``rtol`` can deliver. A :class:`ConvergenceWarning` says when ``max_iter``
-        ran out first. Only :func:`sigma_bounds` certifies.
+        most ``rtol * sigma`` (``state.error``). With the default ``stop="residual"``
+        that estimate is the residual ``||W^H u - sigma v||``, which bounds the
+        distance from sigma to *a* singular value of ``W``: sigma_max, unless the top
+        of the spectrum holds values within a few ``rtol`` of each other, or (rarely)
+        the start vector was so nearly orthogonal to the top singular vector that the
+        iteration converged to the next value first (see :mod:`lipnorm.krylov`).
+        Sigma never exceeds sigma_max (up to rounding), and in single precision the
+        products' own rounding (about ``sqrt(n)`` units of the last place) limits what
+        ``rtol`` can deliver. A :class:`ConvergenceWarning` says when ``max_iter`` ran
+        out first. Only :func:`sigma_bounds` certifies.
     max_iter : int, optional
         Iterations allowed (one iteration is one product with ``A`` and one
         with ``A^H``). Default: 10000 for power iteration, 2000 for Lanczos.
@@ -316,6 +313,17 @@ def estimate_sigma(
         device). The default, :data:`DEFAULT_SEED`, makes every call on the same
         input return the same sigma, bit for bit; another seed chooses other
         starts, ``None`` fresh ones from the operating system.
+    stop : {"residual", "gap"}
+        Lanczos's stopping rule. ``"gap"`` also stops, from a random start, when the
+        gap to the second Ritz value makes the error (about ``residual**2 / (4 gap)``,
+        Kato-Temple) at most ``rtol * sigma``: 1.1-1.5x fewer products on Gaussian
+        matrices, but when the start vector is nearly orthogonal to the top singular
+        vector and the next singular value lies close below (Gaussian matrices' tops
+        are clustered), it can stop on that next value, as far below sigma_max as the
+        two are apart (one matrix in 1024 of 64 x 64 in ``benchmarks/bench_sigma.py``:
+        1.5e-3 below for rtol 1e-6); also on a repeated or clustered top whose next
+        values merge into the top Ritz vector. The residual rule needs that start
+        vector to be far closer still to orthogonal before it stops early.
 
     Returns
     -------
@@ -366,6 +374,8 @@ def estimate_sigma(
     """
     operator, batch_shape = _operator_of(weight, dim, batched)
     rtol = _check_options(method, rtol, max_iter, batch_shape)
+    if stop not in STOPPING_RULES:
+        raise ValueError(f"unknown stop {stop!r}; choose one of {', '.join(STOPPING_RULES)}")
     if state is not None:
         _checked_state(state, operator, batch_shape)
     if method == "auto":
@@ -377,7 +387,7 @@ def estimate_sigma(
                                    np.zeros(operator.count, dtype=np.int64), None, None)
     else:
         limit = max_iter if max_iter is not None else (2000 if method == "lanczos" else 10000)
-        found = _krylov_estimate(operator, method, rtol, limit, state, seed)
+        found = _krylov_estimate(operator, method, rtol, limit, state, seed, gap_rule=stop == "gap")
         _warn_unconverged(found, method, rtol, batch_shape)
     sigma = _as_output(operator, weight, found.sigma, batch_shape)
     if not return_state:
@@ -442,8 +452,9 @@ def _warn_unconverged(found: krylov.StackResult, method: str, rtol: np.ndarray,
 
 
 def _krylov_estimate(operator: LinearOperator, method: str, rtol: np.ndarray, limit: int,
-                     state: SigmaState | None, seed: Any) -> krylov.StackResult:
-    """Lanczos or power iteration on every matrix, from the state or random starts.
+                     state: SigmaState | None, seed: Any, *, gap_rule: bool) -> krylov.StackResult:
+    """Lanczos or power iteration on every matrix, from the state or random starts (the
+    gap rule, when asked for, from the random ones only).
 
     The iteration runs on the smaller side (``A A^H`` when ``m < n``); a matrix whose warm
     start it maps to zero (not evidence that it is zero) runs again from a random start.
@@ -451,13 +462,13 @@ def _krylov_estimate(operator: LinearOperator, method: str, rtol: np.ndarray, li
     left = operator.shape[0] < operator.shape[1]
     krylov_operator = operator.adjoint() if left else operator
     starts, random_start = _start_vectors(operator, state, seed, left)
-    found = _iterate(method, krylov_operator, starts, random_start, rtol, limit)
+    found = _iterate(method, krylov_operator, starts, random_start & gap_rule, rtol, limit)
     again = np.flatnonzero((found.sigma == 0.0) & ~random_start)
     if again.size:
         xp = operator.xp
         sub = krylov_operator.take(again)
         cold = krylov.random_vectors(sub, again.size, krylov_operator.shape[1], seed)
-        retry = _iterate(method, sub, cold, np.ones(again.size, dtype=bool), rtol[again], limit)
+        retry = _iterate(method, sub, cold, np.full(again.size, gap_rule), rtol[again], limit)
         found = _replaced(xp, operator.device, found, again, retry)
     if left:
         found = dataclasses.replace(found, u=found.v, v=found.u)
@@ -481,7 +492,7 @@ def _replaced(xp: Any, device: Any, found: krylov.StackResult, slots: np.ndarray
     return merged
 
 
-def _iterate(method: str, operator: LinearOperator, starts: Any, random_start: np.ndarray,
+def _iterate(method: str, operator: LinearOperator, starts: Any, gap_rule: np.ndarray,
              rtol: np.ndarray, limit: int) -> krylov.StackResult:
     """The method of :mod:`lipnorm.krylov` on the operator, scaled if need be.
 
@@ -497,7 +508,7 @@ def _iterate(method: str, operator: LinearOperator, starts: Any, random_start: n
         with np.errstate(over="ignore", invalid="ignore"):  # out-of-range products raise ScaleError
             if method == "power":
                 return krylov.power_stack(target, starts, rtol=rtol, max_iter=limit)
-            return krylov.lanczos_stack(target, starts, rtol=rtol, max_iter=limit, random_start=random_start)
+            return krylov.lanczos_stack(target, starts, rtol=rtol, max_iter=limit, random_start=gap_rule)
 
     largest = operator.largest
     if not isinstance(operator, (DenseOperator, DenseStack)) or largest is None:

@@ -23,7 +23,7 @@ from torch import nn  # noqa: E402
 import lipnorm  # noqa: E402
 from lipnorm.certify.fibers import FiberAlgebra  # noqa: E402
 from lipnorm.certify.graph import prepare_graph  # noqa: E402
-from lipnorm.certify.methods.chain import chain_bound, chain_norms, chain_plan  # noqa: E402
+from lipnorm.certify.loop import chain_bound, chain_norms, chain_plan, loop_bound  # noqa: E402
 from lipnorm.certify.methods.product import bound_nodes  # noqa: E402
 from lipnorm.certify.network import Block, DenseAlgebra, DenseNetwork, Unit  # noqa: E402
 from lipnorm.certify.torus import NotOnTorus, TorusConv, TorusNetwork  # noqa: E402
@@ -372,3 +372,121 @@ def test_the_torus_chain_bound_is_never_below_a_jacobian_norm(case, span):
     network = _torus(model, shape)
     bound = _torus_bound(network, span)
     assert bound >= _largest_jacobian_norm(model, shape) * (1 - 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-channel scalings (lipnorm.certify.scaling)
+# ---------------------------------------------------------------------------------------------
+
+
+def _scaled_bound(network, scalings, plan=None) -> float:
+    import functools
+
+    plan = plan or chain_plan(network)
+    factory = functools.partial(FiberAlgebra, scalings=scalings)
+    return chain_bound(network, factory, [math.inf] * len(network.units), plan=plan, view="torus")[0]
+
+
+def test_scalings_undo_a_channel_rescaling_of_a_relu_network():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 2)).double().eval()
+    factors = torch.tensor([4.0, 0.25, 3.0], dtype=torch.float64)
+    rescaled = nn.Sequential(*[layer for layer in __import__("copy").deepcopy(model)]).double().eval()
+    with torch.no_grad():  # ReLU(a z) = a ReLU(z) for a > 0: the same function
+        rescaled[0].weight.mul_(factors[:, None, None, None])
+        rescaled[0].bias.mul_(factors)
+        rescaled[2].weight.div_(factors[None, :, None, None])
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    np.testing.assert_allclose(rescaled(x).detach().numpy(), model(x).detach().numpy(), rtol=1e-12)
+    original, changed = _torus(model, (2, 6, 6)), _torus(rescaled, (2, 6, 6))
+    plain = _torus_bound(original)
+    assert _torus_bound(changed) > plain * 1.05  # the plain bound sees the rescaling
+    undo = [1.0 / factors.numpy(), np.ones(3)]  # unit 0's input carries the factors
+    assert_relative_close(_scaled_bound(changed, undo), plain, 1e-9, "scaled bound of the rescaled network")
+
+
+def test_optimised_scalings_give_a_certified_bound_that_verifies():
+    from lipnorm.certify.scaling import certified_norms, held_chains, optimise_scalings
+
+
+    model, shape = _construction_models()["residual with a projection, zero padding layer"]
+    model = model.double().eval()
+    network = _torus(model, shape)
+    plan = chain_plan(network)
+    held = held_chains(network, plan)
+    scalings, estimate, _ = optimise_scalings(network, plan, held, steps=15)
+    assert all(np.all(s > 0) and np.all(np.isfinite(s)) for s in scalings)
+    caps = [math.inf] * len(network.units)
+    bound = loop_bound(network, plan, certified_norms(network, held, scalings), caps)
+    assert_relative_close(_scaled_bound(network, scalings, plan), bound, 1e-9, "recomputed from scratch")
+    assert bound >= _largest_jacobian_norm(model, shape) * (1 - 1e-9)
+    assert estimate <= bound * (1 + 1e-6) or estimate > 0  # a proposal, certified afterwards
+
+
+@settings(max_examples=max(SOUNDNESS_EXAMPLES // 4, 10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_cnns())
+def test_the_scaled_chain_bound_is_never_below_a_jacobian_norm(case):
+    from lipnorm.certify.scaling import held_chains, optimise_scalings
+
+    model, shape = case
+    network = _torus(model, shape)
+    plan = chain_plan(network)
+    scalings, _, _ = optimise_scalings(network, plan, held_chains(network, plan), steps=8)
+    assert _scaled_bound(network, scalings, plan) >= _largest_jacobian_norm(model, shape) * (1 - 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the ladder
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_ladder_takes_the_smaller_view_and_says_which():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double().eval()
+    certificate = lipnorm.certify(model, (1, 8, 8), method="chain", time_budget=60)
+    chain = {run.method: run for run in certificate.ladder}["chain"]
+    assert "torus view" in chain.note and "dense view" in chain.note and "(the bound)" in chain.note
+    assert certificate.upper == chain.upper <= certificate.ladder[0].upper
+    assert certificate.verify() == pytest.approx(certificate.upper, rel=1e-9)
+    assert certificate.upper >= _largest_jacobian_norm(model, (1, 8, 8))
+
+
+def test_padding_the_torus_cannot_hold_falls_back_to_the_dense_view_with_a_note():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(3 * 6 * 6, 2)).double().eval()
+    certificate = lipnorm.certify(model, (1, 6, 6), method="auto", time_budget=30)
+    chain = {run.method: run for run in certificate.ladder}["chain"]
+    assert chain.upper is not None and "dense view" in chain.note
+    assert "no torus view: layer '0.pad' (Conv2d.padding_mode=reflect) uses reflect padding" in chain.note
+    assert certificate.upper >= _largest_jacobian_norm(model, (1, 6, 6))
+
+
+def test_the_torus_view_bounds_each_logit_difference():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                          nn.Linear(3 * 4 * 4, 4)).double().eval()
+    rows = np.array([[1.0, -1.0, 0, 0], [0, 1.0, 0, -1.0], [0.0, 0, 1.0, -1.0]])
+    network = _torus(model, (1, 8, 8))
+    bounds, _ = chain_bound(network, FiberAlgebra, [math.inf] * len(network.units), rows, view="torus")
+    whole = _torus_bound(network)
+    for row, bound in zip(rows, bounds):
+        functional = nn.Sequential(model, nn.Linear(4, 1, bias=False)).double().eval()
+        with torch.no_grad():
+            functional[1].weight.copy_(torch.tensor(row)[None])
+        assert bound >= _largest_jacobian_norm(functional, (1, 8, 8)) * (1 - 1e-9)
+        assert bound <= whole * float(np.linalg.norm(row)) * (1 + 1e-9)
+
+
+def test_a_linear_zero_padded_cnn_gets_its_exact_norm_through_the_ladder():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), _bn(3), nn.Conv2d(3, 4, 4, stride=2, padding=1),
+                          nn.AvgPool2d(2), nn.Conv2d(4, 2, 3, padding=2, dilation=2, groups=2), nn.Flatten(),
+                          nn.Linear(2 * 2 * 2, 3)).double().eval()
+    exact = float(np.linalg.norm(_model_jacobian(model, torch.zeros((2, 8, 8), dtype=torch.float64)), 2))
+    certificate = lipnorm.certify(model, (2, 8, 8), method="chain", time_budget=30)
+    assert exact <= certificate.upper <= exact * (1 + 1e-7)
+    chain = {run.method: run for run in certificate.ladder}["chain"]
+    assert "dense view" in chain.note and "(the bound)" in chain.note and "torus view" in chain.note

@@ -180,18 +180,24 @@ def test_warm_start_in_the_null_space_of_a_pruned_weight(backend, method):
 
 
 def test_lanczos_stops_on_the_gap_from_a_random_start_and_on_the_residual_when_warm():
-    """With sigma_max apart from the rest, the error estimate (about residual**2 / (4 gap))
-    reaches rtol long before the residual does; a warm start stops on the residual alone."""
+    """With sigma_max apart from the rest, the gap rule's error estimate (about
+    residual**2 / (4 gap)) reaches rtol long before the residual does; the default residual
+    rule runs on, and a warm start stops on the residual alone even with stop="gap"."""
     rng = np.random.default_rng(7)
     left = np.linalg.qr(rng.standard_normal((400, 300)))[0]
     right = np.linalg.qr(rng.standard_normal((300, 300)))[0]
     matrix = (left * 0.98 ** np.arange(300)) @ right.T  # sigma_max = 1, relative gap 0.02
     rtol = 1e-8
-    sigma, cold = lipnorm.estimate_sigma(matrix, method="lanczos", rtol=rtol, seed=0, return_state=True)
+    sigma, cold = lipnorm.estimate_sigma(matrix, method="lanczos", rtol=rtol, seed=0, return_state=True,
+                                         stop="gap")
     assert cold.converged
     assert cold.error <= rtol * cold.sigma < cold.residual, (cold.error, cold.residual)
     assert_relative_close(float(sigma), 1.0, rtol, "gap rule")
-    _, warm = lipnorm.estimate_sigma(matrix, method="lanczos", rtol=rtol, state=cold, return_state=True)
+    _, residual = lipnorm.estimate_sigma(matrix, method="lanczos", rtol=rtol, seed=0, return_state=True)
+    assert residual.error == residual.residual <= rtol * residual.sigma
+    assert residual.matvecs > cold.matvecs
+    _, warm = lipnorm.estimate_sigma(matrix, method="lanczos", rtol=rtol, state=cold, return_state=True,
+                                     stop="gap")
     assert warm.converged
     assert warm.error == warm.residual <= rtol * warm.sigma, (warm.error, warm.residual)
 

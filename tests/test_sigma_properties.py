@@ -6,11 +6,10 @@ float32/float64/complex64/complex128. Run on NumPy, on array_api_strict (which
 proves the core uses only the array API standard, hence runs on CuPy) and on
 array_api_strict's second device, which refuses to combine arrays of two devices.
 
-What ``rtol`` promises (see ``estimate_sigma``): a converged estimate is never above
-sigma_max and is within ``rtol`` of sigma_max itself where the top singular value stands
-apart (here: a relative gap of at least ``100 rtol``); where the residual rule stopped
-it (always from a warm start), it is within ``rtol`` of a singular value. On a top
-cluster the gap rule can stop before that (see lipnorm.krylov).
+What ``rtol`` promises (see ``estimate_sigma``; the default residual rule): a converged
+estimate is never above sigma_max and is within ``rtol`` of sigma_max itself where the top
+singular value stands apart (here: a relative gap of at least ``100 rtol``), and within
+``rtol`` of a singular value wherever the residual is.
 """
 
 from __future__ import annotations

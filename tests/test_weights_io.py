@@ -293,6 +293,19 @@ def test_low_precision_safetensors_read_exactly_and_keep_their_dtype(tmp_path, m
     np.testing.assert_array_equal(array, weight.float().numpy())
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_every_bit_pattern_reads_as_torch_reads_it(tmp_path, dtype):
+    """ml_dtypes' values of all 2**16 (2**8) codes, NaN and infinities included, are torch's."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("ml_dtypes")
+    bits = 16 if dtype == "bfloat16" else 8
+    codes = torch.arange(2**bits, dtype=torch.int32).to(torch.int16 if bits == 16 else torch.uint8)
+    weight = codes.view(getattr(torch, dtype)).reshape(2 ** (bits // 2), -1)
+    path = tmp_path / "all.safetensors"
+    _save_torch_safetensors(path, {"w": weight})
+    np.testing.assert_array_equal(load_weights(path)["w"], weight.float().numpy())
+
+
 def test_low_precision_without_ml_dtypes_or_torch_names_the_fix(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     path = tmp_path / "w.safetensors"

@@ -5,23 +5,25 @@ A constraint does not change the forward pass (unlike spectral normalization): i
 weights themselves, after the optimizer has updated them. Each step, for every constrained
 matrix ``W`` (same-shaped matrices batched together):
 
-1. ``||W||_F`` (float64, rounding included) is at most the cap: ``W`` is left untouched, with
-   no further work. It is also where a NaN or Inf weight is found, and named.
-2. A warm-started estimate ``s = ||W v||`` (``v`` kept from the last step, refined by
-   :func:`lipnorm.estimate_sigma`) is above ``max_sigma``: ``W`` is projected, ``"scale"``:
-   ``W <- W * max_sigma / s``; ``"hammer"``: ``W <- W + (max_sigma - s) u v^T`` with
-   ``u = W v / s``, which sets the top singular value to ``max_sigma`` and leaves the others.
-3. The stored ``W`` is *certified*: one float64 Cholesky factorization of its Gram matrix
-   proves ``sigma_max <= cap`` (:mod:`._torch_stack_certificate`; for a convolution in
-   operator mode, :func:`lipnorm.sigma_bounds` of the convolution). An estimate can only be
-   low (power iteration approaches sigma from below), so where the proof fails, ``W`` is
-   scaled by ``max_sigma / upper`` with ``upper`` a tight certified bound, and the rounding
-   of that product is bounded too (float32 and float64 weights) or the stored result is
-   certified again (bfloat16 and float16, whose projections aim at
-   ``max_sigma * (1 - u)``, ``u`` their unit roundoff).
+1. A bound of ``||W||_F`` (a float32 norm, its rounding included) at most the cap leaves ``W``
+   untouched with no further work. The same norm finds a NaN or Inf weight, which is named.
+2. ``"scale"``: the Gram matrix of ``W``'s smaller side is formed in float64, its top
+   eigenvalue estimated by Lanczos warm-started from the last step's eigenvector, and one
+   Cholesky factorization proves either ``sigma <= cap`` (estimate at most ``max_sigma``:
+   ``W`` is left as it is) or ``sigma <= upper``, ``upper`` within ``rtol / 4`` of the
+   estimate; then ``W <- W * max_sigma / upper``, with the rounding of that product bounded.
+   :mod:`._torch_stack_certificate` holds the proof and its rounding analysis.
+3. ``"hammer"``: where the warm estimate ``s = ||W v||`` is above ``max_sigma``,
+   ``W <- W + (max_sigma - s) u v^T`` (``u = W v / s``) sets the top singular value to
+   ``max_sigma`` and leaves the others; the stored result is then certified.
+4. Wherever a proof fails (an estimate is only ever low, and the hammer leaves a second
+   singular value above the cap where there is one), ``W`` is scaled by ``max_sigma / upper``
+   with ``upper`` a tight certified bound. bfloat16 and float16 results, whose rounding the
+   bound of step 2 cannot absorb, are certified again as stored (their projections aim at
+   ``max_sigma * (1 - u)``, ``u`` their unit roundoff). A convolution in operator mode is
+   certified by :func:`lipnorm.sigma_bounds` of the convolution instead.
 
-A matrix whose estimate is at most ``max_sigma`` and whose certificate passes is not written
-to: it stays bit-for-bit what the optimizer left.
+A matrix that is not projected is not written to: it stays bit-for-bit what the optimizer left.
 """
 
 from __future__ import annotations

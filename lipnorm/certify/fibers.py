@@ -46,8 +46,8 @@ from lipnorm.certify.rounding import UNIT_ROUNDOFF, gamma
 from lipnorm.certify.torus import TorusBlock, TorusConv, TorusNetwork, TorusSpace
 from lipnorm.conv.spectrum import half_frequencies
 
-__all__ = ["FiberBlock", "FiberChunk", "NormAccumulator", "add", "compose", "conv_block", "evaluate",
-           "fiber_chunks", "fiber_counts"]
+__all__ = ["FiberAlgebra", "FiberBlock", "FiberChunk", "FiberCost", "NormAccumulator", "add", "channel_scaled",
+           "compose", "conv_block", "evaluate", "fiber_chunks", "fiber_counts"]
 
 
 @dataclass(frozen=True)
@@ -450,12 +450,16 @@ class FiberAlgebra:
     network : TorusNetwork
     max_entries : int
         Complex entries held at once, which sets how many fibers a chunk takes.
+    scalings : list of ndarray, optional
+        A positive factor per channel of each unit's space (:mod:`lipnorm.certify.scaling`):
+        the norms recorded are those of ``Λ_t P Λ_s⁻¹`` (the output and the input unscaled).
     """
 
-    def __init__(self, network: TorusNetwork, max_entries: int = MAX_HELD_ENTRIES):
+    def __init__(self, network: TorusNetwork, max_entries: int = MAX_HELD_ENTRIES, scalings=None):
         self.network = network
         self.accumulator = NormAccumulator(math.prod(network.fiber_grid))
         self.chunks = fiber_chunks(network, held_entries_per_fiber(network), max_entries)
+        self.scalings = scalings
         self.cache: dict = {}
         self.seen: dict = {}
         self.aliases: dict = {}
@@ -482,6 +486,11 @@ class FiberAlgebra:
             self.aliases[key] = first[0]
             return
         self.seen[id(block)] = (key, block)
+        if self.scalings is not None:
+            _, target, source = key
+            count = len(self.network.units)
+            block = channel_scaled(block, self.scalings[target] if target < count else None,
+                                   self.scalings[source - 1] if source > 0 else None, part)
         self.accumulator.record(key, block, part)
 
     def norm(self, key) -> float:
@@ -489,6 +498,30 @@ class FiberAlgebra:
 
     def row_norms(self, key, rows: np.ndarray) -> np.ndarray | None:
         return self.accumulator.row_norms(self.aliases.get(key, key), rows)
+
+
+def channel_scaled(block: FiberBlock, left: np.ndarray | None, right: np.ndarray | None,
+                   chunk: FiberChunk) -> FiberBlock:
+    """``diag(left) · block · diag(right)⁻¹`` per channel (None: unscaled), rounding in ``error``.
+
+    Each entry is multiplied by a factor and by a computed reciprocal: within ``4u`` of the
+    exact scaled entry; the block's own error grows by ``max(left) / min(right)``.
+    """
+    if left is None and right is None:
+        return block
+    data = block.dense(chunk.zetas.shape[0])
+    growth = 1.0
+    if left is not None:
+        data = data * left[None, None, :, None]
+        growth *= float(np.max(left))
+    if right is not None:
+        columns = data.shape[3] // right.size
+        data = (data.reshape(data.shape[:3] + (columns, right.size)) * (1.0 / right)).reshape(data.shape)
+        growth /= float(np.min(right))
+    rounding = 8 * UNIT_ROUNDOFF * float(_row_frobenius(data).max()) if data.size else 0.0
+    return FiberBlock(data, block.source, block.target, block.fiber_grid,
+                      round_up((block.error * growth + rounding) * (1 + 4 * UNIT_ROUNDOFF)),
+                      round_up((block.norm * growth + rounding) * (1 + 4 * UNIT_ROUNDOFF)))
 
 
 def held_entries_per_fiber(network: TorusNetwork) -> int:
@@ -514,7 +547,7 @@ class _Shape:
 class FiberCost:
     """The floating-point work of the chain method on a torus network, by a pass over shapes.
 
-    The same recursion as :class:`FiberAlgebra` (:func:`lipnorm.certify.methods.chain.chain_norms`),
+    The same recursion as :class:`FiberAlgebra` (:func:`lipnorm.certify.loop.chain_norms`),
     counting real flops: a complex product is four real ones, a certified norm a Gram matrix
     (``side² · other``) and a Cholesky factorization (``side³ / 3``) per row matrix.
 
@@ -527,6 +560,7 @@ class FiberCost:
         self.network = network
         self.fibers = half_frequencies(network.fiber_grid).shape[0]
         self.flops = 0.0
+        self.entries = 0  # complex entries of every recorded block, all fibers
         self.seen: set = set()
 
     def parts(self):
@@ -562,6 +596,7 @@ class FiberCost:
         if block.width is None or key in self.seen:
             return
         self.seen.add(key)
+        self.entries += self.fibers * block.rows * block.height * block.width
         side, other = sorted((block.height, block.width))
         self.flops += self.fibers * block.rows * (4.0 * side * side * other + 8.0 * side**3 / 3)
 

@@ -32,6 +32,10 @@ __all__ = ["torus_network"]
 
 #: Largest fiber grid tried per axis when the base grids are chosen.
 _MAX_FIBER = 64
+#: Share of grid points (per axis) the grids may add beyond the fewest for more fibers,
+#: where the fewest leave fewer than _MIN_FIBER fibers per axis.
+_GRID_SLACK = 0.12
+_MIN_FIBER = 6
 
 
 def torus_network(graph: Graph, node_bounds: dict) -> TorusNetwork:
@@ -452,9 +456,11 @@ class _Plan:
     def grids(self) -> tuple[dict[int, tuple[int, ...]], tuple[int, ...]]:
         """The base grid of every segment (per axis, for σ = 1) and the fiber grid.
 
-        Per axis, every fiber size up to :data:`_MAX_FIBER` is tried; the one whose bases
-        hold the fewest grid points wins, the largest of those (the most fibers, the least
-        memory per fiber).
+        Per axis, every fiber size up to :data:`_MAX_FIBER` is tried; the bases holding the
+        fewest grid points win (the largest fiber of those). Where that fiber is below
+        :data:`_MIN_FIBER` (two segments whose grids share only a factor 2: few, large
+        fibers), the cheapest bases within :data:`_GRID_SLACK` more grid points with a fiber
+        of at least :data:`_MIN_FIBER` are taken instead.
         """
         roots = sorted({self.root(t.segment) for t in self.tensors.values() if t.sigma is not None})
         for r in roots:
@@ -462,18 +468,21 @@ class _Plan:
         bases: dict[int, list] = {r: [0] * self.ndim for r in roots}
         fiber = []
         for axis in range(self.ndim):
-            best = None
+            options = []
             for candidate in range(1, _MAX_FIBER + 1):
                 axis_bases = [self._axis_base(r, axis, candidate) for r in roots]
-                if any(base is None for base in axis_bases):
-                    continue
-                cost = sum(axis_bases)
-                if best is None or cost <= best[0]:
-                    best = (cost, candidate, axis_bases)
-            if best is None:
+                if all(base is not None for base in axis_bases):
+                    options.append((sum(axis_bases), candidate, axis_bases))
+            if not options:
                 raise NotOnTorus(self._exact_conflict(axis))
-            fiber.append(best[1])
-            for r, base in zip(roots, best[2]):
+            fewest = min(cost for cost, _, _ in options)
+            _, chosen, axis_bases = max((o for o in options if o[0] == fewest), key=lambda o: o[1])
+            if chosen < _MIN_FIBER:  # few fibers, large ones: a little more grid for more of them
+                roomy = [o for o in options if o[0] <= fewest * (1 + _GRID_SLACK) and o[1] >= _MIN_FIBER]
+                if roomy:
+                    _, chosen, axis_bases = min(roomy, key=lambda o: (o[0], -o[1]))
+            fiber.append(chosen)
+            for r, base in zip(roots, axis_bases):
                 bases[r][axis] = base
         return {r: tuple(b) for r, b in bases.items()}, tuple(fiber)
 

@@ -68,6 +68,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+#: The commands with arguments of their own: name, help, description, arguments, runner.
+_COMMANDS = (
+    ("sigma",
+     "sigma_max and its certified interval for the tensors of a weight file or checkpoint",
+     "Print sigma_max (the largest singular value), a certified interval "
+     "lower <= sigma_max <= upper, the method and the time for tensors of a weight "
+     f"file ({', '.join(SUFFIXES)}), a sharded checkpoint's *{INDEX_SUFFIX} or a "
+     "directory of shards. Files are read as data: nothing in them is run. Tensors "
+     "are read one at a time; bfloat16, float16 and float8 are widened to float32 "
+     "(exact), and float8/int8 weights with a scale tensor are dequantized.",
+     add_sigma_arguments, run_sigma),
+    ("certify",
+     "certified upper bound on a network's Lipschitz constant",
+     "Certify an upper bound on the Lipschitz constant (l2) of a model file, layer by "
+     "layer. Pickled torch models are refused unless --trust-pickle is given.",
+     add_certify_arguments, run_certify),
+    ("robustness",
+     "certified L2 radii and accuracy of a classifier on labelled samples",
+     "Certified accuracy at L2 radii eps of a classifier file on the samples of an .npz "
+     "file (x, y; read without pickle), with --attack the accuracy under an L2 attack.",
+     add_robustness_arguments, run_robustness),
+)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lipnorm", description="The spectral norm of neural-network weights."
@@ -75,42 +99,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lipnorm {lipnorm.__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
-    sigma = commands.add_parser(
-        "sigma",
-        help="sigma_max and its certified interval for the tensors of a weight file or checkpoint",
-        description=(
-            "Print sigma_max (the largest singular value), a certified interval "
-            "lower <= sigma_max <= upper, the method and the time for tensors of a weight "
-            f"file ({', '.join(SUFFIXES)}), a sharded checkpoint's *{INDEX_SUFFIX} or a "
-            "directory of shards. Files are read as data: nothing in them is run. Tensors "
-            "are read one at a time; bfloat16, float16 and float8 are widened to float32 "
-            "(exact), and float8/int8 weights with a scale tensor are dequantized."
-        ),
-    )
-    add_sigma_arguments(sigma)
-    sigma.set_defaults(run=run_sigma)
-
-    certify = commands.add_parser(
-        "certify",
-        help="certified upper bound on a network's Lipschitz constant",
-        description=(
-            "Certify an upper bound on the Lipschitz constant (l2) of a model file, layer by "
-            "layer. Pickled torch models are refused unless --trust-pickle is given."
-        ),
-    )
-    add_certify_arguments(certify)
-    certify.set_defaults(run=run_certify)
-
-    robustness = commands.add_parser(
-        "robustness",
-        help="certified L2 radii and accuracy of a classifier on labelled samples",
-        description=(
-            "Certified accuracy at L2 radii eps of a classifier file on the samples of an .npz "
-            "file (x, y; read without pickle), with --attack the accuracy under an L2 attack."
-        ),
-    )
-    add_robustness_arguments(robustness)
-    robustness.set_defaults(run=run_robustness)
+    for name, help_text, description, add_arguments, run in _COMMANDS:
+        command = commands.add_parser(name, help=help_text, description=description)
+        add_arguments(command)
+        command.set_defaults(run=run)
 
     demo = commands.add_parser(
         "demo", help="estimates next to the SVD; train, normalize and certify a small CNN"

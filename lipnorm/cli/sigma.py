@@ -30,6 +30,7 @@ __all__ = ["add_arguments", "run_sigma"]
 
 METHODS = ("auto", "power", "lanczos", "svd")
 
+
 def add_arguments(sigma: argparse.ArgumentParser) -> None:
     """The arguments of ``lipnorm sigma``."""
     sigma.add_argument("file", metavar="PATH", help="weight file, checkpoint index or directory")
@@ -296,25 +297,10 @@ def _measure(tensor: StoredTensor, values: Any, args: argparse.Namespace) -> Sig
     """
     row = _row(tensor, MEASURES[len(tensor.shape)], args)
     values = _floating(values)
-    dim = 0 if len(tensor.shape) > 2 else None
     try:
-        with warnings.catch_warnings():
-            # Non-convergence is reported in the row through state.converged.
-            warnings.simplefilter("ignore", lipnorm.ConvergenceWarning)
-            (sigma, state), sigma_seconds = _timed(
-                lipnorm.estimate_sigma, values, dim=dim, method=args.method, rtol=args.rtol,
-                return_state=True,
-            )
-        row = replace(
-            row, sigma=float(sigma), method=state.method, converged=bool(state.converged),
-            sigma_seconds=sigma_seconds,
-        )
-        if not args.no_bounds:
-            interval, bounds_seconds = _timed(lipnorm.sigma_bounds, values, dim=dim, state=state)
-            row = replace(row, lower=interval.lower, upper=interval.upper,
-                          bounds_method=interval.method, bounds_seconds=bounds_seconds)
+        row = _estimated(row, values, args, dim=0 if len(tensor.shape) > 2 else None)
     except (ValueError, TypeError) as exc:
-        return replace(row, sigma=None, error=str(exc))
+        return replace(row, error=str(exc))
     frobenius = _frobenius(values)
     return replace(row, frobenius=frobenius, stable_rank=_stable_rank(frobenius, row.sigma))
 
@@ -327,28 +313,39 @@ def _measure_stack(tensor: StoredTensor, values: Any, args: argparse.Namespace) 
     row = _row(tensor, "stack", args)
     values = _floating(values)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", lipnorm.ConvergenceWarning)
-            (sigmas, state), sigma_seconds = _timed(
-                lipnorm.estimate_sigma, values, batched=True, method=args.method, rtol=args.rtol,
-                return_state=True,
-            )
-        sigmas = to_numpy(sigmas).astype(np.float64)
-        row = replace(
-            row, sigma=float(sigmas.max()), sigmas=sigmas.tolist(), method=state.method,
-            converged=bool(np.all(state.converged)), sigma_seconds=sigma_seconds,
-        )
-        if not args.no_bounds:
-            interval, bounds_seconds = _timed(
-                lipnorm.sigma_bounds, values, batched=True, state=state)
-            row = replace(row, lower=float(np.max(interval.lower)), upper=float(np.max(interval.upper)),
-                          bounds_method=interval.method, bounds_seconds=bounds_seconds)
+        row = _estimated(row, values, args, batched=True)
     except (ValueError, TypeError) as exc:
-        return replace(row, sigma=None, sigmas=None, error=str(exc))
+        return replace(row, error=str(exc))
     frobenius = [_frobenius(matrix) for matrix in to_numpy(values).reshape(-1, *tensor.shape[-2:])]
-    ranks = [_stable_rank(norm, sigma) for norm, sigma in zip(frobenius, sigmas.ravel())]
-    return replace(row, frobenius_norms=_nested(frobenius, sigmas.shape),
-                   stable_ranks=_nested(ranks, sigmas.shape))
+    sigmas = np.ravel(row.sigmas)
+    ranks = [_stable_rank(norm, sigma) for norm, sigma in zip(frobenius, sigmas)]
+    shape = tensor.shape[:-2]
+    return replace(row, frobenius_norms=_nested(frobenius, shape), stable_ranks=_nested(ranks, shape))
+
+
+def _estimated(row: SigmaRow, values: Any, args: argparse.Namespace, **layout: Any) -> SigmaRow:
+    """``row`` with the estimate and, unless ``--no-bounds``, the certified interval.
+
+    ``layout`` is ``dim=`` (a matrix or a reshaped tensor) or ``batched=True`` (a stack: the
+    row gets every matrix's σ in ``sigmas``, and the maximum's estimate and interval).
+    """
+    with warnings.catch_warnings():
+        # Non-convergence is reported in the row through state.converged.
+        warnings.simplefilter("ignore", lipnorm.ConvergenceWarning)
+        (sigma, state), sigma_seconds = _timed(
+            lipnorm.estimate_sigma, values, method=args.method, rtol=args.rtol,
+            return_state=True, **layout,
+        )
+    sigma = to_numpy(sigma).astype(np.float64)
+    row = replace(
+        row, sigma=float(sigma.max()), sigmas=sigma.tolist() if sigma.ndim else None,
+        method=state.method, converged=bool(np.all(state.converged)), sigma_seconds=sigma_seconds,
+    )
+    if args.no_bounds:
+        return row
+    interval, bounds_seconds = _timed(lipnorm.sigma_bounds, values, state=state, **layout)
+    return replace(row, lower=float(np.max(interval.lower)), upper=float(np.max(interval.upper)),
+                   bounds_method=interval.method, bounds_seconds=bounds_seconds)
 
 
 def _nested(values: list, shape: tuple[int, ...]) -> list:
