@@ -493,6 +493,8 @@ def optimise_multipliers(problem, multipliers, deadline: float, max_steps: int,
     """
     logs = [np.log(np.maximum(m, 1e-300)) for m in multipliers]
     rho, gradient = problem.rho(multipliers)
+    if gradient is None:  # ρ could not be evaluated at the start: nothing to descend
+        return [m.copy() for m in multipliers]
     best, best_rho, reference = [m.copy() for m in multipliers], rho, rho
     first = [np.zeros_like(x) for x in logs]
     second = [np.zeros_like(x) for x in logs]
