@@ -389,7 +389,8 @@ def _cnn_tables(rows) -> list[str]:
     lines += [
         "",
         "Lower bounds. lipnorm: `lipschitz_lower_bound(model, data, starts, steps, time_budget)` (it",
-        "screens every data point given and ascends from the steepest). Reference: exact-Jacobian",
+        "screens the data points it reaches in a third of the budget and climbs from the steepest;",
+        "a float64 secant). Reference: exact-Jacobian",
         "ascent (`benchmarks/jacobian_ascent.py`: ‖J(x)‖₂ of every data point by full Jacobian and SVD,",
         "then 64 starts from the best, 60 steps), on the nets small enough for it.",
         "",
@@ -405,15 +406,15 @@ def _cnn_tables(rows) -> list[str]:
                if ref else "not run | | |")
             + f" | {_load(run)} | {run['date']}, {run['commit']} |")
     lines += ["", "Targets of issue 19 (`auto`, one run):", "",
-              "| network | target | auto / product | auto / lower | auto time | met | load |",
-              "|---|---|---|---|---|---|---|"]
+              "| network | target | auto / product | auto / lower | auto time | met | load | date, commit |",
+              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         target, meets = TARGETS.get(row.get("key"), ("", lambda *_: None))
         auto, product = row["methods"]["auto"], row["methods"]["product"]["upper"]
         ratio = auto["upper"] / product
         met = {True: "yes", False: "no", None: "no baseline"}[meets(row, auto["upper"], ratio, auto["seconds"])]
         lines.append(f"| {row['network']} | {target} | {ratio:.3g} | {_ratio(auto['upper'], row['lower'])} | "
-                     f"{auto['seconds']:.1f} s | {met} | {_load(row['run'])} |")
+                     f"{auto['seconds']:.1f} s | {met} | {_load(row['run'])} | {row['run']['date']}, {row['run']['commit']} |")
     return lines
 
 
