@@ -148,11 +148,19 @@ class _HostStack:
         if host.size == 0:
             raise ValueError(f"the stack of matrices is empty (shape {host.shape})")
         complex_dtype = np.iscomplexobj(host)
-        host = host.astype(np.complex128 if complex_dtype else np.float64, copy=False)
+        wide = np.complex128 if complex_dtype else np.float64
+        if not (np.issubdtype(host.dtype, np.floating) or complex_dtype):
+            host = host.astype(wide)  # integers: their exact values (float64 holds them up to 2**53)
         host = host.reshape((-1,) + host.shape[-2:])
+        # Checked and measured in the input's own dtype (exact), with no temporary copy of a
+        # real stack: the one float64 copy made below is the scaled one.
         if not np.all(np.isfinite(host)):
             raise ValueError("the matrices have NaN or Inf entries; sigma is undefined")
-        largest = np.max(np.abs(host), axis=(1, 2)) if each else np.max(np.abs(host))
+        axes = (1, 2) if each else None
+        if complex_dtype:
+            largest = np.max(np.abs(host), axis=axes).astype(np.float64)
+        else:
+            largest = np.maximum(np.max(host, axis=axes), -np.min(host, axis=axes)).astype(np.float64)
         # 2**1022 is about the largest power of two a float holds: a matrix of subnormals
         # is scaled by it, which brings its largest entry to at least 2**-52. Zero: scale 1.
         exponent = np.where(largest > 0, np.maximum(np.frexp(np.where(largest > 0, largest, 1.0))[1], -1022), 0)
@@ -161,8 +169,8 @@ class _HostStack:
         p, q = host.shape[-2:]
         slack = np.where(scale < 1.0, math.sqrt(2 * p * q) * _SMALLEST_SUBNORMAL / scale, 0.0)
         if not each:
-            return cls(host * float(scale), float(scale), float(slack), complex_dtype)
-        return cls(host * scale[:, None, None], scale, slack, complex_dtype)
+            return cls(np.multiply(host, float(scale), dtype=wide), float(scale), float(slack), complex_dtype)
+        return cls(np.multiply(host, scale[:, None, None], dtype=wide), scale, slack, complex_dtype)
 
     def unscale_upper(self, value: float) -> float:
         return _up(value / self.scale + self.absolute_slack)
@@ -195,10 +203,17 @@ def block_grams(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     else:
         adjoint = np.conj(np.swapaxes(blocks, -1, -2))
         gram = adjoint @ blocks if p >= q else blocks @ adjoint
+    return gram, _gamma(max(p, q) + 2, complex_dtype) * _frobenius_squares(blocks)
+
+
+def _frobenius_squares(blocks: np.ndarray) -> np.ndarray:
+    """An upper bound on ``||A||_F^2`` of each block of a host stack (batch, p, q), rounding
+    included (no temporary copy of the stack)."""
+    p, q = blocks.shape[-2:]
+    complex_dtype = bool(np.iscomplexobj(blocks))
     squares = (np.einsum("...ij,...ij->...", blocks.real, blocks.real)
                + (np.einsum("...ij,...ij->...", blocks.imag, blocks.imag) if complex_dtype else 0.0))
-    squares = squares * (1.0 + _gamma(p * q + 2, complex_dtype))
-    return gram, _gamma(max(p, q) + 2, complex_dtype) * squares
+    return squares * (1.0 + _gamma(p * q + 2, complex_dtype))
 
 
 def _rank_update_grams(blocks: np.ndarray) -> np.ndarray:
@@ -218,8 +233,14 @@ def _rank_update_grams(blocks: np.ndarray) -> np.ndarray:
     flat_gram = gram.reshape((-1, side, side))
     strict_upper = np.triu_indices(side, 1)
     for block, out in zip(flat_blocks, flat_gram):
-        # Aᴴ A (trans=2 for complex, 1 for real) when p >= q, as block_grams promises, else A Aᴴ
-        out[...] = update(1.0, block, lower=1, trans=(2 if complex_dtype else 1) if p >= q else 0)
+        # BLAS reads Fortran order: a C-ordered block is passed as its transpose X = Aᵀ (a
+        # view, where A itself would be copied). Aᴴ A (when p >= q, as block_grams promises)
+        # is conj(X Xᴴ) (trans=0), A Aᴴ is conj(Xᴴ X) (trans=2 complex, 1 real).
+        view = block.T if block.flags.c_contiguous else block
+        transposed = view is not block
+        want_outer = (p >= q) == transposed  # the product asked of BLAS is X Xᴴ
+        lower = update(1.0, view, lower=1, trans=0 if want_outer else (2 if complex_dtype else 1))
+        out[...] = np.conj(lower) if complex_dtype and transposed else lower
         out[strict_upper] = np.conj(out.T[strict_upper])
     return gram
 
@@ -233,7 +254,7 @@ def _certified_lowers(stack: _HostStack, vectors: np.ndarray, right: bool) -> np
     rows, inner = blocks.shape[-2:]
     vectors = np.asarray(vectors, dtype=blocks.dtype if stack.complex_dtype else np.float64)
     products = (blocks @ vectors[:, :, None])[:, :, 0]
-    frobenius = np.sqrt(np.sum(np.abs(blocks) ** 2, axis=(1, 2)) * (1 + _gamma(rows * inner + 2, True)))
+    frobenius = np.sqrt(_frobenius_squares(stack.blocks))
     x_norms = np.linalg.norm(vectors, axis=1) * (1 + _gamma(inner + 2, stack.complex_dtype))
     image_norms = np.linalg.norm(products, axis=1) * (1 - _gamma(rows + 2, stack.complex_dtype))
     errors = _gamma(inner + 2, stack.complex_dtype) * frobenius * x_norms
