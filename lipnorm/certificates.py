@@ -164,6 +164,8 @@ class _HostStack:
         axes = (1, 2) if each else None
         if complex_dtype:
             largest = np.max(np.abs(host), axis=axes).astype(np.float64)
+            if not np.all(np.isfinite(largest)):  # a modulus beyond complex64's range
+                largest = np.max(np.abs(host.astype(np.complex128)), axis=axes)
         else:
             largest = np.maximum(np.max(host, axis=axes), -np.min(host, axis=axes)).astype(np.float64)
         # 2**1022 is about the largest power of two a float holds: a matrix of subnormals
