@@ -53,8 +53,11 @@ __all__ = [
     "certify_stack",
     "certify_positive_semidefinite",
     "certify_shifted_cholesky",
+    "cholesky_rounding_bound",
+    "gram_formation_error",
     "gram_iteration_block_bounds",
     "gram_iteration_bounds",
+    "scaling_slack",
 ]
 
 _UNIT_ROUNDOFF = 2.0**-53
@@ -172,9 +175,7 @@ class _HostStack:
         # is scaled by it, which brings its largest entry to at least 2**-52. Zero: scale 1.
         exponent = np.where(largest > 0, np.maximum(np.frexp(np.where(largest > 0, largest, 1.0))[1], -1022), 0)
         scale = np.ldexp(1.0, -exponent)
-        # Scaling down can round entries into the subnormal range.
-        p, q = host.shape[-2:]
-        slack = np.where(scale < 1.0, math.sqrt(2 * p * q) * _SMALLEST_SUBNORMAL / scale, 0.0)
+        slack = scaling_slack(scale, *host.shape[-2:])
         if not each:
             return cls(np.multiply(host, float(scale), dtype=wide), float(scale), float(slack), complex_dtype)
         if pieces and host.size * np.dtype(wide).itemsize > _PIECE_BYTES:
@@ -208,6 +209,26 @@ class _HostStack:
         return _down(value / self.scale - self.absolute_slack)
 
 
+def scaling_slack(scale: Any, rows: int, columns: int) -> Any:
+    """The sigma a ``rows x columns`` matrix can lose to subnormal rounding when multiplied by
+    the power of two ``scale``: each entry moves by at most one subnormal step (none when
+    ``scale >= 1``), so the matrix by at most ``sqrt(rows columns)`` steps, doubled for
+    safety; in the original units (divided by ``scale``).
+
+    Parameters
+    ----------
+    scale : float or ndarray, float64, shape (batch,)
+        Powers of two.
+    rows, columns : int
+        The matrix shape.
+
+    Returns
+    -------
+    float or ndarray, float64, shape (batch,)
+    """
+    return np.where(scale < 1.0, math.sqrt(2 * rows * columns) * _SMALLEST_SUBNORMAL / scale, 0.0)
+
+
 def block_grams(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The smaller Gram matrix of each block, with a bound on its formation error.
 
@@ -227,7 +248,8 @@ def block_grams(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     p, q = blocks.shape[-2:]
     complex_dtype = bool(np.iscomplexobj(blocks))
-    return _grams(blocks, p >= q), _gamma(max(p, q) + 2, complex_dtype) * _frobenius_squares(blocks)
+    return _grams(blocks, p >= q), gram_formation_error(_frobenius_squares(blocks), inner=max(p, q),
+                                                        complex_dtype=complex_dtype)
 
 
 def _grams(blocks: np.ndarray, right: bool) -> np.ndarray:
@@ -249,6 +271,75 @@ def _frobenius_squares(blocks: np.ndarray, shape: tuple[int, int] | None = None)
     squares = (np.einsum("...ij,...ij->...", blocks.real, blocks.real)
                + (np.einsum("...ij,...ij->...", blocks.imag, blocks.imag) if complex_dtype else 0.0))
     return squares if shape else squares * (1.0 + _gamma(p * q + 2, complex_dtype))
+
+
+def gram_formation_error(frobenius_squares: Any, *, inner: int, complex_dtype: bool = False) -> Any:
+    """Bound on the spectral norm of ``fl(A^H A) - A^H A`` (or of ``A A^H``), any summation order.
+
+    Each entry is a dot product of ``inner`` terms, within ``gamma_inner`` of the exact one
+    relative to the dot product of the magnitudes, so the error's norm is at most
+    ``gamma_{inner + 2} ||A||_F^2`` (Higham §3.5), the ``+ 2`` covering the products' rounding.
+    Underflow is not included (the Cholesky certificate adds it, see
+    :func:`cholesky_rounding_bound`).
+
+    Parameters
+    ----------
+    frobenius_squares : float or ndarray, float64, shape (batch,)
+        Upper bounds of ``||A||_F^2`` (their own rounding already included).
+    inner : int
+        Inner length of the products, ``max(p, q)`` for the smaller Gram matrix.
+    complex_dtype : bool
+        Whether the arithmetic is complex (doubles the constant).
+
+    Returns
+    -------
+    float or ndarray, float64, shape (batch,)
+    """
+    return _gamma(inner + 2, complex_dtype) * frobenius_squares
+
+
+def cholesky_rounding_bound(factor_squares: Any, gram_diagonal: Any, shift: Any, formation_error: Any, *,
+                            dimension: int, inner: int, complex_dtype: bool = False) -> Any:
+    """The rounding term ``delta`` of the Cholesky certificate (see the module docstring).
+
+    Where a conventional (non-Strassen) floating-point Cholesky factorization of
+    ``fl(shift I - G)`` succeeded with a factor ``R`` (the computed Hermitian ``G`` within
+    ``formation_error`` of the exact ``G_exact``), ``lambda_max(G_exact) <= shift + delta``
+    with ``delta = gamma_{d+1} ||R||_F^2 + formation_error + 2u (shift + max|G_ii|)
+    + d * inner * 2^-1074`` (Higham, Thm 10.3; the last term bounds underflow in the Gram
+    products). The one formula of every Cholesky certificate in lipnorm, on the host
+    (:func:`certify_gram_chunks`) or on the weights' device
+    (:mod:`lipnorm.backends._torch_stack_certificate`).
+
+    Parameters
+    ----------
+    factor_squares : float or ndarray, float64, shape (batch,)
+        ``||R||_F^2`` as computed in float64 (the rounding of that sum is added here).
+    gram_diagonal : float or ndarray, float64, shape (batch,)
+        ``max_i |G_ii|`` of each computed matrix.
+    shift : float or ndarray, float64, shape (batch,)
+        The shifts ``t`` the factorizations were of.
+    formation_error : float or ndarray, float64, shape (batch,)
+        Bound on the spectral norm of ``G - G_exact`` (:func:`gram_formation_error`).
+    dimension : int
+        ``d``, the size of each matrix.
+    inner : int
+        Inner length of the products that formed ``G``.
+    complex_dtype : bool
+        Whether the arithmetic is complex (doubles the constants).
+
+    Returns
+    -------
+    float or ndarray, float64, shape (batch,)
+        ``delta``, rounded up (NaN or Inf where ``factor_squares`` is: the caller rejects those).
+    """
+    factor_squares = np.asarray(factor_squares, dtype=np.float64) * (1.0 + _gamma(dimension * dimension + 2,
+                                                                                    complex_dtype))
+    delta = (_gamma(dimension + 1, complex_dtype) * factor_squares
+             + formation_error
+             + 2 * _UNIT_ROUNDOFF * (shift + gram_diagonal)
+             + dimension * inner * _SMALLEST_SUBNORMAL)
+    return _up(delta * (1.0 + 1e-6))
 
 
 def _rank_update_grams(blocks: np.ndarray, right: bool) -> np.ndarray:
@@ -629,7 +720,7 @@ def _pieced_grams(stack: _HostStack, right: bool) -> tuple[np.ndarray, np.ndarra
         squares += _frobenius_squares(piece, (p, q))
         nonzero |= np.any(piece, axis=(1, 2))
     squares *= 1.0 + _gamma(p * q + 2, stack.complex_dtype)
-    return gram, _gamma(max(p, q) + 2, stack.complex_dtype) * squares, ~nonzero
+    return gram, gram_formation_error(squares, inner=max(p, q), complex_dtype=stack.complex_dtype), ~nonzero
 
 
 def _top_eigenpairs_each(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -728,16 +819,11 @@ def _cholesky_deltas(
     dimension = gram.shape[-1]
     threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (gram.shape[0],))
     ok, factor_squares = _shifted_cholesky_squares(gram, threshold)
-    factor_squares *= 1.0 + _gamma(dimension * dimension + 2, complex_dtype)
     diagonal = np.arange(dimension)
     gram_diagonal = np.max(np.abs(gram[..., diagonal, diagonal]), axis=-1)
-    delta = (
-        _gamma(dimension + 1, complex_dtype) * factor_squares
-        + formation_error
-        + 2 * _UNIT_ROUNDOFF * (threshold + gram_diagonal)
-        + dimension * inner * _SMALLEST_SUBNORMAL
-    )
-    return np.where(ok, _up(delta * (1.0 + 1e-6)), np.inf)
+    delta = cholesky_rounding_bound(factor_squares, gram_diagonal, threshold, formation_error,
+                                    dimension=dimension, inner=inner, complex_dtype=complex_dtype)
+    return np.where(ok, delta, np.inf)
 
 
 def _shifted_cholesky_squares(gram: np.ndarray, threshold: Any) -> tuple[np.ndarray, np.ndarray]:

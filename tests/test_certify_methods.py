@@ -276,7 +276,7 @@ def test_the_sdp_check_rejects_multipliers_made_infeasible():
 
 def test_sdp_too_large_for_the_budget_is_an_error_naming_size_and_budget():
     model = nn.Sequential(nn.Linear(64, 3000), nn.ReLU(), nn.Linear(3000, 10)).double().eval()
-    with pytest.raises(ValueError, match=r"3064 variables.*time budget of 1 s"):
+    with pytest.raises(ValueError, match=r"3064 variables.*share of the time budget \(1 s\)"):
         lipnorm.certify(model, (64,), method="sdp", time_budget=1)
     certificate = lipnorm.certify(model, (64,), method="auto", time_budget=1)
     runs = {run.method: run for run in certificate.ladder}
@@ -383,3 +383,68 @@ def test_a_difference_is_not_read_as_a_sum_by_keras_and_onnx():
     proto = onnx_export.export(_Difference().eval(), (3,))
     for method in ("chain", "sdp"):
         assert lipnorm.certify(proto, method=method).upper >= _difference_truth() * (1 - 1e-6), method
+
+
+def _context(model, shape, budget):
+    import time
+
+    from lipnorm.certify.graph import prepare_graph
+    from lipnorm.certify.methods import MethodContext
+    from lipnorm.certify.methods.product import bound_nodes, product_bound
+    from lipnorm.certify.torch_frontend import build_graph
+
+    builder, shape = build_graph(model, shape)
+    graph = builder.graph
+    graph.record_shape(graph.input_name, (1, *shape))
+    prepare_graph(graph)
+    node_bounds = bound_nodes(graph)
+    return MethodContext(graph, product_bound(graph, node_bounds), node_bounds, None, time.perf_counter() + budget)
+
+
+def test_budget_shares_go_to_the_methods_that_can_run():
+    from lipnorm.certify.ladder import SHARED_FRACTION, budget_shares
+
+    names = ("chain", "conv_sdp", "sdp")
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).double().eval()
+    shares = budget_shares(_context(mlp, (4,), 10), names, 10)  # no torus view: conv_sdp does not run
+    shared = SHARED_FRACTION * 10
+    assert shares == pytest.approx({"chain": shared / 5, "conv_sdp": shared, "sdp": shared * 4 / 5})
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2)).double().eval()
+    shares = budget_shares(_context(cnn, (1, 4, 4), 10), names, 10)
+    assert shares == pytest.approx({"chain": shared / 9, "conv_sdp": shared * 4 / 9, "sdp": shared * 4 / 9})
+    wide = nn.Sequential(nn.Linear(64, 3000), nn.ReLU(), nn.Linear(3000, 10)).double().eval()
+    shares = budget_shares(_context(wide, (64,), 1), names, 1)  # the SDP would not fit: chain takes it all
+    assert shares["chain"] == pytest.approx(SHARED_FRACTION) and shares["sdp"] < 76
+    # the shares are the graph's and the budget's, not the clock's
+    context = _context(cnn, (1, 4, 4), 10)
+    assert budget_shares(context, names, 10) == budget_shares(context, names, 10)
+
+
+def test_auto_gives_the_same_bound_twice():
+    """The SDP methods' steps are fixed from the cost model and the share, not from the clock."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)).double().eval()
+    first, second = (lipnorm.certify(model, (1, 4, 4), method="auto", time_budget=60) for _ in range(2))
+    assert [run.upper for run in first.ladder] == [run.upper for run in second.ladder]
+    assert first.upper <= first.ladder[0].upper
+
+
+def test_sdp_pulls_multipliers_back_where_the_check_fails_at_the_edge(monkeypatch):
+    """Max pooling of the input alone: Adam drives its multiplier to the edge of feasibility,
+    where the exact check fails; pulled back toward the feasible start, it passes."""
+    from lipnorm.certify.methods import sdp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MaxPool1d(2), nn.Flatten(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    monkeypatch.setattr(sdp, "PULL_BACK", (0.0,))
+    runs = {run.method: run for run in lipnorm.certify(model, (2, 8), method="sdp", time_budget=10).ladder}
+    assert runs["sdp"].upper is None and "could not be certified" in runs["sdp"].note
+    monkeypatch.undo()
+    certificate = lipnorm.certify(model, (2, 8), method="sdp", time_budget=10)
+    runs = {run.method: run for run in certificate.ladder}
+    assert runs["sdp"].upper is not None and runs["sdp"].upper < runs["product"].upper
+    assert certificate.verify() == certificate.upper
+    lower = lipnorm.lipschitz_lower_bound(model, input_shape=(2, 8), starts=16, steps=40).value
+    assert lower <= certificate.upper

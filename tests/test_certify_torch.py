@@ -303,6 +303,18 @@ def test_lower_bound_screens_every_input_and_starts_from_the_steepest():
     assert result.value >= 3.0 * (1 - 1e-3), result.value
 
 
+def test_lower_bound_climbs_from_the_data_to_the_steepest_point_between_them():
+    """The ascent, not the screening: the slope of 3·tanh'(3x) is largest at x = 0, which
+    no input is near; from inputs where it is below 1e-4 the search climbs to 3."""
+    model = nn.Sequential(nn.Linear(1, 1), nn.Tanh()).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+        model[0].bias.fill_(0.0)
+    inputs = torch.cat([torch.linspace(2.0, 4.0, 8), -torch.linspace(2.0, 4.0, 8)])[:, None]
+    result = lipschitz_lower_bound(model, inputs, starts=4, steps=60)
+    assert 3.0 * (1 - 1e-3) <= result.value <= 3.0, result.value
+
+
 def test_lower_bound_from_data_is_at_least_the_data_s_best_jacobian_norm():
     """Item 4 of the CNN-scale issue, in small: the search from the data is never below the
     exact ‖J(x)‖₂ (full Jacobian + SVD) of its best data point, and never above the certificate."""

@@ -1,19 +1,29 @@
 """Certified upper bounds of sigma_max for a stack of torch matrices, computed where they live.
 
-The proof is the Cholesky certificate of :mod:`lipnorm.certificates` (which gives the
-rounding analysis): with ``G`` the Gram matrix of a matrix's smaller side, formed in
-float64, a floating-point Cholesky factorization ``R`` of ``fl(t I - G)`` that succeeds
-proves ``lambda_max(G_exact) <= t + delta`` with
+The proof is the Cholesky certificate of :mod:`lipnorm.certificates`, with its rounding
+analysis taken from there (:func:`lipnorm.certificates.gram_formation_error` and
+:func:`lipnorm.certificates.cholesky_rounding_bound`, the one place the formula lives): with
+``G`` the Gram matrix of a matrix's smaller side, formed in float64, a floating-point
+Cholesky factorization ``R`` of ``fl(t I - G)`` that succeeds proves
+``lambda_max(G_exact) <= t + delta`` with
 
     delta = gamma_{d+1} ||R||_F^2 + ||G - G_exact|| + 2u (t + max|G_ii|) + d * inner * 2^-1074
 
 (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., Thm 10.3 and §3.5),
-so ``sigma_max <= sqrt(t + delta)``. Here it runs in torch, in float64, batched over the
-stack, on the weights' own device (MKL on a CPU, cuBLAS and cuSOLVER on a GPU; both are
-conventional, non-Strassen, as the bound requires), and as a *test against a level*: one
-factorization per matrix proves ``sigma_max <= level`` without first computing sigma to ten
-digits. A matrix that fails the test gets a tight bound from :func:`certified_upper`.
-Only a few numbers per matrix go to the host.
+so ``sigma_max <= sqrt(t + delta)``.
+
+What differs from :func:`lipnorm.sigma_bounds` (and why this module exists beside it) is
+where the arithmetic runs and which question it answers. :mod:`lipnorm.certificates` copies
+the matrices to the host and computes a tight interval (an exact top eigenvalue, then a
+factorization just above it, and a certified lower bound); the constraint needs, every
+training step, only an upper bound against a level it already knows. Here the Gram
+matrices and their factorizations run in torch, in float64, batched over the stack, on the
+weights' own device (MKL on a CPU, cuBLAS and cuSOLVER on a GPU; both conventional,
+non-Strassen, as the bound requires; no copy of the weights leaves the device), as a *test
+against a level*: one factorization per matrix proves ``sigma_max <= level`` without first
+computing sigma to ten digits, and no lower bound is computed. A matrix that fails the test
+gets a tight bound from :func:`certified_upper`. Only a few numbers per matrix go to the host,
+where the rounding terms are evaluated.
 
 A float64 matrix is first scaled by a power of two that brings its largest entry into
 [0.5, 1) (exact, unless it creates subnormals, whose rounding is added as an absolute slack,
@@ -30,12 +40,12 @@ import warnings
 import numpy as np
 import torch
 
+from lipnorm.certificates import cholesky_rounding_bound, gram_formation_error, scaling_slack
 from lipnorm.certify.rounding import UNIT_ROUNDOFF, gamma
 from lipnorm.sigma import ConvergenceWarning, estimate_sigma
 
 __all__ = ["GramStack", "certified_upper", "certify_levels", "gram_stack"]
 
-_SMALLEST_SUBNORMAL = 2.0**-1074
 #: Gram matrices up to this size get their top eigenvalue from a dense eigensolver,
 #: larger ones from Lanczos (as in :mod:`lipnorm.certificates`).
 _DENSE_EIGENVALUE_LIMIT = 256
@@ -127,10 +137,8 @@ def gram_stack(matrices) -> GramStack:
     # within gamma_{inner+1} (relative) of the exact one; the trace adds gamma_d.
     d, inner = min(m, n), max(m, n)
     squares = trace * (1.0 + gamma(inner + d + 2))
-    formation_error = gamma(inner + 2) * squares
-    # Scaling down can round entries into the subnormal range: each moves by at most one
-    # subnormal step, so the matrix by at most sqrt(m n) of them (doubled for safety).
-    slack = np.where(scale < 1.0, math.sqrt(2 * m * n) * _SMALLEST_SUBNORMAL / scale, 0.0)
+    formation_error = gram_formation_error(squares, inner=inner)
+    slack = scaling_slack(scale, m, n)  # what scaling down rounded into the subnormal range
     return GramStack(gram, formation_error, squares, scale, slack, inner)
 
 
@@ -162,11 +170,11 @@ def _cholesky_bounds(grams: GramStack, levels: np.ndarray) -> np.ndarray:
         diagonal = gram.diagonal(dim1=-2, dim2=-1).abs().amax(dim=-1)
         host = torch.stack([factor_squares, diagonal, info.to(torch.float64)]).cpu().numpy()
     factor_squares, diagonal, info = host
-    factor_squares = factor_squares * (1.0 + gamma(d * d + 2))
-    delta = (gamma(d + 1) * factor_squares + grams.formation_error
-             + 2 * UNIT_ROUNDOFF * (levels + diagonal) + d * grams.inner * _SMALLEST_SUBNORMAL)
     passed = (info == 0) & np.isfinite(factor_squares)
-    return np.where(passed, (levels + delta * (1.0 + 1e-6)) * (1.0 + 4 * UNIT_ROUNDOFF), np.inf)
+    with np.errstate(invalid="ignore"):  # NaN factors are rejected by ``passed``
+        delta = cholesky_rounding_bound(factor_squares, diagonal, levels, grams.formation_error,
+                                        dimension=d, inner=grams.inner)
+    return np.where(passed, (levels + delta) * (1.0 + 4 * UNIT_ROUNDOFF), np.inf)
 
 
 def certify_levels(grams: GramStack, levels: np.ndarray) -> np.ndarray:

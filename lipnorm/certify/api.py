@@ -33,14 +33,16 @@ def certify(model, input_shape=None, *, method: str = "auto", time_budget: float
     method : {"auto", "product", "chain", "conv_sdp", "sdp"}
         ``"auto"`` (default): the tightest certified bound of the ladder within
         ``time_budget``, never looser than ``"product"``. ``"chain"``, ``"conv_sdp"``
-        (convolutional chains at any image size) and ``"sdp"`` climb the ladder up to that method and report the tightest bound on the way;
+        (convolutional networks at any image size) and ``"sdp"`` climb the ladder up to
+        that method and report the tightest bound on the way;
         where a method does not apply (a layer it cannot hold, multipliers that fail
         the exact check) ``Certificate.ladder`` says why and the bound below it stands.
         ``"sdp"`` on a network too large for the budget raises ``ValueError`` naming
         the size and the budget.
     time_budget : float
-        Seconds the tighter methods may use, counted from the start (the product bound
-        is always computed in full).
+        Seconds the tighter methods may use, counted from the start and split between
+        them before they run (the product bound is always computed in full; see
+        docs/certify.md, "The time budget").
     rules : dict, optional
         Bounds for layers lipnorm cannot bound: ``{layer name or type name: bound}``
         where bound is a float, a callable ``layer -> float``, or ``"epsilon"`` to accept

@@ -1,11 +1,12 @@
-"""The ladder: bound a graph by the product, then by each tighter method while time remains.
+"""The ladder: bound a graph by the product, then by each tighter method within its share of the time.
 
 :func:`certify_graph` prepares a graph (:func:`lipnorm.certify.graph.prepare_graph`),
 bounds every node and composes the bounds (the ``product`` method, always computed: it
 caps the others), then runs the methods of :data:`lipnorm.certify.methods.LADDER` that
-``method`` asks for, and reports the smallest certified bound in a :class:`Certificate`.
-A method that does not apply, or whose result could not be checked, is recorded with
-the reason; nothing that was not checked is ever reported.
+``method`` asks for, each within its share of the time budget (:func:`budget_shares`),
+and reports the smallest certified bound in a :class:`Certificate`. A method that does
+not apply, or whose result could not be checked, is recorded with the reason; nothing
+that was not checked is ever reported.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from lipnorm.certify.methods import (
     MethodRun,
     NotApplicable,
     TooLarge,
+    method_minimum,
     method_runner,
 )
 from lipnorm.certify.methods.product import ProductProof, bound_nodes, product_bound, product_row_bounds
 
-__all__ = ["LadderResult", "certify_graph", "run_ladder"]
+__all__ = ["SHARED_FRACTION", "SHARE_WEIGHTS", "LadderResult", "budget_shares", "certify_graph", "run_ladder"]
 
 
 @dataclass
@@ -96,7 +98,8 @@ def certify_graph(graph: Graph, *, model_name: str, input_shape: tuple[int, ...]
     method : {"product", "chain", "conv_sdp", "sdp", "auto"}
         The rung of the ladder to climb to (see :mod:`lipnorm.certify.methods`).
     time_budget : float
-        Seconds the tighter methods may take, counted from the start.
+        Seconds the tighter methods may take, counted from the start and split between
+        them (:func:`budget_shares`).
     rows : array_like, shape (p, output size), optional
         Also bound each functional ``x ↦ rows[i] · f(x)`` (``Certificate.row_upper``).
 
@@ -165,8 +168,10 @@ def run_ladder(context: MethodContext, *, method: str, started: float) -> Ladder
     best = LadderResult([MethodRun("product", upper, time.perf_counter() - started)],
                         "product", upper, row_bounds, {"product": ProductProof(graph, rows)})
     last = len(LADDER) if method == "auto" else LADDER.index(method) + 1
+    allowances = budget_shares(context, LADDER[1:last], context.deadline - started)
     for name in LADDER[1:last]:
         start = time.perf_counter()
+        context.allowance = allowances[name]
         try:
             value, proof = method_runner(name)(context)
         except ValueError as error:  # it does not apply, or its result failed the check
@@ -176,6 +181,54 @@ def run_ladder(context: MethodContext, *, method: str, started: float) -> Ladder
         else:
             best.record(name, value, proof, time.perf_counter() - start)
     return best
+
+
+#: Each method's weight when the time budget is split between the methods that can run.
+SHARE_WEIGHTS = {"chain": 1.0, "conv_sdp": 4.0, "sdp": 4.0}
+#: Fraction of the time budget the methods split: the rest is kept for the product, the
+#: views of the graph and the cost models' error.
+SHARED_FRACTION = 0.9
+
+
+def budget_shares(context: MethodContext, names, time_budget: float) -> dict[str, float]:
+    """Seconds each method of ``names`` may plan for: shares of the time budget.
+
+    The methods that can run split ``SHARED_FRACTION`` of the budget in proportion to
+    :data:`SHARE_WEIGHTS`. A method cannot run where it does not apply or where its minimum
+    (:func:`~lipnorm.certify.methods.method_minimum`, from its cost model) exceeds the
+    share it is offered; it takes no share from the others, and its allowance is that offer
+    (below its minimum: it refuses by itself, with its reason). The shares depend on the
+    graph, the budget and the cost models only, not on the clock: a method whose work is
+    fixed from its share gives the same result on a busy machine as on a quiet one.
+
+    Parameters
+    ----------
+    context : MethodContext
+    names : sequence of str
+        The methods to run, in order.
+    time_budget : float
+
+    Returns
+    -------
+    dict of str to float
+    """
+    shared = SHARED_FRACTION * time_budget
+    minimum = {}
+    for name in names:
+        try:
+            minimum[name] = method_minimum(name, context)
+        except NotApplicable:
+            minimum[name] = math.inf
+    offered = {name: shared for name in names}
+    running = [name for name in names if minimum[name] <= shared]
+    while running:
+        total = sum(SHARE_WEIGHTS[name] for name in running)
+        offered.update({name: shared * SHARE_WEIGHTS[name] / total for name in running})
+        kept = [name for name in running if minimum[name] <= offered[name]]
+        if kept == running:
+            break
+        running = kept
+    return offered
 
 
 def _note(error: Exception) -> str:

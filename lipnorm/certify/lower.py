@@ -1,20 +1,21 @@
 """Lower bounds of a model's Lipschitz constant by search for a steep secant.
 
-Any pair gives a valid lower bound L ≥ ‖f(x) − f(y)‖/‖x − y‖. The search keeps pairs
-y = x + h·v close together and climbs the local Jacobian norm ‖J(x)‖₂: v follows power
-iteration (v ← J(y)ᵀu / ‖·‖, u the unit output difference), and x moves along the gradient
-of ‖f(x + h v) − f(x)‖ (J(y)ᵀu − J(x)ᵀu), projected onto the box spanned by the inputs.
-Given more inputs than starts, it first screens them all (two power steps each) and starts
-from the steepest. Several starts run in one batch. A torch model is searched in float32
-(3–4 times faster than float64 on a CPU) and each start's best pair is then measured
-again in float64. The reported value is that secant of the model evaluated in float64
-(torch) or the model's own precision (Keras, float64 where the model allows), so it is a
-ratio for a pair of inputs, not an estimate of a derivative. The inputs are
-representable in the evaluation's dtype, so the distance is that of the points the model
-saw, and the ratio is exact up to the rounding of the evaluation (relative ~1e-12 in
-float64; ~1e-5 in float32, where pairs are 100 times farther apart),
-which is why a certified upper bound, itself exact for the stored weights, may sit that
-little below it on a network whose bound is tight.
+Any pair gives a valid lower bound L ≥ ‖f(x) − f(y)‖/‖x − y‖. The search climbs the local
+norm ‖J(x)‖₂, estimated at each point by one power-iteration step warm-started from the
+direction found at the point before (u ← J v/‖J v‖ by a secant, v ← J(x)ᵀu/‖·‖): each
+step moves x along the gradient of ⟨u, f(x + h v) − f(x)⟩ (J(x + h v)ᵀu − J(x)ᵀu),
+projected onto the box spanned by the inputs, and keeps the move only if the estimate
+grows. Given more inputs than starts, it first screens them (one and a half power steps
+each) and starts from the steepest; the steepest starts climb longest. Several starts run
+in one batch. A torch model is searched in float32 (3–4 times faster than float64 on a
+CPU) and the steepest starts' best pairs are then measured again in float64. The reported
+value is that secant of the model evaluated in float64 (torch) or the model's own
+precision (Keras, float64 where the model allows), so it is a ratio for a pair of inputs,
+not an estimate of a derivative. The inputs are representable in the evaluation's dtype,
+so the distance is that of the points the model saw, and the ratio is exact up to the
+rounding of the evaluation (relative ~1e-12 in float64; ~1e-5 in float32, where pairs are
+100 times farther apart), which is why a certified upper bound, itself exact for the stored
+weights, may sit that little below it on a network whose bound is tight.
 """
 
 from __future__ import annotations
@@ -49,14 +50,17 @@ class LowerBound:
     y: np.ndarray
 
 
-#: Power-iteration steps that rank a screened input (on trained CNNs two steps find the
-#: data's best point where one step misses it by 5 %).
-SCREEN_STEPS = 2
+#: Inputs screened at a time (a batch's time decides whether the next one fits a deadline).
+SCREEN_BATCH = 32
+#: The share of a time budget the screening may take.
+SCREEN_SHARE = 1 / 3
+#: Starts whose best points are measured again in the reporting precision.
+CHECKED = 8
 
 
 def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int = 64,
                           steps: int = 100, seed: int = 0, time_budget: float | None = None) -> LowerBound:
-    """Multi-start projected ascent on the local Lipschitz constant of a model.
+    """Multi-start projected ascent on the local Lipschitz constant ‖J(x)‖₂ of a model.
 
     Parameters
     ----------
@@ -65,7 +69,7 @@ def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int =
     inputs : array_like, shape (batch, *input_shape), optional
         Candidate starting points; their elementwise range is the box the search stays in.
         With more than ``starts`` of them, each is screened (its local norm estimated by
-        two power-iteration steps on its Jacobian, in batches of ``starts``) and the
+        one and a half power-iteration steps on its Jacobian, 32 at a time) and the
         ``starts`` steepest start the ascent. Default: ``starts`` standard Gaussian inputs
         (no box).
     input_shape : tuple of int, optional
@@ -79,9 +83,9 @@ def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int =
     time_budget : float, optional
         Stop after this many seconds: the screening takes at most a third (the inputs it
         did not reach, in a seeded random order, are left out) and the ascent the rest (at
-        least one step is taken). Many starts matter more than long ascents: on a
-        trained digits MLP, 256 starts from the data find a secant within 0.6 % of the
-        certified SDP bound where 8 starts stop 6 % below it.
+        least one step is taken). Many starts matter more than long ascents on a small
+        network: on a trained digits MLP, 256 starts from the data find a secant within
+        0.6 % of the certified SDP bound where 8 starts stop 6 % below it.
 
     Returns
     -------
@@ -128,10 +132,11 @@ def lipschitz_lower_bound(model, inputs=None, *, input_shape=None, starts: int =
     deadline = None if time_budget is None else started + float(time_budget)
     directions = None
     if len(x) > starts:
-        screen_deadline = None if time_budget is None else started + float(time_budget) / 3
+        screen_deadline = None if time_budget is None else started + float(time_budget) * SCREEN_SHARE
         x, directions = search.screen(x, starts, rng, screen_deadline)
-    points, directions = search.ascend(fast.representable(x[:starts]), directions, steps, rng, deadline)
-    return _Search(exact, low, high).verify(points, directions)
+    points, directions, sigma = search.ascend(fast.representable(x[:starts]), directions, steps, rng, deadline)
+    steepest = np.argsort(-sigma, kind="stable")[:CHECKED]
+    return _Search(exact, low, high).check(points[steepest], directions[steepest])
 
 
 @dataclass(frozen=True)
@@ -154,8 +159,32 @@ class _Evaluation:
         return a.astype(self.precision).astype(np.float64)
 
 
+@dataclass(frozen=True)
+class _Local:
+    """The local norm at a batch of points by power iteration: ``sigma`` (the estimate of
+    ‖J(x)‖₂, from below), the output and input directions ``u``, ``v`` (unit), and
+    ``pullback`` = J(x)ᵀu (= sigma·v)."""
+
+    sigma: np.ndarray
+    u: np.ndarray
+    v: np.ndarray
+    pullback: np.ndarray
+
+    def where(self, flags, other: "_Local") -> "_Local":
+        """Per point: this one where ``flags``, else ``other``."""
+        def pick(a, b):
+            return np.where(flags.reshape((len(flags),) + (1,) * (a.ndim - 1)), a, b)
+        return _Local(*(pick(a, b) for a, b in zip(self.astuple(), other.astuple())))
+
+    def take(self, index) -> "_Local":
+        return _Local(*(a[index] for a in self.astuple()))
+
+    def astuple(self):
+        return self.sigma, self.u, self.v, self.pullback
+
+
 class _Search:
-    """Secants of one :class:`_Evaluation` of the model, screened, climbed and checked."""
+    """Local norms of one :class:`_Evaluation` of the model, screened, climbed and checked."""
 
     def __init__(self, model: _Evaluation, low, high):
         self.model, self.low, self.high = model, low, high
@@ -173,29 +202,44 @@ class _Search:
         random = rng.standard_normal(shape)
         return random / self.norms(random)
 
+    def scale(self, points):
+        """max(‖x‖, 1) per point: the unit of the pairs' separation and of the steps."""
+        return np.maximum(self.norms(points), 1.0)
+
     def secant(self, points, directions, fx=None):
-        """(‖f(y) − f(x)‖/‖y − x‖, y, the unit output difference, f(x)) for y = x + h·direction.
+        """(‖f(y) − f(x)‖/‖y − x‖, y, the unit output difference) for y = x + h·direction.
 
         ``fx``, f at ``points``, is computed unless given.
         """
         batch = points.shape[0]
-        gap = self.model.separation * np.maximum(self.norms(points), 1.0)
-        partners = self.model.representable(points + gap * directions)
+        partners = self.model.representable(points + self.model.separation * self.scale(points) * directions)
         fx = self.model.evaluate(points) if fx is None else fx
-        fy = self.model.evaluate(partners)
-        difference = (fy - fx).reshape(batch, -1)
+        difference = (self.model.evaluate(partners) - fx).reshape(batch, -1)
         distance = np.sqrt(np.sum((partners - points).reshape(batch, -1) ** 2, axis=1))
         ratio = np.sqrt(np.sum(difference**2, axis=1)) / np.maximum(distance, 1e-300)
         unit = difference / np.maximum(np.linalg.norm(difference, axis=1, keepdims=True), 1e-300)
-        return ratio, partners, unit.reshape(fx.shape), fx
+        return ratio, partners, unit.reshape(fx.shape)
+
+    def power(self, points, v, fx=None) -> _Local:
+        """One power-iteration step on J at ``points`` from the unit directions ``v``:
+        u ← J v / ‖J v‖ (by a secant), then J(x)ᵀu, whose norm estimates ‖J(x)‖₂ from
+        below. Warm-started from a nearby point's direction it is close to ‖J(x)‖₂."""
+        _, _, u = self.secant(points, v, fx)
+        pullback = self.model.vjp(points, u)
+        return _Local(self.norms(pullback).ravel(), u, self.unit(pullback, v), pullback)
 
     def screen(self, x, starts: int, rng, deadline=None):
-        """The ``starts`` inputs of steepest secant after SCREEN_STEPS power steps each.
+        """The ``starts`` inputs of largest estimated local norm: one power step from the
+        direction J(x)ᵀr of a random r each.
+
+        Inputs are screened in a seeded random order, ``SCREEN_BATCH`` at a time, until
+        the deadline would pass during the next batch (one batch at least).
 
         Returns
         -------
-        x : ndarray, shape (starts, *input_shape)
-            The steepest inputs, steepest first, representable in the model's precision.
+        x : ndarray, shape (at most starts, *input_shape)
+            The steepest inputs screened, steepest first, representable in the model's
+            precision.
         directions : ndarray, shape like x
             Their power-iteration directions.
         """
@@ -203,114 +247,90 @@ class _Search:
         directions = np.zeros_like(x)
         order = rng.permutation(len(x))
         output_shape = self.model.evaluate(self.model.representable(x[:1])).shape[1:]
-        for begin in range(0, len(x), starts):
-            if deadline is not None and begin > 0 and time.perf_counter() > deadline:
+        last = 0.0
+        for begin in range(0, len(x), SCREEN_BATCH):
+            now = time.perf_counter()
+            if deadline is not None and begin > 0 and now + last > deadline:
                 break
-            chunk = order[begin:begin + starts]
+            chunk = order[begin:begin + SCREEN_BATCH]
             points = self.model.representable(x[chunk])
-            u = rng.standard_normal((len(chunk), *output_shape))
-            v = self.unit(self.model.vjp(points, u), self.random_unit(rng, points.shape))
-            fx = self.model.evaluate(points)
-            for step in range(SCREEN_STEPS):
-                ratio, partners, u, _ = self.secant(points, v, fx)
-                if step + 1 < SCREEN_STEPS:
-                    v = self.unit(self.model.vjp(partners, u), v)
-            scores[chunk], directions[chunk] = ratio, v
-        chosen = np.argsort(-scores, kind="stable")[:starts]
+            start = self.model.vjp(points, rng.standard_normal((len(chunk), *output_shape)))
+            found = self.power(points, self.unit(start, self.random_unit(rng, points.shape)))
+            scores[chunk], directions[chunk] = found.sigma, found.v
+            last = time.perf_counter() - now
+        chosen = np.argsort(-scores, kind="stable")[:min(starts, int(np.sum(np.isfinite(scores))))]
         return self.model.representable(x[chosen]), directions[chosen]
 
     def ascend(self, x, v, steps, rng, deadline=None):
         """The ascent from ``x`` (directions ``v``, random where None): each start's best
-        point and direction.
+        point, its direction and its local norm.
 
-        Every step refines the direction ``v`` at the point by one power-iteration step on
-        the local Jacobian (``v ← J(x + ℓv)ᵀu``), and proposes a move of length ℓ along
-        the gradient of ⟨u, f(x + ℓv) − f(x)⟩ (a random direction where it vanishes): the
-        secant's slope smoothed over the step's own length ℓ, which sees the kinks of a
-        ReLU network within reach (at the pair's tiny separation it is zero almost
-        everywhere) and is the gradient of the local norm as ℓ shrinks. The move is kept
-        only if the secant from the new point is steeper; ℓ shrinks after each refusal
-        and grows after each success. After each quarter of the steps (or of the time
-        left, if that comes first) the less steep half of the starts stops (down to an
-        eighth of them), so the steepest climb longest for the same work. The last steps'
-        time is kept for the check.
+        A step moves each start by its length ℓ along the gradient of ⟨u, f(x + h v) − f(x)⟩
+        (a random direction where it vanishes; h = ℓ, at least the pairs' separation):
+        the slope of the output along the top singular pair (u, v) smoothed over the
+        step's own length, which is the gradient of ‖J(x)‖₂ as ℓ shrinks on a smooth
+        network and sees the kinks within reach on a ReLU network (where ‖J‖ is piecewise
+        constant). The move is kept only if the local norm at the new point
+        (:meth:`power`) is larger; ℓ grows by 1.5 after a success and shrinks by 0.6
+        after a refusal. After each quarter of the steps (or of the time left, if that
+        comes first) the less steep half of the starts stops (down to an eighth of
+        them), so the steepest climb longest for the same work. The last steps' time is
+        kept for the check.
         """
         v = self.random_unit(rng, x.shape) if v is None else v
-        fx = self.model.evaluate(x)
-        ratio, _, u, _ = self.secant(x, v, fx)
-        scale = np.maximum(self.norms(x), 1.0)
+        here = self.power(x, v)
+        scale = self.scale(x)
         floor = self.model.separation * scale
-        starts = {"x": x, "v": v, "fx": fx, "u": u, "ratio": ratio, "floor": floor,
-                  "length": np.maximum(0.1 * scale / np.sqrt(x[0].size), floor),
-                  "best_ratio": ratio.copy(), "best_x": x.copy(), "best_v": v.copy()}
-        stopped_x, stopped_v = [], []
+        length = np.maximum(0.01 * scale, floor)
+        stopped = []
         fewest, next_halving = max(1, len(x) // 8), 0.25
         began = time.perf_counter()
         available = None if deadline is None else max(deadline - began, 1e-9)
-        first = last = 0.0
+        last = 0.0
         for step in range(steps):
             now = time.perf_counter()
             elapsed = now - began
-            # keep time for this step and the float64 check of every start after the ascent
-            # (about four steps of all starts in float32)
-            if available is not None and step > 0 and elapsed + last + 4 * first > available:
+            # keep time for this step and for the check of CHECKED starts in the reporting
+            # precision (about twice a step's work per start, in float64)
+            if available is not None and step > 0 and elapsed + last * (1 + 2 * CHECKED / len(x)) > available:
                 break
             done = max(step / steps, 0.0 if available is None else elapsed / available)
-            if done >= next_halving and len(starts["x"]) > fewest:
+            if done >= next_halving and len(x) > fewest:
                 next_halving += 0.25
-                order = np.argsort(-starts["best_ratio"], kind="stable")
-                kept, stopped = order[:max(fewest, len(order) // 2)], order[max(fewest, len(order) // 2):]
-                stopped_x.append(starts["best_x"][stopped])
-                stopped_v.append(starts["best_v"][stopped])
-                starts = {name: value[kept] for name, value in starts.items()}
-            self._step(starts, rng)
+                order = np.argsort(-here.sigma, kind="stable")
+                kept, left = order[:max(fewest, len(order) // 2)], order[max(fewest, len(order) // 2):]
+                stopped.append((x[left], here.take(left)))
+                x, here, length, floor = x[kept], here.take(kept), length[kept], floor[kept]
+            x, here, length = self._step(x, here, length, floor, rng)
             last = time.perf_counter() - now
-            first = first or last
-        return (np.concatenate([starts["best_x"], *stopped_x]), np.concatenate([starts["best_v"], *stopped_v]))
+        points = np.concatenate([x, *(p for p, _ in stopped)])
+        directions = np.concatenate([here.v, *(s.v for _, s in stopped)])
+        return points, directions, np.concatenate([here.sigma, *(s.sigma for _, s in stopped)])
 
-    def _step(self, starts: dict, rng) -> None:
-        """One step of :meth:`ascend` for every start, in place."""
-        x, v, u, fx, length = starts["x"], starts["v"], starts["u"], starts["fx"], starts["length"]
-        batch = x.shape[0]
-
-        def per_start(flags, like):
-            return flags.reshape((batch,) + (1,) * (like.ndim - 1))
-
-        probe = self.model.representable(x + length * v)
-        g_probe, g_x = self.model.vjp(probe, u), self.model.vjp(x, u)
-        v = self.unit(g_probe, v)
-        direction = self.unit(g_probe - g_x, self.random_unit(rng, x.shape))
+    def _step(self, x, here: _Local, length, floor, rng):
+        """One step of :meth:`ascend` for every start: the new points, local norms, lengths."""
+        probe = self.model.representable(x + np.maximum(length, floor) * here.v)
+        direction = self.unit(self.model.vjp(probe, here.u) - here.pullback, self.random_unit(rng, x.shape))
         proposal = x + length * direction
         if self.low is not None:
             proposal = np.clip(proposal, self.low, self.high)
         proposal = self.model.representable(proposal)
-        new_ratio, _, new_u, new_fx = self.secant(proposal, v)
-        old_ratio, _, old_u, _ = self.secant(x, v, fx)  # the refined direction at the kept point
-        better = new_ratio > old_ratio
-        x = np.where(per_start(better, x), proposal, x)
-        ratio = np.where(better, new_ratio, old_ratio)
-        improved = ratio > starts["best_ratio"]
-        starts.update(
-            x=x, v=v, ratio=ratio, fx=np.where(per_start(better, fx), new_fx, fx),
-            u=np.where(per_start(better, u), new_u, old_u),
-            length=np.where(per_start(better, x), length * 1.5, np.maximum(length * 0.6, starts["floor"])),
-            best_ratio=np.where(improved, ratio, starts["best_ratio"]),
-            best_x=np.where(per_start(improved, x), x, starts["best_x"]),
-            best_v=np.where(per_start(improved, x), v, starts["best_v"]))
+        there = self.power(proposal, here.v)
+        better = there.sigma > here.sigma
+        moved = better.reshape((len(x),) + (1,) * (x.ndim - 1))
+        return (np.where(moved, proposal, x), there.where(better, here),
+                np.where(moved, length * 1.5, np.maximum(length * 0.6, floor)))
 
-    def verify(self, x, v) -> LowerBound:
-        """The steepest secant at ``x`` along ``v`` and along one more power step, in this
-        evaluation's precision: the value reported."""
+    def check(self, x, v) -> LowerBound:
+        """The steepest secant at ``x`` along ``v`` and along one more power step from it,
+        in this evaluation's precision: the value reported."""
         x = self.model.representable(x)
         fx = self.model.evaluate(x)
-        ratio, partners, u, _ = self.secant(x, v, fx)
-        refined = self.unit(self.model.vjp(partners, u), v)
-        again, again_partners, _, _ = self.secant(x, refined, fx)
-        use = again > ratio
-        ratio = np.where(use, again, ratio)
-        partners = np.where(use.reshape((len(x),) + (1,) * (x.ndim - 1)), again_partners, partners)
-        i = int(np.argmax(ratio))
-        return LowerBound(float(ratio[i]), x[i].copy(), partners[i].copy())
+        found = self.power(x, v, fx)
+        candidates = [self.secant(x, direction, fx)[:2] for direction in (v, found.v)]
+        ratio = np.stack([ratio for ratio, _ in candidates])
+        which, i = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+        return LowerBound(float(ratio[which, i]), x[i].copy(), candidates[which][1][i].copy())
 
 
 def _torch_models(model) -> tuple[_Evaluation, _Evaluation]:

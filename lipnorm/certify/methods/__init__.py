@@ -7,10 +7,11 @@
     Needs the dense view of the graph (:mod:`lipnorm.certify.network`): every linear
     layer between two nonlinear ones held as a matrix. Never looser than ``product``.
 ``conv_sdp``
-    LipSDP-Neuron of a convolutional chain with a dense head on the torus, one multiplier
-    per channel, block-diagonal over frequencies, checked exactly (:mod:`.conv_sdp`).
-    Needs a plain chain of zero-padded convolutions and activations with ``a·b = 0``
-    (ReLU, tanh, sigmoid…), whatever the image size.
+    LipSDP-Neuron on the torus view (:mod:`lipnorm.certify.torus`), one multiplier per
+    channel, block-structured over a tree of frequencies, checked exactly
+    (:mod:`.conv_sdp`). Needs the torus view (convolutions, BatchNorm, average pooling,
+    residual sums, dense heads) with every nonlinear layer an activation with a slope
+    range (not max pooling), whatever the image size.
 ``sdp``
     LipSDP-Neuron with slope ranges, multipliers optimised and then checked exactly
     (:mod:`.sdp`). Needs the dense view, and a network small enough for the time budget.
@@ -19,13 +20,17 @@ Every method but ``product`` is a module of this package with a function
 ``run(context: MethodContext) -> (bound, proof)``: the bound is certified (one value per
 row when ``context.rows`` is given) and ``proof.verify()`` computes it again. A method
 that cannot bound the graph raises :class:`NotApplicable` (or :class:`TooLarge`) with
-the reason; the ladder (:mod:`lipnorm.certify.ladder`) records it and goes on. A new
-method is one more module here and one more name in :data:`LADDER`.
+the reason; the ladder (:mod:`lipnorm.certify.ladder`) records it and goes on. A method
+plans its work for ``context.share()`` seconds; one that needs a minimum to be worth
+running also has ``minimum_seconds(context) -> float`` (raising :class:`NotApplicable`
+where it does not apply), so that the ladder shares the budget among the methods that can
+run. A new method is one more module here and one more name in :data:`LADDER`.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -33,7 +38,8 @@ import numpy as np
 
 from lipnorm.certify.graph import Graph
 
-__all__ = ["LADDER", "METHODS", "MethodContext", "MethodRun", "NotApplicable", "TooLarge", "method_runner"]
+__all__ = ["LADDER", "METHODS", "MethodContext", "MethodRun", "NotApplicable", "TooLarge", "method_minimum",
+           "method_runner"]
 
 #: The methods, loosest first: ``method=name`` climbs the ladder up to ``name``.
 LADDER = ("product", "chain", "conv_sdp", "sdp")
@@ -92,7 +98,13 @@ class MethodContext:
     rows : ndarray, shape (p, output size), or None
         Bound the functionals ``x ↦ rows[i] · f(x)`` instead of ``f``.
     deadline : float
-        ``time.perf_counter()`` value by which the methods should be done.
+        ``time.perf_counter()`` value by which the methods must be done: a guard that stops
+        an optimisation early where the machine is slower than the cost models assume.
+    allowance : float
+        Seconds the running method may plan for: its share of the time budget, set by the
+        ladder (:func:`lipnorm.certify.ladder.run_ladder`). Methods fix their work (a chain
+        plan, a number of optimisation steps) from it and their cost model, not from the
+        clock, so that their result does not depend on how busy the machine is.
     views : dict
         Views of the graph built by one method and kept for the next (see :meth:`view`).
     """
@@ -102,11 +114,17 @@ class MethodContext:
     node_bounds: dict
     rows: np.ndarray | None
     deadline: float
+    allowance: float = math.inf
     views: dict = field(default_factory=dict)
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""
         return max(self.deadline - time.perf_counter(), 0.0)
+
+    def share(self) -> float:
+        """Seconds the running method plans for: its allowance, or what is left before the
+        deadline where that is less (a method before it overran)."""
+        return min(self.allowance, self.remaining())
 
     def view(self, name: str, build):
         """The view ``name`` of the graph, built once by ``build(self)`` and kept.
@@ -154,6 +172,23 @@ def _build_torus_network(context: MethodContext):
 
 def method_runner(name: str):
     """The ``run`` function of the method ``name`` (a rung of :data:`LADDER` but ``product``)."""
+    return _module(name).run
+
+
+def method_minimum(name: str, context: MethodContext) -> float:
+    """Seconds the method ``name`` needs at least to be worth running on the context's graph
+    (0 for a method without a minimum).
+
+    Raises
+    ------
+    NotApplicable
+        Where the method cannot bound the graph.
+    """
+    minimum = getattr(_module(name), "minimum_seconds", None)
+    return 0.0 if minimum is None else float(minimum(context))
+
+
+def _module(name: str):
     if name not in LADDER or name == "product":
         raise ValueError(f"no method module for {name!r}")
-    return importlib.import_module(f"{__name__}.{name}").run
+    return importlib.import_module(f"{__name__}.{name}")

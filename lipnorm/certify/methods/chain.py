@@ -83,10 +83,12 @@ def run(context):
     (:mod:`lipnorm.certify.methods`).
 
     The dense view (exact zero padding, matrices) runs when its estimated work fits the
-    budget (half of what remains when the torus view runs too); the torus view
-    (convolutions kept as convolutions) runs with its chains reaching as far back as its
-    estimated work allows. The smaller bound counts (per row for rows); the note says
-    which view gave it and why a view did not run.
+    method's share of the budget (``context.share()``; half of it when the torus view runs
+    too); the torus view (convolutions kept as convolutions) runs with its chains reaching
+    as far back, and as many scaling steps, as its estimated work in what is left of the
+    share allows (estimates, not the clock: the same network and budget give the same
+    bound). The smaller bound counts (per row for rows); the note says which view gave it
+    and why a view did not run.
 
     Raises
     ------
@@ -100,7 +102,8 @@ def run(context):
         torus = context.torus_network()
     except NotApplicable as error:
         torus, notes = None, [str(error)]
-    allowed = context.remaining() * (_DENSE_SHARE if torus is not None else 1.0)
+    budget = context.share()
+    allowed = budget * (_DENSE_SHARE if torus is not None else 1.0)
     seconds = _dense_seconds_before(torus) if torus is not None else 0.0
     dense = None
     if seconds <= allowed:
@@ -117,13 +120,15 @@ def run(context):
             context.views.setdefault("dense", TooLarge(f"no dense view within the budget ({reason})"))
     elif dense is not None:
         views.append(_dense_run(context, dense))
+        budget -= seconds  # its estimate, not the clock: the torus plan does not depend on the load
     if torus is not None:
-        plan, seconds, entries = _torus_plan(torus, context.remaining() * _TORUS_SHARE)
+        left = min(budget, context.remaining())
+        plan, seconds, entries = _torus_plan(torus, left * _TORUS_SHARE)
         if plan is None:
             too_large.append(f"torus view: about {seconds:.0f} s of work even with the shortest chains, "
-                             f"more than the {context.remaining():.0f} s left")
+                             f"more than the {left:.0f} s left")
         else:
-            views.append(_torus_run(context, torus, plan, seconds, entries))
+            views.append(_torus_run(context, torus, plan, seconds, entries, left))
     if not views:
         if too_large:
             raise TooLarge("; ".join(too_large + notes))
@@ -175,9 +180,9 @@ def _torus_plan(network, seconds_left: float):
     return None, seconds, entries
 
 
-def _torus_run(context, network, plan, seconds: float, entries: int):
+def _torus_run(context, network, plan, seconds: float, entries: int, left: float):
     """The torus view's bound: with per-channel scalings where every chain fits in memory
-    and the time left allows optimising them (:mod:`lipnorm.certify.scaling`), the smaller
+    and the ``left`` seconds allow optimising them (:mod:`lipnorm.certify.scaling`), the smaller
     of the scaled and the plain bound; else the plain loop transformation chunk by chunk."""
     start = time.perf_counter()
     caps = [float("inf")] * len(network.units)
@@ -187,7 +192,7 @@ def _torus_run(context, network, plan, seconds: float, entries: int):
     fibers = "×".join(str(n) for n in network.fiber_grid)
     described = f"torus view (input grid {grid}, {fibers} fibers, {reach}"
     step_seconds = entries * _SCALING_FLOPS_PER_ENTRY / _TORUS_FLOPS_PER_SECOND
-    spare = _TORUS_SHARE * context.remaining() - _SCALING_TIME_FACTOR * seconds
+    spare = _TORUS_SHARE * left - _SCALING_TIME_FACTOR * seconds
     steps = min(_SCALING_STEPS, int(spare / step_seconds)) if step_seconds > 0 and spare > 0 else 0
     if entries <= _MAX_SCALED_ENTRIES and steps >= _MIN_SCALING_STEPS:
         held = held_chains(network, plan)

@@ -43,7 +43,8 @@ from lipnorm.certify.methods import TooLarge
 from lipnorm.certify.network import DenseNetwork
 from lipnorm.certify.rounding import UNIT_ROUNDOFF, frobenius_upper, gamma, sqrt_upper, vector_norm_upper
 
-__all__ = ["SdpProof", "SdpTooLarge", "check_multipliers", "optimise_multipliers", "run", "sdp_bound"]
+__all__ = ["PULL_BACK", "SdpProof", "SdpTooLarge", "certified_proposal", "check_multipliers", "minimum_seconds",
+           "optimise_multipliers", "run", "sdp_bound"]
 
 #: Floating-point rate assumed when judging whether the SDP fits a time budget (measured on a
 #: busy 2-core CPU: a Cholesky factorization of order 2000 took 0.33 s).
@@ -55,6 +56,10 @@ _STALL_TOLERANCE = 3e-5
 _STALL_STEPS = 25
 #: Optimisation steps' worth of time kept for the exact check at the end.
 _CHECK_STEPS = 8
+#: Relative margins added to ρ before the exact check.
+_SLACKS = (1e-7, 1e-5, 1e-3, 1e-2)
+#: How far the multipliers are pulled back toward the feasible start where the check fails.
+PULL_BACK = (0.0, 0.05, 0.25, 0.5)
 #: The optimisation's soft maximum weighs eigenvalue μ by exp(SHARPNESS·(μ − λ_max)/λ_max).
 _SHARPNESS = 200.0
 
@@ -100,22 +105,27 @@ class SdpProof:
 def run(context):
     """The SDP bound of the context's graph, through its dense view (see :mod:`lipnorm.certify.methods`).
 
-    For output rows: each row's bound is ‖row‖ times the whole output's SDP bound, then
-    one SDP per row (warm-started from the previous one) while the budget lasts; the
+    Its size is judged against the method's share of the budget before the dense view is
+    built (from the torus view's windows where there is one). For output rows: each row's
+    bound is ‖row‖ times the whole output's SDP bound (half the share), then one SDP per
+    row (an equal part of the other half each, warm-started from the previous one); the
     smaller bound counts.
     """
+    budget = context.share()
+    hidden, inputs = _size(context)
+    _check_fits(hidden, inputs, _step_seconds(hidden, inputs), budget)
     network = context.dense_network()
     if context.rows is None:
-        return sdp_bound(network, time_budget=context.remaining())
-    rows, budget = context.rows, context.remaining()
-    whole, whole_proof = sdp_bound(network, time_budget=budget / 2)
+        return sdp_bound(network, time_budget=budget, deadline=context.deadline)
+    rows = context.rows
+    whole, whole_proof = sdp_bound(network, time_budget=budget / 2, deadline=context.deadline)
     proofs: list = [None] * len(rows)
     values = [compose([vector_norm_upper(row), whole]) for row in rows]
     start = whole_proof.multipliers
     for index, row in enumerate(rows):
-        share = context.remaining() / (len(rows) - index)
         try:
-            value, proof = sdp_bound(network, time_budget=share, row=row, start=start)
+            value, proof = sdp_bound(network, time_budget=budget / 2 / len(rows), row=row, start=start,
+                                     deadline=context.deadline)
         except SdpTooLarge:
             break
         except ValueError:  # this row's multipliers failed the check: its cap stands
@@ -124,6 +134,46 @@ def run(context):
             values[index], proofs[index] = value, proof
         start = proof.multipliers
     return np.array(values), RowProofs(whole_proof, proofs, rows)
+
+
+def minimum_seconds(context) -> float:
+    """Estimated seconds of the fewest optimisation steps worth running (``_MIN_STEPS``).
+
+    Raises
+    ------
+    NotApplicable
+        Where the graph has no dense view.
+    """
+    hidden, inputs = _size(context)
+    return _step_seconds(hidden, inputs) * _MIN_STEPS
+
+
+def _size(context) -> tuple[int, int]:
+    """(hidden neurons, input size) of the dense view: from the dense view where it was built,
+    else from the torus view's windows (without building the dense view), else the dense view."""
+    from lipnorm.certify.methods import NotApplicable
+
+    built = context.views.get("dense")
+    if not isinstance(built, DenseNetwork):
+        try:
+            torus = context.torus_network()
+        except NotApplicable:
+            torus = None
+        if torus is not None:
+            hidden = sum(unit.output_space.channels * math.prod(unit.output_space.window)
+                         for unit in torus.units if unit.kind != "mask")
+            space = torus.input_space
+            return hidden, space.channels * math.prod(space.window)
+        built = context.dense_network()
+    return sum(unit.size_out for unit in built.units), built.input_size
+
+
+def _check_fits(hidden: int, inputs: int, step_seconds: float, budget: float) -> None:
+    estimate = step_seconds * _MIN_STEPS
+    if estimate > budget:
+        raise SdpTooLarge(
+            f"the SDP has {inputs + hidden} variables ({hidden} hidden); {_MIN_STEPS} steps would take about "
+            f"{estimate:.0f} s, more than its share of the time budget ({budget:.0f} s)")
 
 
 @dataclass
@@ -142,20 +192,28 @@ class RowProofs:
 
 
 def sdp_bound(network: DenseNetwork, *, time_budget: float, row: np.ndarray | None = None,
-              start: list[np.ndarray] | None = None, max_steps: int = 400):
+              start: list[np.ndarray] | None = None, max_steps: int = 400, deadline: float | None = None):
     """LipSDP-Neuron bound of a dense network, certified.
+
+    The number of optimisation steps is fixed up front: as many as the cost model fits in
+    ``time_budget`` less the exact check (at least ``_MIN_STEPS``, at most ``max_steps``;
+    fewer where ρ stalls). The clock only stops the optimisation early where ``deadline``
+    passes (a machine slower than the cost model assumes).
 
     Parameters
     ----------
     network : DenseNetwork
     time_budget : float
-        Seconds for the optimisation (the exact check comes after).
+        Seconds for the optimisation and the check, as the cost model counts them.
     row : ndarray, shape (output size,), optional
         Bound the functional ``x ↦ row · f(x)`` instead of ``f``.
     start : list of ndarray, optional
         Multipliers to start from (e.g. another row's), used when feasible.
     max_steps : int
         Most optimisation steps.
+    deadline : float, optional
+        ``time.perf_counter()`` value after which no step starts (default: ``time_budget``
+        seconds from now).
 
     Returns
     -------
@@ -169,21 +227,58 @@ def sdp_bound(network: DenseNetwork, *, time_budget: float, row: np.ndarray | No
     ValueError
         If no multipliers could be certified (no bound is reported then).
     """
-    estimate = _seconds_per_step(network) * _MIN_STEPS
-    if estimate > time_budget:
-        hidden = sum(unit.size_out for unit in network.units)
-        raise SdpTooLarge(
-            f"the SDP has {network.input_size + hidden} variables ({hidden} hidden); {_MIN_STEPS} "
-            f"steps would take about {estimate:.0f} s, more than the time budget of {time_budget:.0f} s")
+    step_seconds = _seconds_per_step(network)
+    _check_fits(sum(unit.size_out for unit in network.units), network.input_size, step_seconds, time_budget)
+    steps = min(max_steps, max(_MIN_STEPS, math.floor(time_budget / step_seconds) - _CHECK_STEPS))
+    if deadline is None:
+        deadline = time.perf_counter() + time_budget
     problem = _Problem(network, row)
-    deadline = time.perf_counter() + time_budget
-    multipliers = optimise_multipliers(problem, _feasible_start(problem, start), deadline, max_steps)
-    rho = problem.rho(multipliers)[0]
-    for slack in (1e-7, 1e-5, 1e-3, 1e-2):
-        candidate = rho * (1 + slack) + slack * 1e-300
-        if check_multipliers(problem, multipliers, candidate):
-            return sqrt_upper(candidate), SdpProof(network, multipliers, candidate, row)
-    raise ValueError("the SDP multipliers found could not be certified in float64")
+    first = _feasible_start(problem, start)
+    multipliers = optimise_multipliers(problem, first, deadline, steps)
+    certified = certified_proposal(lambda m: problem.rho(m)[0], lambda m, rho: check_multipliers(problem, m, rho),
+                                   multipliers, first, _SLACKS)
+    if certified is None:
+        raise ValueError("the SDP multipliers found could not be certified in float64")
+    rho, multipliers = certified
+    return sqrt_upper(rho), SdpProof(network, multipliers, rho, row)
+
+
+def certified_proposal(rho_of, check, proposal: list[np.ndarray], start: list[np.ndarray], slacks
+                       ) -> tuple[float, list[np.ndarray]] | None:
+    """The first ρ and multipliers that pass the exact check: the optimiser's proposal, else
+    the proposal pulled back toward the feasible start.
+
+    The optimiser can end at the edge of feasibility (the hidden part nearly singular, e.g.
+    where an opaque unit reads the input alone), where rounding defeats the check. The set
+    of (ρ, λ) with M(ρ, λ) ⪰ 0 is convex (M is affine in both), so on the segment
+    ``(1 − t) λ + t λ_start`` the hidden part stays positive definite, moves away from the
+    edge, and ρ(λ) is at most ``(1 − t) ρ(λ) + t ρ(λ_start)``: each ``t`` of
+    :data:`PULL_BACK` is tried in turn, with each relative ``slack`` added to ρ.
+
+    Parameters
+    ----------
+    rho_of : callable
+        ``rho_of(multipliers)`` → ρ(λ) (inf where the hidden part is not positive definite).
+    check : callable
+        ``check(multipliers, rho)`` → whether M(rho, multipliers) ⪰ 0 is proven.
+    proposal, start : list of ndarray
+        The optimiser's multipliers and the feasible start.
+    slacks : sequence of float
+
+    Returns
+    -------
+    (float, list of ndarray) or None
+    """
+    for pull in PULL_BACK:
+        multipliers = proposal if pull == 0 else [(1 - pull) * m + pull * s for m, s in zip(proposal, start)]
+        rho = rho_of(multipliers)
+        if not math.isfinite(rho):
+            continue
+        for slack in slacks:
+            candidate = rho * (1 + slack) + slack * 1e-300
+            if check(multipliers, candidate):
+                return candidate, multipliers
+    return None
 
 
 def check_multipliers(problem, multipliers: list[np.ndarray], rho: float) -> bool:
@@ -336,12 +431,17 @@ class _Problem:
 def _seconds_per_step(network: DenseNetwork) -> float:
     """Estimated time of one optimisation step: the Cholesky factorization and products."""
     hidden = sum(unit.size_out for unit in network.units)
-    flops = hidden**3 / 3 + 4 * hidden**2 * network.input_size + 10.0 * (network.input_size + hidden) ** 2
+    flops = 0.0
     for unit in network.units:
         columns = sum(block.size for block in unit.inputs.values())
         if unit.slope is not None and unit.slope[0] * unit.slope[1] != 0:
             flops += 2 * unit.size_in * columns**2
-    return flops / _FLOPS_PER_SECOND
+    return _step_seconds(hidden, network.input_size) + flops / _FLOPS_PER_SECOND
+
+
+def _step_seconds(hidden: int, inputs: int) -> float:
+    """Estimated seconds of a step's factorization and products for these sizes."""
+    return (hidden**3 / 3 + 4 * hidden**2 * inputs + 10.0 * (inputs + hidden) ** 2) / _FLOPS_PER_SECOND
 
 
 def _feasible_start(problem: _Problem, start) -> list[np.ndarray]:
@@ -384,14 +484,17 @@ def _feasible_start(problem: _Problem, start) -> list[np.ndarray]:
 
 def optimise_multipliers(problem, multipliers, deadline: float, max_steps: int,
                          learning_rate: float = 0.05, check_steps: int = _CHECK_STEPS) -> list[np.ndarray]:
-    """Adam on log λ, keeping the best feasible multipliers; stops at the deadline.
+    """Adam on log λ for ``max_steps`` steps (fewer where ρ stalls), keeping the best feasible
+    multipliers.
 
     ``problem.rho(multipliers)`` gives (ρ, gradient of log ρ with respect to log λ), or
-    (inf, None) where the multipliers are infeasible. The last ``check_steps`` steps' worth
-    of time before the deadline is left for the exact check.
+    (inf, None) where the multipliers are infeasible. The deadline is a guard: no step
+    starts once the time of ``check_steps`` more steps (for the exact check) would pass it.
     """
     logs = [np.log(np.maximum(m, 1e-300)) for m in multipliers]
     rho, gradient = problem.rho(multipliers)
+    if gradient is None:  # ρ could not be evaluated at the start: nothing to descend
+        return [m.copy() for m in multipliers]
     best, best_rho, reference = [m.copy() for m in multipliers], rho, rho
     first = [np.zeros_like(x) for x in logs]
     second = [np.zeros_like(x) for x in logs]
