@@ -58,6 +58,7 @@ References
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -182,11 +183,11 @@ class FrequencySdp:
                 self.variables.append(SdpVariable(f"{unit.name} (aux)", "aux", j, unit.input_space))
         self.variables.append(SdpVariable("output", "output", None, network.output_space))
         self.levels, self.level_of = self._levels()
-        chunk = fiber_chunks(network, 1, 2**62)[0]  # one chunk: every formed fiber
-        self.fibers = chunk.zetas.shape[0]
-        self.paired = np.flatnonzero(chunk.paired)
+        self._chunk = fiber_chunks(network, 1, 2**62)[0]  # one chunk: every formed fiber
+        self.fibers = self._chunk.zetas.shape[0]
+        self.paired = np.flatnonzero(self._chunk.paired)
         self.total_fibers = math.prod(network.fiber_grid)
-        self.couplings = self._couplings(chunk)
+        self.links = self._links()
         self.layouts = {with_input: self._layout(with_input) for with_input in (False, True)}
 
     # -- structure ------------------------------------------------------------------------
@@ -221,25 +222,38 @@ class FrequencySdp:
             levels[-1].order = np.zeros(1, dtype=np.int64)
         return levels, level_of
 
-    def _couplings(self, chunk) -> list[_Coupling]:
-        network, cache, couplings = self.network, {}, []
-
-        def add(reader: int, source_index: int, block) -> None:
-            source = 0 if source_index == 0 else self.unit_variables[source_index - 1]
-            fiber_block = evaluate(block, network.source_space(source_index), chunk, cache)
-            stack, error, norm = self._stack(fiber_block, self.level_of[source], self.level_of[reader])
-            couplings.append(_Coupling(reader, source, stack, error, norm))
-
-        for j, unit in enumerate(network.units):
+    def _links(self) -> list[tuple[int, int, int, object]]:
+        """Who reads whom: ``(reader, source variable, source index in the network, block)``
+        for every coupling, from the network's structure alone (nothing evaluated)."""
+        links = []
+        for j, unit in enumerate(self.network.units):
             readers = [self.unit_variables[j]] if sum(self.slopes[j]) != 0 else []
             if j in self.aux_constants:
                 readers.append(self.unit_variables[j] + 1)
             for reader in readers:
-                for source_index, block in unit.inputs.items():
-                    add(reader, source_index, block)
-        for source_index, block in network.output.items():
-            add(len(self.variables) - 1, source_index, block)
+                links += [(reader, self._source_variable(i), i, block) for i, block in unit.inputs.items()]
+        links += [(len(self.variables) - 1, self._source_variable(i), i, block) for i, block in self.network.output.items()]
+        return links
+
+    def _source_variable(self, source_index: int) -> int:
+        return 0 if source_index == 0 else self.unit_variables[source_index - 1]
+
+    @functools.cached_property
+    def couplings(self) -> list[_Coupling]:
+        """Every coupling's blocks per fiber and position, evaluated on first use (the sizes
+        and the cost model need only :attr:`links`)."""
+        cache, couplings = {}, []
+        for reader, source, source_index, block in self.links:
+            fiber_block = evaluate(block, self.network.source_space(source_index), self._chunk, cache)
+            stack, error, norm = self._stack(fiber_block, self.level_of[source], self.level_of[reader])
+            couplings.append(_Coupling(reader, source, stack, error, norm))
         return couplings
+
+    def _stack_bytes(self, reader: int, source: int) -> int:
+        """Bytes :meth:`_stack` will hold for a coupling (a broadcast identity holds its one block)."""
+        level = self.levels[self.level_of[source]]
+        block = 16 * self.variables[reader].channels * self.variables[source].channels
+        return block if level.shared else block * self.fibers * level.positions
 
     def _stack(self, block, source_level: int, target_level: int):
         """Per source position, the block to the target position it maps to, with the row
@@ -289,11 +303,11 @@ class FrequencySdp:
         count = len(self.levels)
         direct = [set() for _ in range(count)]
         same_level = [False] * count
-        for c in self.couplings:
-            low, high = self.level_of[c.source], self.level_of[c.reader]
+        for reader, source, _, _ in self.links:
+            low, high = self.level_of[source], self.level_of[reader]
             if high > low:
-                direct[low].add(c.reader)
-            elif c.source != 0 or with_input:
+                direct[low].add(reader)
+            elif source != 0 or with_input:
                 same_level[low] = True
         own = [[v for v in level.variables if with_input or v != 0] for level in self.levels]
         support: list[list[int]] = []
@@ -609,7 +623,7 @@ class FrequencySdp:
                 columns *= self.fibers * self.levels[index - 1].positions if index else 1
             flops += 4 * count * (n**3 / 3 + n * n * s + n * s * s + (n * n + n * s) * columns)
             held += 16 * count * (k * k + n * (n + s + columns) + s * columns)
-        held += sum(c.stack.nbytes for c in self.couplings)
+        held += sum(self._stack_bytes(reader, source) for reader, source, _, _ in self.links)
         return flops, held
 
 
