@@ -12,6 +12,8 @@ Every method runs in this one process on the same float32 matrices, medians over
   ``W^T W X`` in one pass over W a block of rows at a time (what lipnorm does for one
   vector): what a block Krylov method (several vectors per pass over W) would pay per
   vector;
+- a wide C-ordered 2048×5632 matrix next to a C-ordered copy of its transpose (the side
+  lipnorm iterates on follows the memory order);
 - stacks (``batched=True``): 1024 float32 matrices of 64×64 (NumPy) against a Python loop
   of ``estimate_sigma`` and NumPy's batched SVD, and 32 float32 matrices of 1024×1024
   (torch) against ``torch.linalg.matrix_norm(W, ord=2)`` on the stack; every slice's error
@@ -33,7 +35,7 @@ float64 with full reorthogonalization) is within 1e-6 of σ: no method that buil
 products from one start vector can need fewer (it does not pay for verifying convergence).
 
 Run ``python benchmarks/bench_sigma.py`` (or ``make bench``) at the default BLAS thread
-count; it writes ``benchmarks/results/bench_sigma.md``. ``--only 4096`` keeps the matrices
+count; it writes ``benchmarks/results/bench_sigma.md``. ``--only 4096`` (repeatable) keeps the matrices
 (and stacks) whose name holds that text.
 """
 
@@ -301,11 +303,11 @@ def product_costs(matrix: np.ndarray, widths=(1, 2, 4, 8, 16), repeats: int = 20
     return rows
 
 
-def stack_benchmarks(only: str, repeats: int) -> tuple[list[str], list[str]]:
+def stack_benchmarks(only: list[str], repeats: int) -> tuple[list[str], list[str]]:
     """The stack benchmarks' sections and summary rows."""
     sections, summary = [], []
     rng = np.random.default_rng(1)
-    if only in "stack 1024×64×64 (NumPy)":
+    if _kept("stack 1024×64×64 (NumPy)", only):
         stack = rng.standard_normal((1024, 64, 64), dtype=np.float32)
         runs = median_times({
             "batched": lambda r: float(lipnorm.estimate_sigma(stack, batched=True)[0]),
@@ -316,7 +318,7 @@ def stack_benchmarks(only: str, repeats: int) -> tuple[list[str], list[str]]:
             "loop": "Python loop of estimate_sigma", "svd": "np.linalg.norm(W, 2, axis=(1, 2)) (batched SVD)"})
         summary.append(_stack_summary_row("1024 × 64×64, float32, NumPy", stack, runs, "loop",
                                           "Python loop of estimate_sigma", 10))
-    if only in "stack 32×1024×1024 (torch)":
+    if _kept("stack 32×1024×1024 (torch)", only):
         import torch
 
         stack = rng.standard_normal((32, 1024, 1024), dtype=np.float32)
@@ -330,6 +332,35 @@ def stack_benchmarks(only: str, repeats: int) -> tuple[list[str], list[str]]:
         summary.append(_stack_summary_row("32 × 1024×1024, float32, torch", stack, runs, "torch",
                                           "torch.linalg.matrix_norm(W, ord=2)", 5))
     return sections, summary
+
+
+def memory_order_section(repeats: int) -> list[str]:
+    """A wide float32 matrix (a Llama down_proj's shape) stored C-ordered, next to a
+    C-ordered copy of its transpose: the same sigma and the same kind of products; lipnorm
+    picks the side its fused products read in memory order (``iterates_on_left``)."""
+    rng = np.random.default_rng(2)
+    wide = rng.standard_normal((2048, 5632), dtype=np.float32)
+    tall = np.ascontiguousarray(wide.T)
+    runs = median_times({
+        "wide": lambda r: float(lipnorm.estimate_sigma(wide)),
+        "tall": lambda r: float(lipnorm.estimate_sigma(tall)),
+    }, repeats)
+    lines = [
+        "## Memory order: Gaussian 2048×5632, C-ordered, and its transpose",
+        "",
+        f"Medians over {repeats} runs taking turns; both arrays C-ordered (row-major), the tall "
+        "one a copy of the wide one's transpose.",
+        "",
+        "| matrix | time | vs the tall copy | passes over W | side iterated |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for key, matrix in (("wide", wide), ("tall", tall)):
+        _, state = lipnorm.estimate_sigma(matrix, return_state=True)
+        left = lipnorm.operators.as_operator(matrix).iterates_on_left()
+        lines.append(f"| {'×'.join(map(str, matrix.shape))} | {_seconds(runs[key][0])} | "
+                     f"{runs[key][0] / runs['tall'][0]:.2f}× | {state.passes} | "
+                     f"{'W Wᵀ' if left else 'Wᵀ W'} |")
+    return lines + [""]
 
 
 def _stack_section(name: str, stack: np.ndarray, weight, runs: dict, repeats: int, labels: dict) -> list[str]:
@@ -400,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the fast methods")
     parser.add_argument("--slow-repeats", type=int, default=3, help="repeats of full SVDs and bounds")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--only", default="", help="keep the matrices whose name holds this text")
+    parser.add_argument("--only", action="append", default=[],
+                        help="keep the matrices (and sections) whose name holds this text; repeatable")
     parser.add_argument("--output", type=Path, help="default: benchmarks/results/bench_sigma[_cuda].md")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
@@ -416,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'the full SVD' if cuda else 'ARPACK, full SVD, power iteration'}",
         "",
         f"Written by `{'PYTHONPATH=. ' if not cuda else ''}.venv/bin/python benchmarks/bench_sigma.py"
-        f"{' --device cuda' if cuda else ''}` (rerun it as is on a quiet machine) on "
+        f"{' --device cuda' if cuda else ''}{''.join(f' --only {text!r}' for text in args.only)}"
+        f"{f' --output {args.output}' if args.output else ''}` (rerun it as is on a quiet machine) on "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}{', ' + _gpu_name() if cuda else ''}.",
@@ -432,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     load_before = os.getloadavg()
     summary = []
-    matrices = {name: m for name, m in benchmark_matrices().items() if args.only in name}
+    matrices = {name: m for name, m in benchmark_matrices().items() if _kept(name, args.only)}
     for name, matrix in matrices.items():
         print(f"{name}: reference SVD...", file=sys.stderr, flush=True)
         exact = float(scipy.linalg.svdvals(matrix.astype(np.float64))[0])
@@ -475,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         stack_sections, stack_summary = stack_benchmarks(args.only, args.repeats)
         lines += stack_sections
+    if not cuda and _kept("memory order 2048×5632", args.only):
+        lines += memory_order_section(args.repeats)
     if not cuda and "Gaussian 4096×4096" in matrices:
         lines += [
             "## Products with several vectors (Gaussian 4096×4096)",
@@ -503,6 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     output.write_text("\n".join(lines) + "\n")
     print(f"wrote {output}", file=sys.stderr)
     return 0
+
+
+def _kept(name: str, only: list[str]) -> bool:
+    """Whether ``--only`` keeps a matrix or section: no ``--only``, or one of them in its name."""
+    return not only or any(text in name for text in only)
 
 
 def _summary_header(cuda: bool) -> list[str]:

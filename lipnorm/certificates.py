@@ -70,6 +70,8 @@ _SINGLE_FACTOR_MIN_DIMENSION = 32
 #: Gram matrices at least this large are formed by BLAS rank-k updates, one at a time.
 _RANK_UPDATE_MIN_DIMENSION = 32
 _RANKING_LANCZOS_STEPS = 16
+#: A stack larger than this in float64 is certified (per matrix) a piece at a time.
+_PIECE_BYTES = 64 << 20
 _TINY = np.finfo(np.float64).tiny
 
 
@@ -136,34 +138,69 @@ def _down(x, ulps: int = 4):
 class _HostStack:
     """A stack of matrices on the host in float64/complex128, scaled by a power of two."""
 
-    blocks: np.ndarray  # (batch, p, q)
+    blocks: np.ndarray | None  # (batch, p, q), float64/complex128, scaled; None: see ``source``
     scale: Any  # original = blocks / scale, scale a power of two (float, or one per block)
     absolute_slack: Any  # sigma slack from subnormal rounding in the scaling (likewise)
     complex_dtype: bool
+    source: np.ndarray | None = None  # (batch, p, q) as given, widened and scaled by pieces
 
     @classmethod
-    def from_any(cls, blocks: Any, *, each: bool = False) -> "_HostStack":
+    def from_any(cls, blocks: Any, *, each: bool = False, pieces: bool = False) -> "_HostStack":
         """The blocks in float64/complex128, scaled by one power of two (``each``: one per
-        block, the power that brings its own largest entry to about 1)."""
+        block, the power that brings its own largest entry to about 1). With ``pieces``, a
+        stack larger than :data:`_PIECE_BYTES` in float64 is kept as given and widened a
+        piece at a time (:meth:`pieces`)."""
         host = to_numpy(blocks)
         if host.ndim < 2:
             raise ValueError(f"expected a stack of matrices (..., p, q), got shape {host.shape}")
         if host.size == 0:
             raise ValueError(f"the stack of matrices is empty (shape {host.shape})")
         complex_dtype = np.iscomplexobj(host)
-        host = host.astype(np.complex128 if complex_dtype else np.float64, copy=False)
+        wide = np.complex128 if complex_dtype else np.float64
+        if not (np.issubdtype(host.dtype, np.floating) or complex_dtype):
+            host = host.astype(wide)  # integers: their exact values (float64 holds them up to 2**53)
         host = host.reshape((-1,) + host.shape[-2:])
+        # Checked and measured in the input's own dtype (exact), with no temporary copy of a
+        # real stack: the one float64 copy made below is the scaled one.
         if not np.all(np.isfinite(host)):
             raise ValueError("the matrices have NaN or Inf entries; sigma is undefined")
-        largest = np.max(np.abs(host), axis=(1, 2)) if each else np.max(np.abs(host))
+        axes = (1, 2) if each else None
+        if complex_dtype:
+            largest = np.max(np.abs(host), axis=axes).astype(np.float64)
+            if not np.all(np.isfinite(largest)):  # a modulus beyond complex64's range
+                largest = np.max(np.abs(host.astype(np.complex128)), axis=axes)
+        else:
+            largest = np.maximum(np.max(host, axis=axes), -np.min(host, axis=axes)).astype(np.float64)
         # 2**1022 is about the largest power of two a float holds: a matrix of subnormals
         # is scaled by it, which brings its largest entry to at least 2**-52. Zero: scale 1.
         exponent = np.where(largest > 0, np.maximum(np.frexp(np.where(largest > 0, largest, 1.0))[1], -1022), 0)
         scale = np.ldexp(1.0, -exponent)
         slack = scaling_slack(scale, *host.shape[-2:])
         if not each:
-            return cls(host * float(scale), float(scale), float(slack), complex_dtype)
-        return cls(host * scale[:, None, None], scale, slack, complex_dtype)
+            return cls(np.multiply(host, float(scale), dtype=wide), float(scale), float(slack), complex_dtype)
+        if pieces and host.size * np.dtype(wide).itemsize > _PIECE_BYTES:
+            return cls(None, scale, slack, complex_dtype, source=host)
+        return cls(np.multiply(host, scale[:, None, None], dtype=wide), scale, slack, complex_dtype)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple((self.blocks if self.blocks is not None else self.source).shape)
+
+    def pieces(self) -> Iterator[np.ndarray]:
+        """The scaled float64/complex128 stack in pieces along its longer side (rows when
+        ``p >= q``, else columns), each at most about :data:`_PIECE_BYTES`; the whole stack
+        when it is held widened."""
+        if self.blocks is not None:
+            yield self.blocks
+            return
+        count, p, q = self.shape
+        wide = np.complex128 if self.complex_dtype else np.float64
+        scale = np.asarray(self.scale)[:, None, None]
+        per_line = count * min(p, q) * np.dtype(wide).itemsize
+        step = max(1, _PIECE_BYTES // per_line)
+        for start in range(0, max(p, q), step):
+            part = self.source[:, start:start + step] if p >= q else self.source[:, :, start:start + step]
+            yield np.multiply(part, scale, dtype=wide)
 
     def unscale_upper(self, value: float) -> float:
         return _up(value / self.scale + self.absolute_slack)
@@ -211,15 +248,29 @@ def block_grams(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     p, q = blocks.shape[-2:]
     complex_dtype = bool(np.iscomplexobj(blocks))
+    return _grams(blocks, p >= q), gram_formation_error(_frobenius_squares(blocks), inner=max(p, q),
+                                                        complex_dtype=complex_dtype)
+
+
+def _grams(blocks: np.ndarray, right: bool) -> np.ndarray:
+    """``A^H A`` (``right``) or ``A A^H`` of each block of a host stack (batch, p, q)."""
+    p, q = blocks.shape[-2:]
     if min(p, q) >= _RANK_UPDATE_MIN_DIMENSION:
-        gram = _rank_update_grams(blocks)
-    else:
-        adjoint = np.conj(np.swapaxes(blocks, -1, -2))
-        gram = adjoint @ blocks if p >= q else blocks @ adjoint
+        return _rank_update_grams(blocks, right)
+    adjoint = np.conj(np.swapaxes(blocks, -1, -2))
+    return adjoint @ blocks if right else blocks @ adjoint
+
+
+def _frobenius_squares(blocks: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """An upper bound on ``||A||_F^2`` of each block of a host stack (batch, p, q), rounding
+    included (no temporary copy of the stack). With ``shape``, ``blocks`` is a piece of
+    matrices of that shape, and the sums of the pieces' values are bounded by the bound's
+    factor for the whole (a sum of ``p q`` squares in any order)."""
+    p, q = shape or blocks.shape[-2:]
+    complex_dtype = bool(np.iscomplexobj(blocks))
     squares = (np.einsum("...ij,...ij->...", blocks.real, blocks.real)
                + (np.einsum("...ij,...ij->...", blocks.imag, blocks.imag) if complex_dtype else 0.0))
-    squares = squares * (1.0 + _gamma(p * q + 2, complex_dtype))
-    return gram, gram_formation_error(squares, inner=max(p, q), complex_dtype=complex_dtype)
+    return squares if shape else squares * (1.0 + _gamma(p * q + 2, complex_dtype))
 
 
 def gram_formation_error(frobenius_squares: Any, *, inner: int, complex_dtype: bool = False) -> Any:
@@ -291,8 +342,9 @@ def cholesky_rounding_bound(factor_squares: Any, gram_diagonal: Any, shift: Any,
     return _up(delta * (1.0 + 1e-6))
 
 
-def _rank_update_grams(blocks: np.ndarray) -> np.ndarray:
-    """The smaller Gram matrix of each block by BLAS's Hermitian (symmetric) rank-k update.
+def _rank_update_grams(blocks: np.ndarray, right: bool) -> np.ndarray:
+    """``A^H A`` (``right``) or ``A A^H`` of each block by BLAS's Hermitian (symmetric)
+    rank-k update.
 
     Half the products of a general matrix product, the same dot products (so the same
     rounding bound); the upper triangle is filled from the lower one, exactly.
@@ -302,14 +354,20 @@ def _rank_update_grams(blocks: np.ndarray) -> np.ndarray:
     p, q = blocks.shape[-2:]
     complex_dtype = bool(np.iscomplexobj(blocks))
     update = blas.zherk if complex_dtype else blas.dsyrk
-    side = min(p, q)
+    side = q if right else p
     gram = np.empty(blocks.shape[:-2] + (side, side), dtype=blocks.dtype)
     flat_blocks = blocks.reshape((-1, p, q))
     flat_gram = gram.reshape((-1, side, side))
     strict_upper = np.triu_indices(side, 1)
     for block, out in zip(flat_blocks, flat_gram):
-        # Aᴴ A (trans=2 for complex, 1 for real) when p >= q, as block_grams promises, else A Aᴴ
-        out[...] = update(1.0, block, lower=1, trans=(2 if complex_dtype else 1) if p >= q else 0)
+        # BLAS reads Fortran order: a C-ordered block is passed as its transpose X = Aᵀ (a
+        # view, where A itself would be copied). Aᴴ A is conj(X Xᴴ) (trans=0), A Aᴴ is
+        # conj(Xᴴ X) (trans=2 complex, 1 real).
+        view = block.T if block.flags.c_contiguous else block
+        transposed = view is not block
+        want_outer = right == transposed  # the product asked of BLAS is X Xᴴ
+        lower = update(1.0, view, lower=1, trans=0 if want_outer else (2 if complex_dtype else 1))
+        out[...] = np.conj(lower) if complex_dtype and transposed else lower
         out[strict_upper] = np.conj(out.T[strict_upper])
     return gram
 
@@ -319,11 +377,16 @@ def _certified_lowers(stack: _HostStack, vectors: np.ndarray, right: bool) -> np
 
     ``vectors`` has shape (batch, q) (``right``) or (batch, p); a zero vector gives 0.
     """
-    blocks = stack.blocks if right else np.conj(np.swapaxes(stack.blocks, -1, -2))
-    rows, inner = blocks.shape[-2:]
-    vectors = np.asarray(vectors, dtype=blocks.dtype if stack.complex_dtype else np.float64)
-    products = (blocks @ vectors[:, :, None])[:, :, 0]
-    frobenius = np.sqrt(np.sum(np.abs(blocks) ** 2, axis=(1, 2)) * (1 + _gamma(rows * inner + 2, True)))
+    count, p, q = stack.shape
+    rows, inner = (p, q) if right else (q, p)
+    vectors = np.asarray(vectors, dtype=np.complex128 if stack.complex_dtype else np.float64)
+    parts, squares = [], np.zeros(count)
+    for piece in stack.pieces():  # along the longer side: the side of the products, here
+        blocks = piece if right else np.conj(np.swapaxes(piece, -1, -2))
+        parts.append((blocks @ vectors[:, :, None])[:, :, 0])
+        squares += _frobenius_squares(piece, (p, q))
+    products = np.concatenate(parts, axis=1)
+    frobenius = np.sqrt(squares * (1.0 + _gamma(p * q + 2, stack.complex_dtype)))
     x_norms = np.linalg.norm(vectors, axis=1) * (1 + _gamma(inner + 2, stack.complex_dtype))
     image_norms = np.linalg.norm(products, axis=1) * (1 - _gamma(rows + 2, stack.complex_dtype))
     errors = _gamma(inner + 2, stack.complex_dtype) * frobenius * x_norms
@@ -627,11 +690,10 @@ def certified_bounds_each(
     >>> bool(lower[0] <= 3.0 <= upper[0] and lower[1] <= 1.0 <= upper[1])
     True
     """
-    stack = _HostStack.from_any(blocks, each=True)
-    count = stack.blocks.shape[0]
-    p, q = stack.blocks.shape[-2:]
+    stack = _HostStack.from_any(blocks, each=True, pieces=True)
+    count, p, q = stack.shape
     right = p >= q
-    gram, formation_error = block_grams(stack.blocks)
+    gram, formation_error, zero = _pieced_grams(stack, right)
     vectors = right_vectors if right else left_vectors
     if estimates is None or vectors is None:
         thresholds, vectors = _top_eigenpairs_each(gram)
@@ -640,10 +702,25 @@ def certified_bounds_each(
         vectors = np.asarray(vectors).reshape(count, min(p, q))
     upper_squared, _ = _certify_above(gram, formation_error, thresholds, np.maximum(thresholds, _TINY),
                                       max(p, q), stack.complex_dtype)
-    zero = ~np.any(stack.blocks, axis=(1, 2))
     upper = np.where(zero, 0.0, stack.unscale_upper(_up(np.sqrt(upper_squared))))
     lower = np.where(zero, 0.0, _certified_lowers(stack, vectors, right))
     return lower, np.maximum(upper, lower)
+
+
+def _pieced_grams(stack: _HostStack, right: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The smaller Gram matrix of each block (``A^H A`` when ``right``), summed over the
+    stack's :meth:`~_HostStack.pieces`, its formation error (as :func:`block_grams`: each
+    entry is one dot product of length ``max(p, q)``, whatever order its terms are added in)
+    and which blocks are zero."""
+    count, p, q = stack.shape
+    gram, squares, nonzero = None, np.zeros(count), np.zeros(count, dtype=bool)
+    for piece in stack.pieces():
+        part = _grams(piece, right)
+        gram = part if gram is None else np.add(gram, part, out=gram)
+        squares += _frobenius_squares(piece, (p, q))
+        nonzero |= np.any(piece, axis=(1, 2))
+    squares *= 1.0 + _gamma(p * q + 2, stack.complex_dtype)
+    return gram, gram_formation_error(squares, inner=max(p, q), complex_dtype=stack.complex_dtype), ~nonzero
 
 
 def _top_eigenpairs_each(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -107,6 +107,13 @@ GAP_RESIDUALS = 10.0
 #: Up to this many matrices at a step, their Ritz pairs come from LAPACK's MRRR one by one
 #: (O(k) each); more come from one batched dense eigendecomposition.
 _MRRR_COUNT = 4
+#: The first step at which a matrix of a large batch has its Ritz pairs computed.
+_FIRST_CHECK = 4
+#: Cost model of a check (:func:`_check_interval`): flops of a dense ``eigh`` of a k x k
+#: matrix per ``k**3``, and the fixed cost of one (a LAPACK call and its share of the batch's
+#: Python), in flops.
+_EIGH_FLOPS = 40
+_CHECK_OVERHEAD_FLOPS = 10_000
 #: Finished matrices leave the batch once the unfinished ones are at most this share of it.
 _COMPACT_SHARE = 0.75
 #: ... and the batch holds at least this many entries (a smaller one costs little to carry).
@@ -591,8 +598,9 @@ def lanczos_stack(
             images.append(forward)
             k += 1
             beta = betas[:, k - 1]
-            if not (_checked_at(k, batch, alphas[:, :k], beta, negligible) or k >= basis_limit
-                    or k >= n or step >= max_iter):
+            due = _due_rows(k, step, batch, alphas[:, :k], beta, negligible,
+                            every=k >= basis_limit or k >= n or step >= max_iter)
+            if not np.any(due):
                 previous, previous_beta = current, column_of(beta, operator)
                 current = w * column_of(np.where(beta > 0, 1.0 / np.where(beta > 0, beta, 1.0), 0.0), operator)
                 if k == int(stacked.shape[1]):
@@ -601,16 +609,16 @@ def lanczos_stack(
                         [stacked, xp.zeros((batch.size, grown - k, n), dtype=operator.dtype, device=device)], axis=1)
                 stacked = _placed(xp, current, stacked, k)
                 continue
-            ritz = _RitzPairs.of(alphas[:, :k], betas[:, :k])
-            error = ritz.error()
+            ritz, error = _RitzPairs.of_rows(alphas[:, :k], betas[:, :k], due)
             gap_rule_holds = batch.random_start & (error <= batch.rtol * ritz.sigma)
-            converged = (
+            converged = due & (
                 (ritz.residual <= batch.rtol * ritz.sigma)
                 | (gap_rule_holds & held)
                 | (beta <= negligible * ritz.theta)
                 | (k >= n)
             )
             held = gap_rule_holds
+            batch.schedule(due & ~converged, step, ritz, _check_interval(k, m, n))
             finished = batch.live & (converged | (step >= max_iter))
             batch.live &= ~finished
             restart = bool(np.any(batch.live)) and k >= basis_limit
@@ -656,20 +664,33 @@ def lanczos_stack(
             stacked = _placed(xp, current, stacked, k)
 
 
-def _checked_at(k: int, batch: "_Batch", alphas: np.ndarray, beta: np.ndarray, negligible: float) -> bool:
-    """Whether the step's Ritz pairs are computed and the stopping rules tried.
+def _due_rows(k: int, step: int, batch: "_Batch", alphas: np.ndarray, beta: np.ndarray,
+              negligible: float, *, every: bool) -> np.ndarray:
+    """Which matrices of the batch get their Ritz pairs computed and the stopping rules
+    tried at this step (a boolean mask).
 
-    Every step for a few matrices, or where the gap rule may stop (it must hold at two
-    steps in a row). Many matrices at once (a stack of small ones, where the batched
-    eigendecomposition of their tridiagonals costs more than the step's products) are
-    checked at every other step from the fourth, and at any step where a coupling
-    ``beta`` is negligible (an invariant Krylov space, which must stop now).
+    All of them at every step for a few matrices, or where the gap rule may stop (it must
+    hold at two steps in a row), or when ``every`` (a restart, or the last step allowed).
+    Many matrices at once (a stack of small ones, where the batched eigendecomposition of
+    their tridiagonals can cost more than the step's products) are checked when their
+    turn has come (:meth:`_Batch.schedule`), and at any step where their coupling ``beta``
+    is negligible (an invariant Krylov space, which must stop now). Skipping a check only
+    delays a stop: a matrix is never stopped but by the rules of the module docstring.
     """
-    if batch.size <= _MRRR_COUNT or np.any(batch.random_start):
-        return True
-    if np.any(beta <= negligible * np.max(alphas, axis=1)):
-        return True
-    return k >= 4 and k % 2 == 0
+    if every or batch.size <= _MRRR_COUNT or np.any(batch.random_start):
+        return batch.live.copy()
+    invariant = beta <= negligible * np.max(alphas, axis=1)
+    return batch.live & (invariant | (batch.due <= step))
+
+
+def _check_interval(k: int, m: int, n: int) -> int:
+    """Steps between two checks of a matrix that the cost rule allows: the dense
+    eigendecomposition of its ``k x k`` tridiagonal (:data:`_EIGH_FLOPS` ``k**3`` and
+    :data:`_CHECK_OVERHEAD_FLOPS`) against one step of its products and
+    reorthogonalization (``4 m n + 4 k n``). At least one; one for large matrices, where a
+    check costs little next to a step (and a step skipped past convergence much)."""
+    check = _EIGH_FLOPS * k**3 + _CHECK_OVERHEAD_FLOPS
+    return max(1, int(check // (4 * m * n + 4 * k * n)))
 
 
 @dataclasses.dataclass
@@ -683,9 +704,35 @@ class _Batch:
     scales: np.ndarray | None = None  # powers of four A^H A is divided by
     inverse_scales: Any = None  # 1 / scales on the device, real dtype
     inverse_column: Any = None  # 1 / scales on the device, (size, 1), the vectors' dtype
+    due: np.ndarray | None = None  # the step of the next check (see _due_rows)
+    checked: np.ndarray | None = None  # the step of the last check (0: none yet)
+    checked_log: np.ndarray | None = None  # log(residual / (rtol sigma)) at the last check
 
     def __post_init__(self) -> None:
         self.live = np.ones(self.slots.size, dtype=bool)
+        self.due = np.full(self.slots.size, _FIRST_CHECK)
+        self.checked = np.zeros(self.slots.size, dtype=np.int64)
+        self.checked_log = np.zeros(self.slots.size)
+
+    def schedule(self, rows: np.ndarray, step: int, ritz: "_RitzPairs", interval: int) -> None:
+        """Set when the matrices ``rows`` (checked at ``step``, not converged) are checked
+        next: where the relative residual fell since their last check, at the step its
+        linear (in the logarithm) extrapolation reaches ``rtol``; else ``interval`` ahead.
+        Never more than twice ``interval`` nor a quarter of the steps so far ahead: a
+        check skipped costs at most that share of extra steps."""
+        if not np.any(rows):
+            return
+        with np.errstate(divide="ignore", invalid="ignore"):
+            distance = np.log(ritz.residual[rows] / (self.rtol[rows] * ritz.sigma[rows]))
+        distance = np.where(np.isfinite(distance), distance, np.inf)
+        previous, since = self.checked_log[rows], step - self.checked[rows]
+        falling = (self.checked[rows] > 0) & (distance < previous) & np.isfinite(distance)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            needed = np.where(falling, np.ceil(distance * since / np.where(falling, previous - distance, 1.0)),
+                              interval)
+        ahead = min(2 * interval, max(2, step // 4))
+        self.due[rows] = step + np.clip(needed, 1, ahead).astype(np.int64)
+        self.checked[rows], self.checked_log[rows] = step, distance
 
     @property
     def size(self) -> int:
@@ -699,6 +746,8 @@ class _Batch:
     def keep(self, positions: np.ndarray, operator: LinearOperator) -> None:
         self.slots, self.rtol = self.slots[positions], self.rtol[positions]
         self.random_start, self.live = self.random_start[positions], self.live[positions]
+        self.due, self.checked = self.due[positions], self.checked[positions]
+        self.checked_log = self.checked_log[positions]
         self.scale(self.scales[positions], operator)
 
 
@@ -746,6 +795,25 @@ class _RitzPairs:
         residuals = np.where(singular > 0, couplings / np.where(singular > 0, singular, 1.0), couplings)
         return cls(theta[:, 0], singular[:, 0], singular[:, 1], residuals[:, 0], residuals[:, 1],
                    vectors[:, :, 0])
+
+    @classmethod
+    def of_rows(cls, alphas: np.ndarray, betas: np.ndarray, rows: np.ndarray
+                ) -> tuple["_RitzPairs", np.ndarray]:
+        """The pairs (as :meth:`of`) and :meth:`error` of the matrices ``rows`` (a mask), in
+        arrays of the whole batch: the other matrices get zero values and vectors and
+        infinite residuals and errors (no rule stops them)."""
+        if np.all(rows):
+            pairs = cls.of(alphas, betas)
+            return pairs, pairs.error()
+        count, k = alphas.shape
+        checked = cls.of(alphas[rows], betas[rows])
+        full = cls(np.zeros(count), np.zeros(count), np.zeros(count), np.full(count, np.inf),
+                   np.full(count, np.inf), np.zeros((count, k)))
+        for field in dataclasses.fields(cls):
+            getattr(full, field.name)[rows] = getattr(checked, field.name)
+        error = np.full(count, np.inf)
+        error[rows] = checked.error()
+        return full, error
 
     def rows(self, keep: np.ndarray) -> "_RitzPairs":
         """The pairs of the matrices ``keep``."""

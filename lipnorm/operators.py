@@ -128,6 +128,13 @@ class LinearOperator:
         """The operator ``A^H`` (no copy: products swap ``matvec`` and ``rmatvec``)."""
         return AdjointOperator(self)
 
+    def iterates_on_left(self) -> bool:
+        """Whether an iteration on a normal operator should run on ``A A^H`` (vectors of
+        length ``m``) rather than ``A^H A``: on the smaller side, unless the operator's
+        products read its entries in memory order on one side only
+        (:meth:`DenseOperator.iterates_on_left`)."""
+        return self.shape[0] < self.shape[1]
+
 
 class AdjointOperator(LinearOperator):
     """``A^H`` of a single operator ``A``: its ``matvec`` is ``A.rmatvec`` and back.
@@ -200,6 +207,19 @@ class DenseOperator(LinearOperator):
 
     def adjoint(self) -> "DenseOperator":
         return _with_largest(type(self)(self.matrix, self.xp, adjoint=not self._adjoint), self.largest)
+
+    def iterates_on_left(self) -> bool:
+        """A NumPy matrix runs on the side whose :func:`fused_normal_products` walk blocks of
+        contiguous rows (of a C-ordered matrix; columns of a Fortran-ordered one), whatever
+        its shape: a block of a row-major matrix's columns is as many short strided pieces
+        as it has rows, 2.7-3.3x slower to read for the same products (2048 x 5632). The
+        longer vectors cost a little more reorthogonalization, never more than the products
+        (the basis never exceeds the smaller side plus one). Other libraries: the smaller side."""
+        if self._fused:
+            rows_contiguous = self.matrix.flags.c_contiguous or not self.matrix.flags.f_contiguous
+            # A^H A walks rows of the matrix; for the adjoint operator A A^H does.
+            return rows_contiguous == self._adjoint
+        return super().iterates_on_left()
 
     def scaled(self, exponents: np.ndarray) -> "DenseOperator":
         """The operator times ``2**exponents[0]`` (exact unless entries leave the dtype's range)."""

@@ -305,7 +305,10 @@ def estimate_sigma(
         Warm start from an earlier call on the same (or a slowly changing) weight,
         with the same ``batched``: one warm start per matrix of a stack.
         A matrix that maps its state's vector to zero (pruned along it) is
-        estimated again from a random vector.
+        estimated again from a random vector. A warm start is the old top singular
+        vector: where the weight changed by more than a small part of the gap between
+        its top two singular values, it may lie along the new second one, and the
+        estimate is then within ``rtol`` of that value (what the residual rule promises).
     return_state : bool
         Also return the :class:`SigmaState`.
     seed : int, numpy.random.Generator or None
@@ -456,10 +459,11 @@ def _krylov_estimate(operator: LinearOperator, method: str, rtol: np.ndarray, li
     """Lanczos or power iteration on every matrix, from the state or random starts (the
     gap rule, when asked for, from the random ones only).
 
-    The iteration runs on the smaller side (``A A^H`` when ``m < n``); a matrix whose warm
+    The iteration runs on the side :meth:`~lipnorm.operators.LinearOperator.iterates_on_left`
+    chooses (the smaller one, or the one a NumPy matrix is read in memory order); a matrix whose warm
     start it maps to zero (not evidence that it is zero) runs again from a random start.
     """
-    left = operator.shape[0] < operator.shape[1]
+    left = operator.iterates_on_left()
     krylov_operator = operator.adjoint() if left else operator
     starts, random_start = _start_vectors(operator, state, seed, left)
     found = _iterate(method, krylov_operator, starts, random_start & gap_rule, rtol, limit)

@@ -42,12 +42,13 @@ def singular_values(matrix) -> np.ndarray:
 ISOLATED_GAP = 1e-3
 
 
-def assert_converged_estimate(estimate: float, values: np.ndarray, rtol: float) -> None:
+def assert_converged_estimate(estimate: float, values: np.ndarray, rtol: float,
+                              isolated_gap: float = ISOLATED_GAP) -> None:
     """Raise unless a converged estimate keeps lipnorm's documented accuracy promise.
 
     ``values`` are the matrix's singular values, descending. The residual test certifies
     that the estimate is within ``rtol`` of *a* singular value and interlacing that it is not
-    above sigma_max; when sigma_max is isolated (relative gap ``>= ISOLATED_GAP``), the
+    above sigma_max; when sigma_max is isolated (relative gap ``>= isolated_gap``), the
     estimate is within ``rtol`` of sigma_max itself.
     """
     top = float(values[0])
@@ -55,7 +56,7 @@ def assert_converged_estimate(estimate: float, values: np.ndarray, rtol: float) 
     assert nearest <= rtol * top, f"no singular value within {rtol:.1e}: nearest {nearest / top:.2e}"
     assert estimate <= top * (1 + rtol), f"estimate {estimate!r} above sigma_max {top!r}"
     gap = (top - float(values[1])) / top if len(values) > 1 else 1.0
-    if gap >= ISOLATED_GAP:
+    if gap >= isolated_gap:
         error = abs(estimate - top) / top
         assert error <= rtol, f"isolated sigma_max (gap {gap:.1e}) missed by {error:.2e} > {rtol:.1e}"
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lipnorm.certificates import certified_stack_bounds, gram_iteration_block_bounds, gram_iteration_bounds
+from lipnorm.certificates import (
+    block_grams,
+    certified_stack_bounds,
+    gram_iteration_block_bounds,
+    gram_iteration_bounds,
+)
 from tests.helpers import NUMERIC_EXAMPLES, assert_contains
 
 
@@ -174,3 +180,48 @@ def test_subnormal_matrices_are_bounded():
             assert 0.0 <= interval.lower * 2.0**1000 <= truth <= interval.upper * 2.0**1000, (
                 largest, interval, truth * 2.0**-1000)
             assert interval.upper <= 2 * truth * 2.0**-1000 + 1e-322  # still tight
+
+
+@pytest.mark.parametrize("complex_dtype", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("shape", [(70, 40), (40, 70)], ids=["tall", "wide"])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_block_grams_match_the_plain_product_in_either_memory_order(complex_dtype, shape, order):
+    """BLAS's rank-k update gets a C-ordered block as its transpose (no copy): the Gram
+    matrix is the same, Hermitian, as the plain product's."""
+    rng = np.random.default_rng(7)
+    blocks = rng.standard_normal((2,) + shape)
+    if complex_dtype:
+        blocks = blocks + 1j * rng.standard_normal((2,) + shape)
+    if order == "F":  # each block Fortran-ordered
+        blocks = np.swapaxes(np.ascontiguousarray(np.swapaxes(blocks, -1, -2)), -1, -2)
+        assert blocks[0].flags.f_contiguous and not blocks[0].flags.c_contiguous
+    gram, formation_error = block_grams(blocks)
+    adjoint = np.conj(np.swapaxes(blocks, -1, -2))
+    expected = adjoint @ blocks if shape[0] >= shape[1] else blocks @ adjoint
+    np.testing.assert_allclose(gram, expected, rtol=0, atol=float(np.max(formation_error)))
+    np.testing.assert_array_equal(gram, np.conj(np.swapaxes(gram, -1, -2)))
+
+
+@pytest.mark.parametrize("complex_dtype", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("shape", [(3, 90, 40), (2, 40, 90), (1, 200, 7)], ids=["tall", "wide", "thin"])
+def test_stacks_certified_a_piece_at_a_time_get_the_same_intervals(monkeypatch, complex_dtype, shape):
+    """A stack larger than _PIECE_BYTES in float64 is widened a piece at a time: the
+    intervals are those of the whole (each Gram entry is the same dot product, summed in
+    pieces) and contain each matrix's sigma; a zero matrix still gets (0, 0)."""
+    import lipnorm.certificates as certificates
+
+    rng = np.random.default_rng(11)
+    blocks = rng.standard_normal(shape)
+    if complex_dtype:
+        blocks = blocks + 1j * rng.standard_normal(shape)
+    blocks = blocks.astype(np.complex64 if complex_dtype else np.float32)
+    blocks[-1] = 0.0 if shape[0] > 1 else blocks[-1]
+    truths = np.array([np.linalg.norm(b.astype(np.complex128), 2) for b in blocks])
+    estimates = truths * (1 + 1e-6)
+    whole = certificates.certified_bounds_each(blocks, estimates=estimates)
+    monkeypatch.setattr(certificates, "_PIECE_BYTES", 4096)
+    pieced = certificates.certified_bounds_each(blocks, estimates=estimates)
+    np.testing.assert_allclose(pieced[1], whole[1], rtol=1e-12)
+    np.testing.assert_allclose(pieced[0], whole[0], rtol=1e-12)
+    for low, high, truth in zip(*pieced, truths):
+        assert_contains((low, high), truth)

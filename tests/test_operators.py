@@ -9,7 +9,7 @@ import scipy.sparse.linalg
 
 import lipnorm
 from lipnorm._xp import array_namespace
-from lipnorm.operators import LinearOperator
+from lipnorm.operators import LinearOperator, as_operator
 from tests.helpers import assert_contains, assert_relative_close, true_sigma
 
 RNG = np.random.default_rng(7)
@@ -143,3 +143,26 @@ def test_large_duck_operator_is_refused_before_any_product():
     with pytest.raises(ValueError, match="too large to densify"):
         lipnorm.sigma_bounds(huge)
     assert huge.products == 0
+
+
+def test_a_numpy_matrix_iterates_on_the_side_read_in_memory_order():
+    """Lanczos runs on A^H A of a C-ordered NumPy matrix (its fused products walk rows),
+    on A A^H of a Fortran-ordered one, whatever the shape; other libraries: the smaller side."""
+    wide = np.ones((3, 5), dtype=np.float32)
+    assert not as_operator(wide).iterates_on_left()
+    assert as_operator(np.asfortranarray(wide)).iterates_on_left()
+    assert as_operator(wide.T).iterates_on_left()  # Fortran-ordered and tall: columns are contiguous
+    assert as_operator(wide).adjoint().iterates_on_left()
+    strict = pytest.importorskip("array_api_strict")
+    assert as_operator(strict.asarray(wide)).iterates_on_left()
+
+
+def test_wide_c_ordered_matrices_give_the_same_sigma_on_either_side():
+    rng = np.random.default_rng(3)
+    wide = rng.standard_normal((40, 90))
+    sigma, state = lipnorm.estimate_sigma(wide, method="lanczos", rtol=1e-10, return_state=True)
+    truth = np.linalg.norm(wide, 2)
+    np.testing.assert_allclose(float(sigma), truth, rtol=1e-9)
+    np.testing.assert_allclose(float(lipnorm.estimate_sigma(np.asfortranarray(wide), method="lanczos", rtol=1e-10)), truth, rtol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(wide @ state.v), truth, rtol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(wide.T @ state.u), truth, rtol=1e-9)
