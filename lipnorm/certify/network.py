@@ -31,6 +31,7 @@ from lipnorm.bounds import round_up
 from lipnorm.certify.rounding import UNIT_ROUNDOFF, frobenius_upper, gamma
 from lipnorm.certify.graph import Concat, Graph, Input, Linear, Lipschitz, Sum, inferred_shapes
 from lipnorm.certify.linear import ConvMap, DenseMap, FixedMap, LinearMap, ScaleMap, conv_map_operator
+from lipnorm.certify.unit import LoopUnit
 
 __all__ = ["Block", "DenseAlgebra", "DenseCost", "DenseNetwork", "NotDensifiable", "Unit", "add_blocks", "apply_matrix",
            "dense_network", "scale_block"]
@@ -77,7 +78,7 @@ class Block:
 
 
 @dataclass
-class Unit:
+class Unit(LoopUnit):
     """A nonlinear layer of a :class:`DenseNetwork`.
 
     Attributes
@@ -104,16 +105,6 @@ class Unit:
     slope: tuple[float, float] | None
     bound: float
     inputs: dict[int, Block] = field(default_factory=dict)
-
-    @property
-    def midpoint(self) -> float:
-        """m = (a + b)/2 of the loop transformation (0 for an opaque unit)."""
-        return 0.0 if self.slope is None else (self.slope[0] + self.slope[1]) / 2
-
-    @property
-    def radius(self) -> float:
-        """Lipschitz bound of ψ(z) = φ(z) − m z: (b − a)/2, or the bound of an opaque unit."""
-        return self.bound if self.slope is None else (self.slope[1] - self.slope[0]) / 2
 
 
 @dataclass

@@ -55,6 +55,7 @@ import numpy as np
 
 from lipnorm.bounds import round_up
 from lipnorm.certify.rounding import UNIT_ROUNDOFF
+from lipnorm.certify.unit import LoopUnit
 from lipnorm.conv.spectrum import block_error_bound, kernel_symbol
 
 __all__ = ["NotOnTorus", "TorusBlock", "TorusConv", "TorusNetwork", "TorusPath", "TorusSpace", "TorusUnit"]
@@ -202,7 +203,7 @@ TorusBlock = tuple[TorusPath, ...]
 
 
 @dataclass
-class TorusUnit:
+class TorusUnit(LoopUnit):
     """A nonlinear (or masking) unit of a :class:`TorusNetwork`.
 
     Attributes
@@ -229,16 +230,6 @@ class TorusUnit:
     slope: tuple[float, float] | None
     bound: float
     inputs: dict[int, TorusBlock] = field(default_factory=dict)
-
-    @property
-    def midpoint(self) -> float:
-        """m = (a + b)/2 of the loop transformation (0 for an opaque unit)."""
-        return 0.0 if self.slope is None else (self.slope[0] + self.slope[1]) / 2
-
-    @property
-    def radius(self) -> float:
-        """Lipschitz bound of φ(z) − m z: (b − a)/2, or the bound of an opaque unit."""
-        return self.bound if self.slope is None else (self.slope[1] - self.slope[0]) / 2
 
 
 @dataclass
