@@ -15,6 +15,7 @@ from torch import nn  # noqa: E402
 import lipnorm  # noqa: E402
 from lipnorm.bounds import ACTIVATION_SLOPES, activation_lipschitz, activation_slope_range  # noqa: E402
 from lipnorm.certify.methods.sdp import check_multipliers  # noqa: E402
+from tests.jacobian_lower import largest_jacobian_norm  # noqa: E402
 
 # torch functions of each activation with a slope range, and its parameters
 _TORCH_ACTIVATIONS = {
@@ -189,21 +190,8 @@ def random_networks(draw):
 
 
 def _largest_jacobian_norm(model, shape, seed=0, starts=12, steps=30):
-    """The largest ‖J(x)‖₂ found at random inputs and by ascent on it (float64): a lower bound."""
-    generator = torch.Generator().manual_seed(seed)
-    best = 0.0
-    for _ in range(starts):
-        x = (2 * torch.randn(shape, dtype=torch.float64, generator=generator)).requires_grad_(True)
-        optimizer = torch.optim.Adam([x], lr=0.05)
-        for _ in range(steps):
-            jacobian = torch.autograd.functional.jacobian(lambda t: model(t[None])[0], x, create_graph=True)
-            matrix = jacobian.reshape(jacobian.shape[0], -1)
-            norm = torch.linalg.matrix_norm(matrix, ord=2)
-            best = max(best, float(norm.detach()))
-            optimizer.zero_grad()
-            (-norm).backward()
-            optimizer.step()
-    return best
+    """An ascent on ‖J(x)‖₂ (:func:`tests.jacobian_lower.largest_jacobian_norm`): a lower bound."""
+    return largest_jacobian_norm(model, shape, starts=starts, steps=steps, lr=0.05, seed=seed)
 
 
 @settings(max_examples=25, deadline=None)

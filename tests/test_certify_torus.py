@@ -29,6 +29,7 @@ from lipnorm.certify.network import Block, DenseAlgebra, DenseNetwork, Unit  # n
 from lipnorm.certify.torus import NotOnTorus, TorusConv, TorusNetwork  # noqa: E402
 from lipnorm.certify.torus_builder import torus_network  # noqa: E402
 from tests.helpers import assert_relative_close  # noqa: E402
+from tests.jacobian_lower import largest_jacobian_norm  # noqa: E402
 
 #: Examples of the soundness property: at least 200 in CI (issue 19's target).
 SOUNDNESS_EXAMPLES = 200 if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else 25
@@ -349,20 +350,8 @@ def random_cnns(draw):
 
 
 def _largest_jacobian_norm(model, shape, starts=3, steps=8, seed=0) -> float:
-    """The largest ‖J(x)‖₂ found at random inputs and by a short ascent on it: a lower bound."""
-    generator = torch.Generator().manual_seed(seed)
-    best = 0.0
-    for _ in range(starts):
-        x = (2 * torch.randn(shape, dtype=torch.float64, generator=generator)).requires_grad_(True)
-        optimizer = torch.optim.Adam([x], lr=0.1)
-        for _ in range(steps):
-            jacobian = torch.autograd.functional.jacobian(lambda t: model(t[None])[0], x, create_graph=True)
-            norm = torch.linalg.matrix_norm(jacobian.reshape(jacobian.shape[0], -1), ord=2)
-            best = max(best, float(norm.detach()))
-            optimizer.zero_grad()
-            (-norm).backward()
-            optimizer.step()
-    return best
+    """A short ascent on ‖J(x)‖₂ (:func:`tests.jacobian_lower.largest_jacobian_norm`): a lower bound."""
+    return largest_jacobian_norm(model, shape, starts=starts, steps=steps, lr=0.1, seed=seed)
 
 
 @settings(max_examples=SOUNDNESS_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
